@@ -1,0 +1,518 @@
+//! The configuration file: a public contract, documented key by key in the README.
+//!
+//! TOML at `--config PATH` (default `relay.toml`, or `OUTBOX_RELAY_CONFIG`), then
+//! every key overridable by `OUTBOX_RELAY__SECTION__KEY`, then `DATABASE_URL`.
+//! Unknown keys are errors naming the key: a typo must not silently fall back to
+//! a default. Validation that spans keys (a route naming a missing channel)
+//! happens here too, so `run` never starts half-configured.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::source::Operation;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {path}: {source}")]
+    Load { path: String, source: config::ConfigError },
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+/// A string that never prints: passwords, API secrets, tokens.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub source: SourceConfig,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub channels: BTreeMap<String, ChannelConfig>,
+    #[serde(default)]
+    pub providers: ProvidersConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub relay: RelayConfig,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceMode {
+    #[default]
+    Logical,
+    Listen,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// May carry a password: never logged (see the `Debug` impl).
+    pub database_url: String,
+    #[serde(default)]
+    pub mode: SourceMode,
+    #[serde(default = "default_slot")]
+    pub slot: String,
+    #[serde(default = "default_publication")]
+    pub publication: String,
+    /// Role that `setup` creates for the relay; `None` leaves roles alone.
+    #[serde(default)]
+    pub role: Option<String>,
+}
+
+impl fmt::Debug for SourceConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SourceConfig")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("mode", &self.mode)
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("role", &self.role)
+            .finish()
+    }
+}
+
+/// `postgres://user:pw@host/db` → `postgres://user:***@host/db`, for logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let Some((creds, host)) = rest.rsplit_once('@') else { return url.to_string() };
+    match creds.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+fn default_slot() -> String {
+    "outbox_relay".into()
+}
+fn default_publication() -> String {
+    "outbox_relay".into()
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// `schema.table`; a bare name means `public.name`.
+    pub table: String,
+    #[serde(default = "default_operations")]
+    pub operations: Vec<Operation>,
+    pub recipient_column: String,
+    /// A fixed event name for every row...
+    #[serde(default)]
+    pub event: Option<String>,
+    /// ...or the column holding it.
+    #[serde(default)]
+    pub event_column: Option<String>,
+    /// Fixed channels; with `channels_column`, the default for rows whose array is empty.
+    #[serde(default)]
+    pub channels: Vec<String>,
+    /// A text[] column naming the row's channels.
+    #[serde(default)]
+    pub channels_column: Option<String>,
+    /// Columns sent out, keyed by name. Nothing else leaves the database.
+    #[serde(default)]
+    pub payload_columns: Option<Vec<String>>,
+    /// A jsonb object column sent as the payload.
+    #[serde(default)]
+    pub payload_column: Option<String>,
+}
+
+fn default_operations() -> Vec<Operation> {
+    vec![Operation::Insert]
+}
+
+impl RouteConfig {
+    /// `(schema, table)` with `public` filled in.
+    pub fn schema_and_table(&self) -> (&str, &str) {
+        match self.table.split_once('.') {
+            Some((s, t)) => (s, t),
+            None => ("public", self.table.as_str()),
+        }
+    }
+
+    pub fn qualified_table(&self) -> String {
+        let (s, t) = self.schema_and_table();
+        format!("{s}.{t}")
+    }
+
+    /// Every column this route reads; `setup` and startup checks verify they exist.
+    pub fn columns(&self) -> Vec<&str> {
+        let mut cols = vec![self.recipient_column.as_str()];
+        cols.extend(self.event_column.as_deref());
+        cols.extend(self.channels_column.as_deref());
+        cols.extend(self.payload_column.as_deref());
+        if let Some(p) = &self.payload_columns {
+            cols.extend(p.iter().map(String::as_str));
+        }
+        cols
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Pusher,
+    Ably,
+    Log,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Pusher => "pusher",
+            ProviderKind::Ably => "ably",
+            ProviderKind::Log => "log",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelConfig {
+    pub provider: ProviderKind,
+    /// Provider channel, `{recipient}` replaced by the row's recipient.
+    #[serde(default = "default_channel_name")]
+    pub channel_name: String,
+    /// `false` keeps routing rows to this channel but records them skipped.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Attempts before a retryable failure becomes `dead`.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+fn default_channel_name() -> String {
+    "private-user-{recipient}".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_attempts() -> u32 {
+    8
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvidersConfig {
+    #[serde(default)]
+    pub pusher: Option<PusherConfig>,
+    #[serde(default)]
+    pub ably: Option<AblyConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PusherConfig {
+    pub app_id: String,
+    pub key: String,
+    pub secret: Secret,
+    /// `eu` → `https://api-eu.pusher.com`.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Overrides the host entirely (tests, proxies): `http://127.0.0.1:8080`.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+impl PusherConfig {
+    pub fn endpoint(&self) -> String {
+        match (&self.base_url, &self.cluster) {
+            (Some(url), _) => url.trim_end_matches('/').to_string(),
+            (None, Some(c)) => format!("https://api-{c}.pusher.com"),
+            (None, None) => "https://api.pusherapp.com".to_string(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AblyConfig {
+    /// `appid.keyid:secret`, used for HTTP Basic auth.
+    pub api_key: Secret,
+    #[serde(default)]
+    pub base_url: Option<String>,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+impl AblyConfig {
+    pub fn endpoint(&self) -> String {
+        self.base_url
+            .as_deref()
+            .map(|u| u.trim_end_matches('/').to_string())
+            .unwrap_or_else(|| "https://rest.ably.io".to_string())
+    }
+}
+
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `/metrics`, `/healthz`, `/readyz`. Empty string turns the listener off.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen: default_metrics_listen() }
+    }
+}
+
+impl MetricsConfig {
+    pub fn socket_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        self.listen
+            .parse()
+            .map(Some)
+            .map_err(|_| ConfigError::Invalid(format!("metrics.listen: {:?} is not host:port", self.listen)))
+    }
+}
+
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9187".into()
+}
+
+/// Tuning knobs; the defaults are what the benchmarks in docs/ ran with.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// The relay's own schema: ledger and stored offset.
+    #[serde(default = "default_schema")]
+    pub schema: String,
+    /// Ledger rows written per ingestion transaction, at most.
+    #[serde(default = "default_ingest_batch_rows")]
+    pub ingest_batch_rows: usize,
+    /// Longest a committed change waits in memory before its ledger write.
+    #[serde(default = "default_ingest_flush_ms")]
+    pub ingest_flush_ms: u64,
+    /// Deliveries claimed from the ledger per dispatch round.
+    #[serde(default = "default_dispatch_batch")]
+    pub dispatch_batch: usize,
+    /// Provider calls in flight at once, across all channels.
+    #[serde(default = "default_dispatch_concurrency")]
+    pub dispatch_concurrency: usize,
+    /// How often dispatch looks at the ledger when nothing woke it (retries coming due).
+    #[serde(default = "default_dispatch_poll_ms")]
+    pub dispatch_poll_ms: u64,
+    /// Backoff for retryable provider failures: first delay and cap.
+    #[serde(default = "default_retry_base_ms")]
+    pub retry_base_ms: u64,
+    #[serde(default = "default_retry_max_ms")]
+    pub retry_max_ms: u64,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            schema: default_schema(),
+            ingest_batch_rows: default_ingest_batch_rows(),
+            ingest_flush_ms: default_ingest_flush_ms(),
+            dispatch_batch: default_dispatch_batch(),
+            dispatch_concurrency: default_dispatch_concurrency(),
+            dispatch_poll_ms: default_dispatch_poll_ms(),
+            retry_base_ms: default_retry_base_ms(),
+            retry_max_ms: default_retry_max_ms(),
+        }
+    }
+}
+
+fn default_schema() -> String {
+    "outbox_relay".into()
+}
+fn default_ingest_batch_rows() -> usize {
+    5000
+}
+fn default_ingest_flush_ms() -> u64 {
+    5
+}
+fn default_dispatch_batch() -> usize {
+    500
+}
+fn default_dispatch_concurrency() -> usize {
+    16
+}
+fn default_dispatch_poll_ms() -> u64 {
+    500
+}
+fn default_retry_base_ms() -> u64 {
+    500
+}
+fn default_retry_max_ms() -> u64 {
+    300_000
+}
+
+impl Config {
+    /// Reads the file (if it exists or was named explicitly), env overrides, then validates.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
+        let display = path.display().to_string();
+        let mut builder = config::Config::builder();
+        if explicit || path.exists() {
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("OUTBOX_RELAY")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        );
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            builder = builder
+                .set_override("source.database_url", url)
+                .map_err(|source| ConfigError::Load { path: display.clone(), source })?;
+        }
+        let cfg: Config = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|source| ConfigError::Load { path: display, source })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text only (no env): for tests and the embedded demo.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|source| ConfigError::Load { path: "<inline>".into(), source })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Cross-key checks. Each message names the key and what to write instead.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !is_identifier(&self.source.slot) {
+            return bad(format!("source.slot {:?}: use lowercase letters, digits and _", self.source.slot));
+        }
+        if !is_identifier(&self.relay.schema) {
+            return bad(format!("relay.schema {:?}: use lowercase letters, digits and _", self.relay.schema));
+        }
+        if self.routes.is_empty() {
+            return bad("no [[routes]]: add one per table Django writes".into());
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let at = format!("routes[{i}] ({})", r.table);
+            match (&r.event, &r.event_column) {
+                (Some(_), Some(_)) => return bad(format!("{at}: set event or event_column, not both")),
+                (None, None) => return bad(format!("{at}: set event = \"name\" or event_column = \"column\"")),
+                _ => {}
+            }
+            match (&r.payload_columns, &r.payload_column) {
+                (Some(_), Some(_)) => return bad(format!("{at}: set payload_columns or payload_column, not both")),
+                (None, None) => return bad(format!("{at}: set payload_columns = [..] or payload_column = \"column\"")),
+                _ => {}
+            }
+            if r.channels.is_empty() && r.channels_column.is_none() {
+                return bad(format!("{at}: set channels = [..] or channels_column = \"column\""));
+            }
+            if r.operations.is_empty() {
+                return bad(format!("{at}: operations is empty; list at least \"insert\""));
+            }
+            for c in &r.channels {
+                if !self.channels.contains_key(c) {
+                    return bad(format!("{at}: channel {c:?} has no [channels.{c}] section"));
+                }
+            }
+        }
+        for (name, ch) in &self.channels {
+            let missing = match ch.provider {
+                ProviderKind::Pusher => self.providers.pusher.is_none(),
+                ProviderKind::Ably => self.providers.ably.is_none(),
+                ProviderKind::Log => false,
+            };
+            if missing {
+                let p = ch.provider.as_str();
+                return bad(format!("channels.{name}: provider {p:?} needs a [providers.{p}] section"));
+            }
+            if ch.max_attempts == 0 {
+                return bad(format!("channels.{name}.max_attempts must be at least 1"));
+            }
+        }
+        self.metrics.socket_addr()?;
+        Ok(())
+    }
+}
+
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+}
+
+/// The README's example, verbatim: tests keep the documentation honest.
+pub const README_EXAMPLE: &str = include_str!("../docs/relay.example.toml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readme_example_parses() {
+        let cfg = Config::from_toml(README_EXAMPLE).unwrap();
+        assert_eq!(cfg.routes.len(), 2);
+        assert_eq!(cfg.source.slot, "outbox_relay");
+        assert_eq!(cfg.providers.pusher.as_ref().unwrap().endpoint(), "https://api-eu.pusher.com");
+        assert_eq!(cfg.routes[1].channels_column.as_deref(), Some("channels"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = README_EXAMPLE.replace("slot = \"outbox_relay\"", "slott = \"x\"");
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("slott"), "{err}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let cfg = Config::from_toml(README_EXAMPLE).unwrap();
+        let dbg = format!("{cfg:?}");
+        assert!(!dbg.contains("appid.keyid:secret"), "{dbg}");
+        assert!(dbg.contains("***"));
+    }
+
+    #[test]
+    fn redacts_passwords_in_urls() {
+        assert_eq!(redact_url("postgres://relay:hunter2@db:5432/app"), "postgres://relay:***@db:5432/app");
+        assert_eq!(redact_url("postgres://relay@db/app"), "postgres://relay@db/app");
+    }
+
+    #[test]
+    fn route_naming_a_missing_channel_is_rejected() {
+        let text = README_EXAMPLE.replace("channels = [\"in_app\"]", "channels = [\"pager\"]");
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("[channels.pager]"), "{err}");
+    }
+}

@@ -1,0 +1,94 @@
+//! Providers: the services that carry a delivery to a person.
+//!
+//! A closed enum rather than trait objects: the set is known at compile time,
+//! `match` shows every provider at each decision, and adding one is a compile
+//! error everywhere it must be handled.
+
+pub mod ably;
+pub mod log;
+pub mod pusher;
+
+use std::time::Duration;
+
+/// What a provider is asked to deliver: one event on one provider channel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboundMessage {
+    /// Ledger row id; for logs and correlation only.
+    pub delivery_id: i64,
+    /// Stable across retries and restarts; providers that deduplicate (Ably's
+    /// message `id`) get it so that a re-send after a crash is dropped there.
+    pub idempotency_key: String,
+    /// The provider-side channel, template already filled in (`private-user-42`).
+    pub channel_name: String,
+    pub event: String,
+    /// A JSON object: the allow-listed columns or the row's payload.
+    pub payload: serde_json::Value,
+}
+
+/// The provider took the message.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Accepted {
+    /// The provider's own id for it, when it returns one (recorded in the ledger).
+    pub provider_message_id: Option<String>,
+}
+
+/// Why a provider did not take a message. Every variant says whether trying
+/// again can help: the dispatcher decides retry-or-not from `is_retryable` alone.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ProviderError {
+    /// Timeouts, connection resets, 5xx, 429: the same request may succeed later.
+    #[error("{reason}")]
+    Retryable {
+        reason: String,
+        /// The provider asked us to wait at least this long (Retry-After).
+        retry_after: Option<Duration>,
+    },
+    /// The provider refused this message for good (4xx other than 429, a payload
+    /// over its size limit): retrying sends the same refusal.
+    #[error("{reason}")]
+    Permanent { reason: String },
+    /// The provider refused our credentials. Permanent for the message, and it
+    /// needs a human: counted in its own metric for alerting.
+    #[error("{reason}")]
+    Unauthorized { reason: String },
+}
+
+impl ProviderError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ProviderError::Retryable { .. })
+    }
+}
+
+/// The provider clients, built once from config and shared by dispatch workers.
+#[derive(Clone, Debug)]
+pub enum Provider {
+    Pusher(pusher::Pusher),
+    Ably(ably::Ably),
+    Log(log::Log),
+}
+
+impl Provider {
+    /// Stable name for the ledger, logs and metric labels.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Provider::Pusher(_) => "pusher",
+            Provider::Ably(_) => "ably",
+            Provider::Log(_) => "log",
+        }
+    }
+
+    /// Delivers `messages`, as few HTTP calls as the provider allows.
+    ///
+    /// Contract: returns exactly one result per message, in the same order. May
+    /// be called concurrently from several workers. Calling it twice with the
+    /// same message may deliver it twice, except where the provider deduplicates
+    /// on `idempotency_key` (Ably). `Ok` means the provider accepted the message:
+    /// it is the point after which the ledger marks it sent.
+    pub async fn send_batch(&self, messages: &[OutboundMessage]) -> Vec<Result<Accepted, ProviderError>> {
+        match self {
+            Provider::Pusher(p) => p.send_batch(messages).await,
+            Provider::Ably(p) => p.send_batch(messages).await,
+            Provider::Log(p) => p.send_batch(messages).await,
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! Pusher (stub, replaced by its implementation).
+use super::{Accepted, OutboundMessage, ProviderError};
+
+#[derive(Clone, Debug)]
+pub struct Pusher;
+
+impl Pusher {
+    pub async fn send_batch(&self, messages: &[OutboundMessage]) -> Vec<Result<Accepted, ProviderError>> {
+        let _ = messages;
+        unimplemented!()
+    }
+}
