@@ -8,4 +8,5 @@
 pub mod config;
 pub mod embedded_pg;
 pub mod providers;
+pub mod routing;
 pub mod source;

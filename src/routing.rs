@@ -1,0 +1,669 @@
+//! Routing: a committed row becomes one delivery per channel.
+//!
+//! Pure and synchronous: no I/O, so every rule (allow-lists, channel columns,
+//! bad rows) is unit-tested on plain values. A row that cannot be routed is not
+//! dropped: it becomes a delivery already `failed` with the reason, so the ledger
+//! shows what happened and the stream moves on.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
+use serde_json::{Map, Number, Value as Json};
+use sha2::{Digest, Sha256};
+
+use crate::config::{Config, RouteConfig};
+use crate::source::{CommittedTx, Lsn, Operation, RowChange, Table, Value};
+
+/// What the ledger records for a new delivery.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Disposition {
+    /// To be sent by dispatch.
+    Pending,
+    /// Never sendable as it stands (bad row, unknown channel); the reason says why.
+    Failed(String),
+    /// Deliberately not sent (channel disabled); the reason says why.
+    Skipped(String),
+}
+
+impl Disposition {
+    pub fn status(&self) -> &'static str {
+        match self {
+            Disposition::Pending => "pending",
+            Disposition::Failed(_) => "failed",
+            Disposition::Skipped(_) => "skipped",
+        }
+    }
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Disposition::Pending => None,
+            Disposition::Failed(r) | Disposition::Skipped(r) => Some(r),
+        }
+    }
+}
+
+/// One (row, channel) to record in the ledger.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewDelivery {
+    pub source_table: String,
+    pub source_pk: String,
+    pub channel: String,
+    pub idempotency_key: String,
+    pub event: String,
+    pub recipient: Option<String>,
+    pub payload: Json,
+    pub disposition: Disposition,
+    pub commit_lsn: Lsn,
+    pub committed_at: DateTime<Utc>,
+}
+
+/// The stable key of a (table, pk, channel): the same row always yields the same
+/// key, across replays and restarts, so the ledger's unique index and Ably's
+/// message-id deduplication both see a repeat as a repeat.
+pub fn idempotency_key(table: &str, pk: &str, channel: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [table, pk, channel] {
+        // Length-prefixed so ("a:b", "c") and ("a", "b:c") differ.
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    format!("or1-{}", hex::encode(&h.finalize()[..16]))
+}
+
+/// Routes compiled from config, looked up by `schema.table`.
+#[derive(Clone, Debug)]
+pub struct Router {
+    routes: HashMap<String, Vec<RouteConfig>>,
+    /// Channel name → enabled. Names absent here are unknown channels.
+    channels: HashMap<String, bool>,
+}
+
+impl Router {
+    pub fn new(cfg: &Config) -> Router {
+        let mut routes: HashMap<String, Vec<RouteConfig>> = HashMap::new();
+        for r in &cfg.routes {
+            routes.entry(r.qualified_table()).or_default().push(r.clone());
+        }
+        let channels = cfg.channels.iter().map(|(k, c)| (k.clone(), c.enabled)).collect();
+        Router { routes, channels }
+    }
+
+    /// Is this table routed at all? (Unrouted tables in the publication are ignored.)
+    pub fn routes_table(&self, qualified: &str) -> bool {
+        self.routes.contains_key(qualified)
+    }
+
+    /// Appends the deliveries of every routed change in `tx` to `out`.
+    pub fn route_tx(&self, tx: &CommittedTx, out: &mut Vec<NewDelivery>) {
+        for change in &tx.changes {
+            self.route_change(change, tx.commit_lsn, tx.commit_time, out);
+        }
+    }
+
+    pub fn route_change(
+        &self,
+        change: &RowChange,
+        commit_lsn: Lsn,
+        committed_at: DateTime<Utc>,
+        out: &mut Vec<NewDelivery>,
+    ) {
+        let table_name = change.table.qualified_name();
+        let Some(routes) = self.routes.get(&table_name) else { return };
+        let row = RowView { table: &change.table, values: &change.values };
+        let pk = row.primary_key();
+        for route in routes.iter().filter(|r| r.operations.contains(&change.op)) {
+            // Several routes on one table each get their own channels; the key
+            // includes the channel, so two routes naming one channel collapse to one delivery.
+            let base = NewDelivery {
+                source_table: table_name.clone(),
+                source_pk: pk.clone().unwrap_or_default(),
+                channel: String::new(),
+                idempotency_key: String::new(),
+                event: String::new(),
+                recipient: None,
+                payload: Json::Object(Map::new()),
+                disposition: Disposition::Pending,
+                commit_lsn,
+                committed_at,
+            };
+            let decided = match &pk {
+                Some(_) => self.decide(route, &row, change.op),
+                None => Err(RouteFailure::whole(format!(
+                    "table {table_name} has no primary key or replica identity: the ledger cannot key its rows"
+                ))),
+            };
+            match decided {
+                Ok(d) => {
+                    for (channel, disposition) in d.channels {
+                        out.push(finish(&base, channel, &d.event, &d.recipient, &d.payload, disposition));
+                    }
+                }
+                Err(fail) => {
+                    // Record the failure once per channel we could tell, else once under "-".
+                    let channels = if fail.channels.is_empty() { vec!["-".to_string()] } else { fail.channels };
+                    for channel in channels {
+                        let mut d = finish(
+                            &base,
+                            channel,
+                            fail.event.as_deref().unwrap_or("-"),
+                            &fail.recipient,
+                            &Json::Object(Map::new()),
+                            Disposition::Failed(fail.reason.clone()),
+                        );
+                        if d.source_pk.is_empty() {
+                            d.source_pk = "-".into();
+                        }
+                        out.push(d);
+                    }
+                }
+            }
+        }
+    }
+
+    fn decide(&self, route: &RouteConfig, row: &RowView<'_>, op: Operation) -> Result<Decided, RouteFailure> {
+        let mut fail = RouteFailure::whole(String::new());
+        // Channels first: a failure later in the row is then recorded per channel.
+        let channels = match &route.channels_column {
+            Some(col) => match row.get(col) {
+                Err(e) => return Err(fail.with(e)),
+                Ok(Value::Null) => route.channels.clone(),
+                Ok(Value::Unchanged) => return Err(fail.with(format!("column {col} was not sent (unchanged TOAST)"))),
+                Ok(Value::Text(t)) => match parse_text_array(t) {
+                    Some(list) if list.iter().all(Option::is_some) => {
+                        let list: Vec<String> = list.into_iter().flatten().collect();
+                        if list.is_empty() { route.channels.clone() } else { list }
+                    }
+                    _ => return Err(fail.with(format!("column {col} is not a text array: {}", clip(t)))),
+                },
+            },
+            None => route.channels.clone(),
+        };
+        let mut channels = dedup(channels);
+        if channels.is_empty() {
+            return Err(fail.with("row names no channel and the route has no default channels".into()));
+        }
+        fail.channels = channels.clone();
+
+        let event = match (&route.event, &route.event_column) {
+            (Some(e), _) => e.clone(),
+            (None, Some(col)) => match row.get(col).map_err(|e| fail.clone().with(e))? {
+                Value::Text(t) if !t.is_empty() => t.clone(),
+                _ => return Err(fail.with(format!("event column {col} is NULL or empty"))),
+            },
+            (None, None) => unreachable!("config validation requires event or event_column"),
+        };
+        fail.event = Some(event.clone());
+
+        let recipient = match row.get(&route.recipient_column).map_err(|e| fail.clone().with(e))? {
+            Value::Text(t) if !t.is_empty() => t.clone(),
+            _ => return Err(fail.with(format!("recipient column {} is NULL or empty", route.recipient_column))),
+        };
+        fail.recipient = Some(recipient.clone());
+
+        let payload = match (&route.payload_columns, &route.payload_column) {
+            (Some(cols), _) => {
+                let mut obj = Map::new();
+                for col in cols {
+                    let (column, value) = row.column(col).map_err(|e| fail.clone().with(e))?;
+                    if matches!(value, Value::Unchanged) && op == Operation::Update {
+                        continue;
+                    }
+                    obj.insert(col.clone(), to_json(column.type_oid, value));
+                }
+                Json::Object(obj)
+            }
+            (None, Some(col)) => match row.column(col).map_err(|e| fail.clone().with(e))? {
+                (c, v @ Value::Text(_)) => match to_json(c.type_oid, v) {
+                    obj @ Json::Object(_) => obj,
+                    other => {
+                        let kind = json_kind(&other);
+                        return Err(fail.with(format!("payload column {col} holds {kind}, not a JSON object")));
+                    }
+                },
+                _ => return Err(fail.with(format!("payload column {col} is NULL"))),
+            },
+            (None, None) => unreachable!("config validation requires payload_columns or payload_column"),
+        };
+
+        let decided = channels
+            .drain(..)
+            .map(|ch| {
+                let disposition = match self.channels.get(&ch) {
+                    None => Disposition::Failed(format!("unknown channel {ch:?}: no [channels.{ch}] in the relay config")),
+                    Some(false) => Disposition::Skipped("disabled".into()),
+                    Some(true) => Disposition::Pending,
+                };
+                (ch, disposition)
+            })
+            .collect();
+        Ok(Decided { event, recipient: Some(recipient), payload, channels: decided })
+    }
+}
+
+struct Decided {
+    event: String,
+    recipient: Option<String>,
+    payload: Json,
+    channels: Vec<(String, Disposition)>,
+}
+
+/// A routing failure and how much of the row was understood before it.
+#[derive(Clone)]
+struct RouteFailure {
+    reason: String,
+    channels: Vec<String>,
+    event: Option<String>,
+    recipient: Option<String>,
+}
+
+impl RouteFailure {
+    fn whole(reason: String) -> Self {
+        RouteFailure { reason, channels: vec![], event: None, recipient: None }
+    }
+    fn with(mut self, reason: String) -> Self {
+        self.reason = reason;
+        self
+    }
+}
+
+fn finish(
+    base: &NewDelivery,
+    channel: String,
+    event: &str,
+    recipient: &Option<String>,
+    payload: &Json,
+    disposition: Disposition,
+) -> NewDelivery {
+    NewDelivery {
+        idempotency_key: idempotency_key(&base.source_table, &base.source_pk, &channel),
+        channel,
+        event: event.to_string(),
+        recipient: recipient.clone(),
+        payload: payload.clone(),
+        disposition,
+        ..base.clone()
+    }
+}
+
+fn dedup(mut v: Vec<String>) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    v.retain(|c| seen.insert(c.clone()));
+    v
+}
+
+fn clip(s: &str) -> String {
+    if s.len() <= 80 {
+        return s.to_string();
+    }
+    let mut end = 80;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+fn json_kind(v: &Json) -> &'static str {
+    match v {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "an array",
+        Json::Object(_) => "an object",
+    }
+}
+
+/// A row with its table, for lookups by column name.
+pub struct RowView<'a> {
+    pub table: &'a Arc<Table>,
+    pub values: &'a [Value],
+}
+
+impl RowView<'_> {
+    fn column(&self, name: &str) -> Result<(&crate::source::Column, &Value), String> {
+        let i = self
+            .table
+            .columns
+            .iter()
+            .position(|c| c.name == name)
+            .ok_or_else(|| format!("column {name} does not exist in {}", self.table.qualified_name()))?;
+        let v = self.values.get(i).ok_or_else(|| format!("column {name} missing from the change"))?;
+        Ok((&self.table.columns[i], v))
+    }
+
+    fn get(&self, name: &str) -> Result<&Value, String> {
+        self.column(name).map(|(_, v)| v)
+    }
+
+    /// Key columns' values joined by ','. Falls back to a column named `id` when
+    /// the table reports no key (replica identity NOTHING).
+    pub fn primary_key(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        for (c, v) in self.table.columns.iter().zip(self.values) {
+            if c.is_key {
+                match v {
+                    Value::Text(t) => parts.push(t.as_str()),
+                    _ => return None,
+                }
+            }
+        }
+        if parts.is_empty() {
+            return match self.get("id") {
+                Ok(Value::Text(t)) => Some(t.clone()),
+                _ => None,
+            };
+        }
+        Some(parts.join(","))
+    }
+}
+
+// Type OIDs from pg_type.dat; only those whose JSON form differs from a string.
+const BOOL: u32 = 16;
+const INT8: u32 = 20;
+const INT2: u32 = 21;
+const INT4: u32 = 23;
+const OID: u32 = 26;
+const JSON: u32 = 114;
+const FLOAT4: u32 = 700;
+const FLOAT8: u32 = 701;
+const NUMERIC: u32 = 1700;
+const TIMESTAMP: u32 = 1114;
+const TIMESTAMPTZ: u32 = 1184;
+const DATE: u32 = 1082;
+const JSONB: u32 = 3802;
+const BOOL_ARRAY: u32 = 1000;
+const INT2_ARRAY: u32 = 1005;
+const INT4_ARRAY: u32 = 1007;
+const INT8_ARRAY: u32 = 1016;
+const TEXT_ARRAY: u32 = 1009;
+const VARCHAR_ARRAY: u32 = 1015;
+const BPCHAR_ARRAY: u32 = 1014;
+const FLOAT8_ARRAY: u32 = 1022;
+const NUMERIC_ARRAY: u32 = 1231;
+
+/// A column's text output as JSON of the type a user expects: numbers stay
+/// numbers, booleans booleans, json(b) structured, timestamps RFC 3339.
+/// Anything unrecognised stays a string, never an error.
+pub fn to_json(type_oid: u32, value: &Value) -> Json {
+    let text = match value {
+        Value::Null | Value::Unchanged => return Json::Null,
+        Value::Text(t) => t.as_str(),
+    };
+    match type_oid {
+        BOOL => Json::Bool(text == "t"),
+        INT2 | INT4 | INT8 | OID | FLOAT4 | FLOAT8 | NUMERIC => number(text),
+        JSON | JSONB => serde_json::from_str(text).unwrap_or_else(|_| Json::String(text.to_string())),
+        TIMESTAMPTZ => timestamptz(text).map(Json::String).unwrap_or_else(|| Json::String(text.into())),
+        TIMESTAMP => NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f")
+            .map(|t| Json::String(t.format("%Y-%m-%dT%H:%M:%S%.f").to_string()))
+            .unwrap_or_else(|_| Json::String(text.into())),
+        DATE => NaiveDate::parse_from_str(text, "%Y-%m-%d")
+            .map(|d| Json::String(d.to_string()))
+            .unwrap_or_else(|_| Json::String(text.into())),
+        BOOL_ARRAY | INT2_ARRAY | INT4_ARRAY | INT8_ARRAY | FLOAT8_ARRAY | NUMERIC_ARRAY | TEXT_ARRAY
+        | VARCHAR_ARRAY | BPCHAR_ARRAY => match parse_text_array(text) {
+            Some(items) => {
+                let elem = match type_oid {
+                    BOOL_ARRAY => BOOL,
+                    TEXT_ARRAY | VARCHAR_ARRAY | BPCHAR_ARRAY => 25,
+                    _ => NUMERIC,
+                };
+                Json::Array(
+                    items
+                        .into_iter()
+                        .map(|i| match i {
+                            None => Json::Null,
+                            Some(s) => to_json(elem, &Value::Text(s)),
+                        })
+                        .collect(),
+                )
+            }
+            None => Json::String(text.into()),
+        },
+        _ => Json::String(text.into()),
+    }
+}
+
+fn number(text: &str) -> Json {
+    if let Ok(i) = text.parse::<i64>() {
+        return Json::Number(i.into());
+    }
+    // NaN and Infinity have no JSON number: keep them as text rather than lie.
+    match text.parse::<f64>().ok().and_then(Number::from_f64) {
+        Some(n) => Json::Number(n),
+        None => Json::String(text.into()),
+    }
+}
+
+/// `2026-11-24 17:35:00.123+01` (PostgreSQL's output) → `2026-11-24T16:35:00.123Z`.
+fn timestamptz(text: &str) -> Option<String> {
+    // PostgreSQL prints the offset as +HH, +HH:MM or +HH:MM:SS; chrono wants +HH:MM.
+    let split = text.rfind(['+', '-']).filter(|&i| i > 10)?;
+    let (dt, off) = text.split_at(split);
+    let mut off = off.to_string();
+    if off.len() == 3 {
+        off.push_str(":00");
+    }
+    let off = if off.len() > 6 { off[..6].to_string() } else { off };
+    let parsed = DateTime::parse_from_str(&format!("{dt}{off}"), "%Y-%m-%d %H:%M:%S%.f%:z").ok()?;
+    Some(parsed.with_timezone(&Utc).to_rfc3339_opts(SecondsFormat::AutoSi, true))
+}
+
+/// A one-dimensional array literal (`{a,"b c",NULL}`) into its elements.
+/// `None` when the text is not such a literal; NULL elements are `None`.
+pub fn parse_text_array(text: &str) -> Option<Vec<Option<String>>> {
+    let inner = text.strip_prefix('{')?.strip_suffix('}')?;
+    let mut out = Vec::new();
+    if inner.is_empty() {
+        return Some(out);
+    }
+    let mut chars = inner.chars().peekable();
+    loop {
+        let mut item = String::new();
+        let quoted = chars.peek() == Some(&'"');
+        if quoted {
+            chars.next();
+            loop {
+                match chars.next()? {
+                    '\\' => item.push(chars.next()?),
+                    '"' => break,
+                    c => item.push(c),
+                }
+            }
+            out.push(Some(item));
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == ',' {
+                    break;
+                }
+                if c == '{' || c == '"' {
+                    return None; // nested arrays are not channel lists
+                }
+                item.push(c);
+                chars.next();
+            }
+            out.push(if item == "NULL" { None } else { Some(item) });
+        }
+        match chars.next() {
+            None => return Some(out),
+            Some(',') => continue,
+            Some(_) => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::Column;
+
+    fn table(name: &str, cols: &[(&str, u32, bool)]) -> Arc<Table> {
+        Arc::new(Table {
+            schema: "public".into(),
+            name: name.into(),
+            columns: cols
+                .iter()
+                .map(|(n, t, k)| Column { name: n.to_string(), type_oid: *t, is_key: *k })
+                .collect(),
+        })
+    }
+
+    fn t(s: &str) -> Value {
+        Value::Text(s.into())
+    }
+
+    fn cfg() -> Config {
+        let text = crate::config::README_EXAMPLE.to_string()
+            + "\n[channels.email]\nprovider = \"log\"\n[channels.sms]\nprovider = \"log\"\nenabled = false\n";
+        Config::from_toml(&text).unwrap()
+    }
+
+    fn notif_table() -> Arc<Table> {
+        table(
+            "operators_notificationoperateur",
+            &[
+                ("id", INT8, true),
+                ("user_id", INT4, false),
+                ("kind", 1043, false),
+                ("title", 1043, false),
+                ("body", 25, false),
+                ("level", 1043, false),
+                ("url", 1043, false),
+                ("is_read", BOOL, false),
+                ("created_at", TIMESTAMPTZ, false),
+            ],
+        )
+    }
+
+    fn outbox_table() -> Arc<Table> {
+        table(
+            "operators_outboxevent",
+            &[
+                ("id", INT8, true),
+                ("event_type", 1043, false),
+                ("recipient_id", INT4, false),
+                ("channels", VARCHAR_ARRAY, false),
+                ("payload", JSONB, false),
+            ],
+        )
+    }
+
+    fn route(values: Vec<Value>, tbl: Arc<Table>, op: Operation) -> Vec<NewDelivery> {
+        let router = Router::new(&cfg());
+        let mut out = vec![];
+        let change = RowChange { table: tbl, op, values };
+        router.route_change(&change, Lsn(42), DateTime::UNIX_EPOCH, &mut out);
+        out
+    }
+
+    #[test]
+    fn notification_row_goes_to_in_app_with_allow_listed_typed_payload() {
+        let out = route(
+            vec![
+                t("7"), t("3"), t("order_ready"), t("Commande prête 🎉"), t("secret body"), t("info"),
+                t("/orders/9"), t("f"), t("2026-11-24 17:35:00.5+01"),
+            ],
+            notif_table(),
+            Operation::Insert,
+        );
+        assert_eq!(out.len(), 1);
+        let d = &out[0];
+        assert_eq!(d.channel, "in_app");
+        assert_eq!(d.event, "notification_created");
+        assert_eq!(d.recipient.as_deref(), Some("3"));
+        assert_eq!(d.source_pk, "7");
+        assert_eq!(d.disposition, Disposition::Pending);
+        assert_eq!(
+            d.payload,
+            serde_json::json!({"id": 7, "kind": "order_ready", "title": "Commande prête 🎉", "level": "info",
+                "url": "/orders/9", "created_at": "2026-11-24T16:35:00.500Z"})
+        );
+        assert!(d.payload.get("body").is_none(), "columns outside the allow-list never leave");
+    }
+
+    #[test]
+    fn updates_and_deletes_route_nowhere_unless_listed() {
+        let vals = vec![t("7"), t("3"), t("k"), t("x"), t(""), t("info"), t(""), t("t"), t("2026-11-24 17:35:00+00")];
+        assert!(route(vals.clone(), notif_table(), Operation::Update).is_empty());
+        assert!(route(vals, notif_table(), Operation::Delete).is_empty());
+    }
+
+    #[test]
+    fn outbox_row_takes_event_channels_and_payload_from_the_row() {
+        let out = route(
+            vec![t("11"), t("order_shipped"), t("5"), t("{in_app,email,sms,pager}"), t(r#"{"order": 9, "n": 1.5}"#)],
+            outbox_table(),
+            Operation::Insert,
+        );
+        let got: Vec<_> = out.iter().map(|d| (d.channel.as_str(), d.disposition.status())).collect();
+        assert_eq!(got, [("in_app", "pending"), ("email", "pending"), ("sms", "skipped"), ("pager", "failed")]);
+        assert_eq!(out[0].event, "order_shipped");
+        assert_eq!(out[0].payload, serde_json::json!({"order": 9, "n": 1.5}));
+        assert!(out[3].disposition.reason().unwrap().contains("unknown channel \"pager\""));
+        let keys: std::collections::HashSet<_> = out.iter().map(|d| &d.idempotency_key).collect();
+        assert_eq!(keys.len(), 4, "one key per channel");
+    }
+
+    #[test]
+    fn empty_channel_array_falls_back_to_route_defaults_or_fails_clearly() {
+        let out = route(vec![t("1"), t("e"), t("5"), t("{}"), t("{}")], outbox_table(), Operation::Insert);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].channel, "-");
+        assert!(out[0].disposition.reason().unwrap().contains("no channel"));
+    }
+
+    #[test]
+    fn bad_rows_become_failed_deliveries_with_reasons() {
+        let cases = [
+            (vec![t("1"), t("e"), Value::Null, t("{in_app}"), t("{}")], "recipient column recipient_id"),
+            (vec![t("2"), t("e"), t("5"), t("{in_app}"), t("[1,2]")], "not a JSON object"),
+            (vec![t("3"), t("e"), t("5"), t("{in_app}"), t("\"str\"")], "not a JSON object"),
+            (vec![t("4"), Value::Null, t("5"), t("{in_app}"), t("{}")], "event column"),
+            (vec![t("5"), t("e"), t("5"), t("{in_app}"), Value::Null], "payload column payload is NULL"),
+        ];
+        for (vals, want) in cases {
+            let out = route(vals, outbox_table(), Operation::Insert);
+            assert_eq!(out.len(), 1);
+            let reason = out[0].disposition.reason().unwrap();
+            assert_eq!(out[0].disposition.status(), "failed");
+            assert!(reason.contains(want), "{reason} should mention {want}");
+        }
+    }
+
+    #[test]
+    fn idempotency_keys_are_stable_and_distinct() {
+        assert_eq!(idempotency_key("t", "1", "a"), idempotency_key("t", "1", "a"));
+        assert_ne!(idempotency_key("t", "1", "a"), idempotency_key("t", "1", "b"));
+        assert_ne!(idempotency_key("a:b", "c", "d"), idempotency_key("a", "b:c", "d"));
+    }
+
+    #[test]
+    fn json_conversion_keeps_types() {
+        assert_eq!(to_json(INT8, &t("9007199254740993")), serde_json::json!(9007199254740993i64));
+        assert_eq!(to_json(NUMERIC, &t("12.50")), serde_json::json!(12.5));
+        assert_eq!(to_json(FLOAT8, &t("NaN")), serde_json::json!("NaN"));
+        assert_eq!(to_json(BOOL, &t("t")), serde_json::json!(true));
+        assert_eq!(to_json(JSONB, &t(r#"{"a":[1]}"#)), serde_json::json!({"a": [1]}));
+        assert_eq!(to_json(TIMESTAMPTZ, &t("2026-01-02 03:04:05+00")), serde_json::json!("2026-01-02T03:04:05Z"));
+        assert_eq!(
+            to_json(TIMESTAMPTZ, &t("2026-01-02 03:04:05.123456-03:30")),
+            serde_json::json!("2026-01-02T06:34:05.123456Z")
+        );
+        assert_eq!(to_json(TIMESTAMP, &t("2026-01-02 03:04:05")), serde_json::json!("2026-01-02T03:04:05"));
+        assert_eq!(to_json(INT4_ARRAY, &t("{1,NULL,3}")), serde_json::json!([1, null, 3]));
+        assert_eq!(to_json(25, &Value::Null), Json::Null);
+        assert_eq!(to_json(25, &t("a\u{0}\u{7}b")), serde_json::json!("a\u{0}\u{7}b"));
+    }
+
+    #[test]
+    fn array_literals() {
+        assert_eq!(parse_text_array("{}"), Some(vec![]));
+        assert_eq!(
+            parse_text_array(r#"{a,"b c","d\"e",NULL}"#),
+            Some(vec![Some("a".into()), Some("b c".into()), Some("d\"e".into()), None])
+        );
+        assert_eq!(parse_text_array("{{1,2},{3,4}}"), None);
+        assert_eq!(parse_text_array("not an array"), None);
+        assert_eq!(parse_text_array("{\"unterminated"), None);
+    }
+}
