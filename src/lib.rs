@@ -6,7 +6,10 @@
 //! `telemetry` shows it; `cli` is the operator's door; `config` the contract.
 
 pub mod config;
+pub mod dispatch;
 pub mod embedded_pg;
+pub mod ledger;
 pub mod providers;
 pub mod routing;
 pub mod source;
+pub mod telemetry;

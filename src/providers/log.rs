@@ -5,6 +5,10 @@ use super::{Accepted, OutboundMessage, ProviderError};
 pub struct Log;
 
 impl Log {
+    pub fn new() -> Self {
+        Log
+    }
+
     pub async fn send_batch(&self, messages: &[OutboundMessage]) -> Vec<Result<Accepted, ProviderError>> {
         let _ = messages;
         unimplemented!()

@@ -92,3 +92,8 @@ impl Provider {
         }
     }
 }
+
+/// One HTTP client for every provider (stub until providers land).
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::new()
+}

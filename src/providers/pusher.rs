@@ -5,6 +5,10 @@ use super::{Accepted, OutboundMessage, ProviderError};
 pub struct Pusher;
 
 impl Pusher {
+    pub fn new(_cfg: &crate::config::PusherConfig, _http: reqwest::Client) -> Self {
+        Pusher
+    }
+
     pub async fn send_batch(&self, messages: &[OutboundMessage]) -> Vec<Result<Accepted, ProviderError>> {
         let _ = messages;
         unimplemented!()

@@ -1,0 +1,272 @@
+//! Dispatch: works the ledger, never the replication stream.
+//!
+//! Workers claim due deliveries, call the channel's provider, and record each
+//! outcome. A slow or failing provider therefore only grows the ledger's
+//! backlog (on disk), never the relay's memory nor the slot's lag. Whether to
+//! retry is decided in one place, [`decide`], from the provider's error class.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures_util::stream::{self, StreamExt};
+use rand::Rng;
+use tokio::sync::{watch, Notify};
+use tracing::{debug, error, warn};
+
+use crate::config::{Config, ProviderKind};
+use crate::ledger::{Claimed, Ledger, LedgerError, Outcome};
+use crate::providers::{ably::Ably, log::Log, pusher::Pusher, OutboundMessage, Provider, ProviderError};
+use crate::telemetry::metric;
+
+/// A channel as dispatch sees it: who carries it and how its provider channel is named.
+#[derive(Clone, Debug)]
+struct ChannelPlan {
+    provider: Provider,
+    /// `private-user-{recipient}`.
+    channel_name: String,
+    max_attempts: u32,
+}
+
+/// Retry timing; from `[relay]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// "Full jitter": uniform in [0, min(max, base·2^(attempt-1))]. Spreads a
+    /// burst of failures so that retries do not arrive at the provider together.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = self.base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+        let cap = exp.min(self.max);
+        Duration::from_secs_f64(rand::rng().random_range(0.0..=cap.as_secs_f64()))
+    }
+}
+
+/// Shared by all dispatch workers.
+pub struct Dispatcher {
+    channels: HashMap<String, ChannelPlan>,
+    backoff: Backoff,
+    batch: usize,
+    concurrency: usize,
+    poll: Duration,
+    /// Ingestion rings this after each ledger commit, so new work is picked up
+    /// at once rather than at the next poll.
+    pub wake: Arc<Notify>,
+}
+
+/// Builds every provider client named by a channel.
+pub fn build_providers(cfg: &Config) -> HashMap<ProviderKind, Provider> {
+    let http = crate::providers::http_client();
+    let mut out = HashMap::new();
+    for ch in cfg.channels.values() {
+        out.entry(ch.provider).or_insert_with(|| match ch.provider {
+            // Config validation guarantees the sections exist.
+            ProviderKind::Pusher => Provider::Pusher(Pusher::new(cfg.providers.pusher.as_ref().unwrap(), http.clone())),
+            ProviderKind::Ably => Provider::Ably(Ably::new(cfg.providers.ably.as_ref().unwrap(), http.clone())),
+            ProviderKind::Log => Provider::Log(Log::new()),
+        });
+    }
+    out
+}
+
+impl Dispatcher {
+    pub fn new(cfg: &Config) -> Dispatcher {
+        let providers = build_providers(cfg);
+        let channels = cfg
+            .channels
+            .iter()
+            .map(|(name, ch)| {
+                let plan = ChannelPlan {
+                    provider: providers[&ch.provider].clone(),
+                    channel_name: ch.channel_name.clone(),
+                    max_attempts: ch.max_attempts,
+                };
+                (name.clone(), plan)
+            })
+            .collect();
+        Dispatcher {
+            channels,
+            backoff: Backoff {
+                base: Duration::from_millis(cfg.relay.retry_base_ms),
+                max: Duration::from_millis(cfg.relay.retry_max_ms),
+            },
+            batch: cfg.relay.dispatch_batch.max(1),
+            concurrency: cfg.relay.dispatch_concurrency.max(1),
+            poll: Duration::from_millis(cfg.relay.dispatch_poll_ms.max(10)),
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// One worker: claim, deliver, record, until `shutdown` turns true. The
+    /// batch in hand is always finished and recorded before returning, so a
+    /// clean stop leaves nothing `sending`.
+    pub async fn run_worker(&self, ledger: Ledger, mut shutdown: watch::Receiver<bool>) -> Result<(), LedgerError> {
+        loop {
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            // Registered before the claim: a wake-up that lands while we query is not lost.
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let batch = ledger.claim(self.batch).await?;
+            if batch.is_empty() {
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = tokio::time::sleep(self.poll) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            let full = batch.len() == self.batch;
+            let outcomes = self.deliver(&batch).await;
+            ledger.finish(&outcomes).await?;
+            if full {
+                // More is probably waiting: let the other workers know.
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    /// Sends a claimed batch, grouped by channel, providers called concurrently.
+    /// Returns one outcome per claimed delivery.
+    pub async fn deliver(&self, batch: &[Claimed]) -> Vec<(i64, Outcome)> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut groups: HashMap<&str, Vec<&Claimed>> = HashMap::new();
+        for c in batch {
+            groups.entry(c.channel.as_str()).or_default().push(c);
+        }
+        let mut calls = Vec::new();
+        for (channel, items) in groups {
+            let Some(plan) = self.channels.get(channel) else {
+                // The config changed since ingestion: say so rather than guess.
+                for c in items {
+                    let error = format!("channel {channel:?} is no longer in the relay config");
+                    outcomes.push((c.id, Outcome::Failed { provider: "none", error }));
+                }
+                continue;
+            };
+            // Chunks let one channel's backlog use several connections at once.
+            for chunk in items.chunks(100) {
+                calls.push((plan, chunk.to_vec()));
+            }
+        }
+        let results: Vec<Vec<(i64, Outcome)>> = stream::iter(calls)
+            .map(|(plan, chunk)| self.call(plan, chunk))
+            .buffer_unordered(self.concurrency)
+            .collect()
+            .await;
+        outcomes.extend(results.into_iter().flatten());
+        outcomes
+    }
+
+    async fn call(&self, plan: &ChannelPlan, chunk: Vec<&Claimed>) -> Vec<(i64, Outcome)> {
+        let messages: Vec<OutboundMessage> = chunk
+            .iter()
+            .map(|c| OutboundMessage {
+                delivery_id: c.id,
+                idempotency_key: c.idempotency_key.clone(),
+                channel_name: plan.channel_name.replace("{recipient}", c.recipient.as_deref().unwrap_or("")),
+                event: c.event.clone(),
+                payload: c.payload.clone(),
+            })
+            .collect();
+        let provider = plan.provider.name();
+        let started = std::time::Instant::now();
+        let results = plan.provider.send_batch(&messages).await;
+        let call_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let now = Utc::now();
+        chunk
+            .iter()
+            .zip(results)
+            .map(|(c, result)| {
+                let outcome = match result {
+                    Ok(accepted) => Outcome::Sent { provider, message_id: accepted.provider_message_id },
+                    Err(e) => decide(&e, provider, c.attempts as u32, plan.max_attempts, &self.backoff),
+                };
+                record(c, provider, &outcome, now, call_ms);
+                (c.id, outcome)
+            })
+            .collect()
+    }
+}
+
+/// Retry or not, in one place. Retryable errors retry with backoff (at least
+/// what the provider asked for) until `max_attempts`, then go `dead` for an
+/// operator; permanent ones fail at once with the provider's words.
+pub fn decide(err: &ProviderError, provider: &'static str, attempts: u32, max_attempts: u32, backoff: &Backoff) -> Outcome {
+    match err {
+        ProviderError::Retryable { reason, retry_after } if attempts < max_attempts => {
+            let delay = backoff.delay(attempts).max(retry_after.unwrap_or_default());
+            Outcome::Retry { provider, error: reason.clone(), delay }
+        }
+        ProviderError::Retryable { reason, .. } => {
+            Outcome::Dead { provider, error: format!("gave up after {attempts} attempts: {reason}") }
+        }
+        ProviderError::Permanent { reason } => Outcome::Failed { provider, error: reason.clone() },
+        ProviderError::Unauthorized { reason } => {
+            // Every message will fail the same way until someone fixes the credentials.
+            metrics::counter!(metric::PROVIDER_UNAUTHORIZED, "provider" => provider).increment(1);
+            error!(provider, "provider refused the relay's credentials: fix [providers.{provider}] ({reason})");
+            Outcome::Failed { provider, error: format!("credentials refused: {reason}") }
+        }
+    }
+}
+
+fn record(c: &Claimed, provider: &'static str, outcome: &Outcome, now: chrono::DateTime<Utc>, call_ms: f64) {
+    metrics::counter!(metric::DELIVERIES, "channel" => c.channel.clone(), "provider" => provider, "outcome" => outcome.label())
+        .increment(1);
+    match outcome {
+        Outcome::Sent { message_id, .. } => {
+            let latency = (now - c.committed_at).to_std().unwrap_or_default();
+            metrics::histogram!(metric::COMMIT_TO_ACCEPTED, "channel" => c.channel.clone(), "provider" => provider)
+                .record(latency.as_secs_f64());
+            debug!(delivery_id = c.id, key = %c.idempotency_key, table = %c.source_table, pk = %c.source_pk,
+                channel = %c.channel, provider, latency_ms = latency.as_millis() as u64, call_ms,
+                provider_message_id = message_id.as_deref(), "delivered");
+        }
+        Outcome::Retry { error, delay, .. } => {
+            warn!(delivery_id = c.id, key = %c.idempotency_key, table = %c.source_table, pk = %c.source_pk,
+                channel = %c.channel, provider, attempts = c.attempts, retry_in_ms = delay.as_millis() as u64,
+                error = %error, "delivery failed, will retry");
+        }
+        Outcome::Failed { error, .. } | Outcome::Dead { error, .. } => {
+            warn!(delivery_id = c.id, key = %c.idempotency_key, table = %c.source_table, pk = %c.source_pk,
+                channel = %c.channel, provider, attempts = c.attempts, status = outcome.label(),
+                error = %error, "delivery given up");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B: Backoff = Backoff { base: Duration::from_millis(100), max: Duration::from_secs(10) };
+
+    #[test]
+    fn backoff_is_jittered_under_an_exponential_cap() {
+        for attempt in 1..40 {
+            let cap = Duration::from_millis(100).saturating_mul(1 << (attempt - 1).min(20)).min(B.max);
+            assert!(B.delay(attempt) <= cap);
+        }
+    }
+
+    #[test]
+    fn retry_or_not() {
+        let retry = ProviderError::Retryable { reason: "503".into(), retry_after: Some(Duration::from_secs(30)) };
+        match decide(&retry, "pusher", 1, 3, &B) {
+            Outcome::Retry { delay, .. } => assert!(delay >= Duration::from_secs(30), "Retry-After is a floor"),
+            o => panic!("{o:?}"),
+        }
+        assert_eq!(decide(&retry, "pusher", 3, 3, &B).label(), "dead");
+        let perm = ProviderError::Permanent { reason: "payload too large".into() };
+        assert_eq!(decide(&perm, "pusher", 1, 3, &B), Outcome::Failed { provider: "pusher", error: "payload too large".into() });
+        let auth = ProviderError::Unauthorized { reason: "bad key".into() };
+        assert_eq!(decide(&auth, "ably", 1, 3, &B).label(), "failed");
+    }
+}

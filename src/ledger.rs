@@ -1,0 +1,381 @@
+//! The delivery ledger and the stored offset, in the relay's own schema.
+//!
+//! Ingestion writes deliveries and the offset they cover in one transaction;
+//! only after that commit is the offset confirmed to PostgreSQL. Dispatch claims
+//! due rows (`pending` → `sending`), calls providers, and records each outcome.
+//! A row left `sending` by a crash is the one window where a provider may have
+//! accepted a message the ledger does not know about: on start it goes back to
+//! `pending` and is counted as a possible re-send.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value as Json;
+use tokio_postgres::{Client, NoTls};
+use tracing::{info, warn};
+
+use crate::routing::NewDelivery;
+use crate::source::Lsn;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("connecting to the database: {0}")]
+    Connect(tokio_postgres::Error),
+}
+
+impl LedgerError {
+    /// Connection trouble and serialization conflicts pass; anything else
+    /// (missing privilege, missing schema) needs a human.
+    pub fn is_retryable(&self) -> bool {
+        let e = match self {
+            LedgerError::Db(e) | LedgerError::Connect(e) => e,
+        };
+        if e.is_closed() {
+            return true;
+        }
+        match e.code() {
+            None => true, // I/O errors carry no SQLSTATE
+            Some(code) => {
+                let c = code.code();
+                c.starts_with("08") || c.starts_with("57P") || c == "40001" || c == "40P01" || c == "53300"
+            }
+        }
+    }
+}
+
+/// Applied in order; each exactly once per schema (recorded in schema_migrations).
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../sql/migrations/001_ledger.sql"))];
+
+/// The migrations' SQL with the schema name filled in (it is a validated identifier).
+pub fn migration_sql(schema: &str) -> Vec<(i32, String)> {
+    MIGRATIONS.iter().map(|(v, sql)| (*v, sql.replace("__SCHEMA__", schema))).collect()
+}
+
+/// Opens a plain connection and drives it on the runtime.
+pub async fn connect(url: &str) -> Result<Client, LedgerError> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.map_err(LedgerError::Connect)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            // The owner sees the error on its next query; this is for the log.
+            tracing::debug!(error = %e, "ledger connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// Creates or upgrades the relay schema. Safe to run twice, and concurrently:
+/// an advisory lock serialises migrators.
+pub async fn migrate(client: &mut Client, schema: &str) -> Result<Vec<i32>, LedgerError> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext('outbox_relay.migrate'))", &[]).await?;
+    tx.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema};
+         CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
+             version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());"
+    ))
+    .await?;
+    let done: Vec<i32> = tx
+        .query(&format!("SELECT version FROM {schema}.schema_migrations"), &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut applied = vec![];
+    for (version, sql) in migration_sql(schema) {
+        if done.contains(&version) {
+            continue;
+        }
+        tx.batch_execute(&sql).await?;
+        tx.execute(&format!("INSERT INTO {schema}.schema_migrations (version) VALUES ($1)"), &[&version]).await?;
+        applied.push(version);
+    }
+    tx.commit().await?;
+    if !applied.is_empty() {
+        info!(schema, ?applied, "ledger migrations applied");
+    }
+    Ok(applied)
+}
+
+/// A delivery claimed for sending.
+#[derive(Clone, Debug)]
+pub struct Claimed {
+    pub id: i64,
+    pub idempotency_key: String,
+    pub source_table: String,
+    pub source_pk: String,
+    pub channel: String,
+    pub event: String,
+    pub recipient: Option<String>,
+    pub payload: Json,
+    /// Including this one.
+    pub attempts: i32,
+    pub committed_at: DateTime<Utc>,
+}
+
+/// What became of a claimed delivery.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Sent { provider: &'static str, message_id: Option<String> },
+    /// Back to `pending`, due again after `delay`.
+    Retry { provider: &'static str, error: String, delay: Duration },
+    /// Refused for good.
+    Failed { provider: &'static str, error: String },
+    /// Retryable, but out of attempts.
+    Dead { provider: &'static str, error: String },
+}
+
+impl Outcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Sent { .. } => "sent",
+            Outcome::Retry { .. } => "retry",
+            Outcome::Failed { .. } => "failed",
+            Outcome::Dead { .. } => "dead",
+        }
+    }
+}
+
+/// Ledger statements on one connection. Cheap to create; make one per task that
+/// needs its own connection (ingestion, each dispatch worker).
+pub struct Ledger {
+    client: Client,
+    schema: String,
+}
+
+impl Ledger {
+    pub fn new(client: Client, schema: &str) -> Ledger {
+        Ledger { client, schema: schema.to_string() }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The offset stored for `slot`, if any.
+    pub async fn load_offset(&self, slot: &str) -> Result<Option<Lsn>, LedgerError> {
+        let row = self
+            .client
+            .query_opt(&format!("SELECT confirmed_lsn::text FROM {}.progress WHERE slot = $1", self.schema), &[&slot])
+            .await?;
+        Ok(row.and_then(|r| r.get::<_, String>(0).parse().ok()))
+    }
+
+    /// Records `deliveries` and moves the stored offset to `end_lsn`, atomically.
+    /// Replayed rows (same idempotency key) are ignored, so replaying a
+    /// transaction after a crash is harmless. Returns how many rows were new.
+    pub async fn record(&mut self, deliveries: &[NewDelivery], slot: &str, end_lsn: Lsn) -> Result<u64, LedgerError> {
+        let schema = &self.schema;
+        let tx = self.client.transaction().await?;
+        let mut inserted = 0;
+        // Chunks bound the size of one statement's parameter arrays.
+        for chunk in deliveries.chunks(5000) {
+            let mut cols: [Vec<&str>; 8] = Default::default();
+            let mut recipients: Vec<Option<&str>> = Vec::with_capacity(chunk.len());
+            let mut errors: Vec<Option<&str>> = Vec::with_capacity(chunk.len());
+            let mut payloads: Vec<String> = Vec::with_capacity(chunk.len());
+            let mut lsns: Vec<String> = Vec::with_capacity(chunk.len());
+            let mut times: Vec<DateTime<Utc>> = Vec::with_capacity(chunk.len());
+            for d in chunk {
+                cols[0].push(&d.source_table);
+                cols[1].push(&d.source_pk);
+                cols[2].push(&d.channel);
+                cols[3].push(&d.idempotency_key);
+                cols[4].push(&d.event);
+                cols[5].push(d.disposition.status());
+                recipients.push(d.recipient.as_deref());
+                errors.push(d.disposition.reason());
+                payloads.push(d.payload.to_string());
+                lsns.push(d.commit_lsn.to_string());
+                times.push(d.committed_at);
+            }
+            let sql = format!(
+                "INSERT INTO {schema}.deliveries
+                   (source_table, source_pk, channel, idempotency_key, event, status,
+                    recipient, last_error, payload, commit_lsn, committed_at)
+                 SELECT t, pk, ch, k, ev, st, r, e, p::jsonb, l::pg_lsn, c
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                             $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[])
+                      AS u(t, pk, ch, k, ev, st, r, e, p, l, c)
+                 ON CONFLICT (idempotency_key) DO NOTHING"
+            );
+            inserted += tx
+                .execute(
+                    &sql,
+                    &[
+                        &cols[0], &cols[1], &cols[2], &cols[3], &cols[4], &cols[5], &recipients, &errors, &payloads,
+                        &lsns, &times,
+                    ],
+                )
+                .await?;
+        }
+        save_offset(&tx, schema, slot, end_lsn).await?;
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    /// Moves the offset with no deliveries (idle stream, unrouted changes).
+    pub async fn save_offset(&self, slot: &str, lsn: Lsn) -> Result<(), LedgerError> {
+        save_offset(&self.client, &self.schema, slot, lsn).await
+    }
+
+    /// After a crash: rows left `sending` go back to `pending`. Their earlier
+    /// attempt may have reached the provider, so the caller counts them.
+    pub async fn recover_in_flight(&self) -> Result<u64, LedgerError> {
+        let n = self
+            .client
+            .execute(
+                &format!(
+                    "UPDATE {}.deliveries SET status = 'pending', next_attempt_at = now(), updated_at = now()
+                     WHERE status = 'sending'",
+                    self.schema
+                ),
+                &[],
+            )
+            .await?;
+        if n > 0 {
+            warn!(deliveries = n, "deliveries were in flight when the relay stopped; sending them again");
+        }
+        Ok(n)
+    }
+
+    /// Claims up to `limit` due deliveries, oldest first. SKIP LOCKED lets
+    /// several workers claim side by side without waiting on each other.
+    pub async fn claim(&self, limit: usize) -> Result<Vec<Claimed>, LedgerError> {
+        let s = &self.schema;
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "WITH due AS (
+                        SELECT id FROM {s}.deliveries
+                        WHERE status = 'pending' AND next_attempt_at <= now()
+                        ORDER BY next_attempt_at, id
+                        LIMIT $1
+                        FOR UPDATE SKIP LOCKED)
+                     UPDATE {s}.deliveries d
+                     SET status = 'sending', attempts = d.attempts + 1, updated_at = now()
+                     FROM due WHERE d.id = due.id
+                     RETURNING d.id, d.idempotency_key, d.source_table, d.source_pk, d.channel, d.event,
+                               d.recipient, d.payload, d.attempts, d.committed_at"
+                ),
+                &[&(limit as i64)],
+            )
+            .await?;
+        let mut claimed: Vec<Claimed> = rows
+            .iter()
+            .map(|r| Claimed {
+                id: r.get(0),
+                idempotency_key: r.get(1),
+                source_table: r.get(2),
+                source_pk: r.get(3),
+                channel: r.get(4),
+                event: r.get(5),
+                recipient: r.get(6),
+                payload: r.get(7),
+                attempts: r.get(8),
+                committed_at: r.get(9),
+            })
+            .collect();
+        // RETURNING does not keep the CTE's order; providers should see commit order.
+        claimed.sort_unstable_by_key(|c| c.id);
+        Ok(claimed)
+    }
+
+    /// Records outcomes for claimed deliveries, in one statement.
+    pub async fn finish(&self, outcomes: &[(i64, Outcome)]) -> Result<(), LedgerError> {
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        let n = outcomes.len();
+        let (mut ids, mut statuses, mut providers) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut msg_ids, mut errors, mut delays) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for (id, o) in outcomes {
+            ids.push(*id);
+            let (status, provider, msg, err, delay): (&str, &str, Option<&str>, Option<&str>, f64) = match o {
+                Outcome::Sent { provider, message_id } => ("sent", provider, message_id.as_deref(), None, 0.0),
+                Outcome::Retry { provider, error, delay } => ("pending", provider, None, Some(error), delay.as_secs_f64()),
+                Outcome::Failed { provider, error } => ("failed", provider, None, Some(error), 0.0),
+                Outcome::Dead { provider, error } => ("dead", provider, None, Some(error), 0.0),
+            };
+            statuses.push(status);
+            providers.push(provider);
+            msg_ids.push(msg);
+            errors.push(err);
+            delays.push(delay);
+        }
+        let s = &self.schema;
+        self.client
+            .execute(
+                &format!(
+                    "UPDATE {s}.deliveries d SET
+                        status = u.st,
+                        provider = u.pr,
+                        provider_message_id = COALESCE(u.mid, d.provider_message_id),
+                        last_error = CASE WHEN u.st = 'sent' THEN d.last_error ELSE u.err END,
+                        next_attempt_at = CASE WHEN u.st = 'pending'
+                            THEN now() + u.delay * interval '1 second' ELSE d.next_attempt_at END,
+                        sent_at = CASE WHEN u.st = 'sent' THEN now() ELSE d.sent_at END,
+                        updated_at = now()
+                     FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[])
+                          AS u(id, st, pr, mid, err, delay)
+                     WHERE d.id = u.id AND d.status = 'sending'"
+                ),
+                &[&ids, &statuses, &providers, &msg_ids, &errors, &delays],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Counts by (channel, status), for `status` and the backlog gauge.
+    pub async fn counts(&self) -> Result<Vec<(String, String, i64)>, LedgerError> {
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT channel, status, count(*) FROM {}.deliveries GROUP BY 1, 2 ORDER BY 1, 2",
+                    self.schema
+                ),
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+    }
+
+    /// Age of the oldest due delivery: the number an on-call wants first.
+    pub async fn oldest_pending_age(&self) -> Result<Option<Duration>, LedgerError> {
+        let row = self
+            .client
+            .query_one(
+                &format!(
+                    "SELECT extract(epoch FROM now() - min(created_at))::float8 FROM {}.deliveries
+                     WHERE status IN ('pending', 'sending')",
+                    self.schema
+                ),
+                &[],
+            )
+            .await?;
+        Ok(row.get::<_, Option<f64>>(0).map(|s| Duration::from_secs_f64(s.max(0.0))))
+    }
+}
+
+async fn save_offset(
+    client: &impl tokio_postgres::GenericClient,
+    schema: &str,
+    slot: &str,
+    lsn: Lsn,
+) -> Result<(), LedgerError> {
+    // GREATEST: a late or replayed write can never move the offset backwards.
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.progress AS p (slot, confirmed_lsn) VALUES ($1, $2::text::pg_lsn)
+                 ON CONFLICT (slot) DO UPDATE
+                 SET confirmed_lsn = GREATEST(p.confirmed_lsn, EXCLUDED.confirmed_lsn), updated_at = now()"
+            ),
+            &[&slot, &lsn.to_string()],
+        )
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! What the relay shows: JSON (or text) logs, Prometheus metrics, health.
+//!
+//! Metric names live in [`metric`] so that code, README and dashboards agree.
+//! `/healthz` answers while the process runs; `/readyz` only while the
+//! replication stream and the ledger are both reachable, so an orchestrator
+//! can tell "alive but cut off from PostgreSQL".
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::sync::watch;
+
+pub mod metric {
+    pub const ROWS_INGESTED: &str = "outbox_relay_rows_ingested_total";
+    pub const DELIVERIES_RECORDED: &str = "outbox_relay_deliveries_recorded_total";
+    pub const DELIVERIES: &str = "outbox_relay_deliveries_total";
+    pub const COMMIT_TO_ACCEPTED: &str = "outbox_relay_commit_to_accepted_seconds";
+    pub const REPLICATION_LAG: &str = "outbox_relay_replication_lag_bytes";
+    pub const CONFIRMED_LSN: &str = "outbox_relay_confirmed_lsn";
+    pub const RESENDS_AFTER_RESTART: &str = "outbox_relay_resends_after_restart_total";
+    pub const PROVIDER_UNAUTHORIZED: &str = "outbox_relay_provider_unauthorized_total";
+    pub const LEDGER_FLUSH: &str = "outbox_relay_ledger_flush_seconds";
+    pub const SOURCE_RECONNECTS: &str = "outbox_relay_source_reconnects_total";
+    pub const BACKLOG: &str = "outbox_relay_backlog_deliveries";
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+/// Logs go to stderr: stdout belongs to the `log` provider and to `status --json`.
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // try_init: tests and the demo may call this more than once.
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+        LogFormat::Text => builder.compact().try_init(),
+    };
+}
+
+/// Installs the global Prometheus recorder once; later calls return the same handle.
+pub fn install_metrics() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let latency_buckets =
+                [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency_buckets)
+                .expect("static buckets are valid")
+                .install_recorder()
+                .expect("no other metrics recorder is installed");
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(metric::ROWS_INGESTED, "Row changes read from committed transactions on routed tables.");
+    describe_counter!(metric::DELIVERIES_RECORDED, "Deliveries written to the ledger, by channel and initial status.");
+    describe_counter!(metric::DELIVERIES, "Delivery attempts by channel, provider and outcome (sent, retry, failed, dead).");
+    describe_histogram!(metric::COMMIT_TO_ACCEPTED, Unit::Seconds, "From the source transaction's commit to the provider's acceptance.");
+    describe_gauge!(metric::REPLICATION_LAG, Unit::Bytes, "Server WAL end minus the offset confirmed to the slot.");
+    describe_gauge!(metric::CONFIRMED_LSN, "Offset last confirmed to PostgreSQL, as a number.");
+    describe_counter!(metric::RESENDS_AFTER_RESTART, "Deliveries in flight at a crash, sent again after restart (possible duplicates).");
+    describe_counter!(metric::PROVIDER_UNAUTHORIZED, "Provider calls refused for bad credentials: needs a human.");
+    describe_histogram!(metric::LEDGER_FLUSH, Unit::Seconds, "Time to write one ingestion batch and its offset to the ledger.");
+    describe_counter!(metric::SOURCE_RECONNECTS, "Times the source connection was lost and re-established.");
+    describe_gauge!(metric::BACKLOG, "Deliveries pending or in flight in the ledger.");
+}
+
+/// Readiness, set by the parts that can lose their connection.
+#[derive(Debug, Default)]
+pub struct Health {
+    pub source_connected: AtomicBool,
+    pub ledger_connected: AtomicBool,
+}
+
+impl Health {
+    pub fn ready(&self) -> bool {
+        self.source_connected.load(Ordering::Relaxed) && self.ledger_connected.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    metrics: PrometheusHandle,
+    health: Arc<Health>,
+}
+
+/// `/metrics`, `/healthz`, `/readyz`, plus any extra routes (webhooks).
+pub fn router(metrics: PrometheusHandle, health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/metrics", get(|State(s): State<AppState>| async move { s.metrics.render() }))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(|State(s): State<AppState>| async move {
+                if s.health.ready() {
+                    (StatusCode::OK, "ready\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready: source or ledger disconnected\n")
+                }
+            }),
+        )
+        .with_state(AppState { metrics, health })
+}
+
+/// Serves until `shutdown` turns true.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        })
+        .await
+}
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
