@@ -325,6 +325,13 @@ pub struct RelayConfig {
     /// How often dispatch looks at the ledger when nothing woke it (retries coming due).
     #[serde(default = "default_dispatch_poll_ms")]
     pub dispatch_poll_ms: u64,
+    /// Dispatch workers, each with its own ledger connection.
+    #[serde(default = "default_dispatch_workers")]
+    pub dispatch_workers: usize,
+    /// A claimed delivery whose worker never reports back is taken over after this.
+    /// Keep it well above the slowest provider timeout.
+    #[serde(default = "default_claim_lease_ms")]
+    pub claim_lease_ms: u64,
     /// Backoff for retryable provider failures: first delay and cap.
     #[serde(default = "default_retry_base_ms")]
     pub retry_base_ms: u64,
@@ -341,6 +348,8 @@ impl Default for RelayConfig {
             dispatch_batch: default_dispatch_batch(),
             dispatch_concurrency: default_dispatch_concurrency(),
             dispatch_poll_ms: default_dispatch_poll_ms(),
+            dispatch_workers: default_dispatch_workers(),
+            claim_lease_ms: default_claim_lease_ms(),
             retry_base_ms: default_retry_base_ms(),
             retry_max_ms: default_retry_max_ms(),
         }
@@ -364,6 +373,12 @@ fn default_dispatch_concurrency() -> usize {
 }
 fn default_dispatch_poll_ms() -> u64 {
     500
+}
+fn default_dispatch_workers() -> usize {
+    4
+}
+fn default_claim_lease_ms() -> u64 {
+    60_000
 }
 fn default_retry_base_ms() -> u64 {
     500

@@ -46,6 +46,9 @@ impl Backoff {
     }
 }
 
+/// Reconnection pacing for a worker that lost the database.
+const RECONNECT: Backoff = Backoff { base: Duration::from_millis(200), max: Duration::from_secs(10) };
+
 /// Shared by all dispatch workers.
 pub struct Dispatcher {
     channels: HashMap<String, ChannelPlan>,
@@ -53,6 +56,8 @@ pub struct Dispatcher {
     batch: usize,
     concurrency: usize,
     poll: Duration,
+    /// How long a claim holds before another worker may take the row over.
+    lease: Duration,
     /// Ingestion rings this after each ledger commit, so new work is picked up
     /// at once rather than at the next poll.
     pub wake: Arc<Notify>,
@@ -97,14 +102,56 @@ impl Dispatcher {
             batch: cfg.relay.dispatch_batch.max(1),
             concurrency: cfg.relay.dispatch_concurrency.max(1),
             poll: Duration::from_millis(cfg.relay.dispatch_poll_ms.max(10)),
+            lease: Duration::from_millis(cfg.relay.claim_lease_ms.max(1000)),
             wake: Arc::new(Notify::new()),
         }
     }
 
-    /// One worker: claim, deliver, record, until `shutdown` turns true. The
-    /// batch in hand is always finished and recorded before returning, so a
-    /// clean stop leaves nothing `sending`.
-    pub async fn run_worker(&self, ledger: Ledger, mut shutdown: watch::Receiver<bool>) -> Result<(), LedgerError> {
+    /// One worker: claim, deliver, record, until `shutdown` turns true, on its
+    /// own connection. When the database goes away it reconnects with backoff
+    /// and first records the outcomes it still holds, so a delivery accepted by
+    /// a provider is not sent again just because PostgreSQL restarted.
+    pub async fn run_worker(&self, db_url: &str, schema: &str, mut shutdown: watch::Receiver<bool>) {
+        let mut unrecorded: Vec<(i64, Outcome)> = Vec::new();
+        let mut failures = 0u32;
+        loop {
+            if *shutdown.borrow() && unrecorded.is_empty() {
+                return;
+            }
+            let result = match crate::ledger::connect(db_url).await {
+                Ok(client) => {
+                    let ledger = Ledger::new(client, schema);
+                    self.work(&ledger, &mut unrecorded, &mut failures, &mut shutdown).await
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => return,
+                Err(e) => {
+                    failures += 1;
+                    let delay = RECONNECT.delay(failures).max(Duration::from_millis(50));
+                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "dispatch lost the ledger; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = crate::stopped(&mut shutdown) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn work(
+        &self,
+        ledger: &Ledger,
+        unrecorded: &mut Vec<(i64, Outcome)>,
+        failures: &mut u32,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), LedgerError> {
+        if !unrecorded.is_empty() {
+            ledger.finish(unrecorded).await?;
+            unrecorded.clear();
+        }
+        *failures = 0;
         loop {
             if *shutdown.borrow() {
                 return Ok(());
@@ -113,7 +160,7 @@ impl Dispatcher {
             let notified = self.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let batch = ledger.claim(self.batch).await?;
+            let batch = ledger.claim(self.batch, self.lease).await?;
             if batch.is_empty() {
                 tokio::select! {
                     _ = &mut notified => {}
@@ -122,9 +169,14 @@ impl Dispatcher {
                 }
                 continue;
             }
+            let resends = batch.iter().filter(|c| c.lease_expired).count();
+            if resends > 0 {
+                metrics::counter!(metric::RESENDS_AFTER_RESTART).increment(resends as u64);
+            }
             let full = batch.len() == self.batch;
-            let outcomes = self.deliver(&batch).await;
-            ledger.finish(&outcomes).await?;
+            *unrecorded = self.deliver(&batch).await;
+            ledger.finish(unrecorded).await?;
+            unrecorded.clear();
             if full {
                 // More is probably waiting: let the other workers know.
                 self.wake.notify_one();
@@ -155,8 +207,10 @@ impl Dispatcher {
                 calls.push((plan, chunk.to_vec()));
             }
         }
-        let results: Vec<Vec<(i64, Outcome)>> = stream::iter(calls)
-            .map(|(plan, chunk)| self.call(plan, chunk))
+        // Futures built first, then polled: a closure inside the stream would
+        // make the worker future non-`Send` (higher-ranked lifetimes).
+        let futures: Vec<_> = calls.into_iter().map(|(plan, chunk)| self.call(plan, chunk)).collect();
+        let results: Vec<Vec<(i64, Outcome)>> = stream::iter(futures)
             .buffer_unordered(self.concurrency)
             .collect()
             .await;

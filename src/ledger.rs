@@ -112,6 +112,9 @@ pub struct Claimed {
     /// Including this one.
     pub attempts: i32,
     pub committed_at: DateTime<Utc>,
+    /// Claimed before by a worker that never reported back: the provider may
+    /// already have it, so this send counts as a possible re-send.
+    pub lease_expired: bool,
 }
 
 /// What became of a claimed delivery.
@@ -240,27 +243,30 @@ impl Ledger {
         Ok(n)
     }
 
-    /// Claims up to `limit` due deliveries, oldest first. SKIP LOCKED lets
-    /// several workers claim side by side without waiting on each other.
-    pub async fn claim(&self, limit: usize) -> Result<Vec<Claimed>, LedgerError> {
+    /// Claims up to `limit` due deliveries, oldest first, for `lease`. SKIP
+    /// LOCKED lets several workers claim side by side without waiting on each
+    /// other. A row still `sending` after its lease (its worker lost the
+    /// database mid-batch) is claimed again and flagged as a possible re-send.
+    pub async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<Claimed>, LedgerError> {
         let s = &self.schema;
         let rows = self
             .client
             .query(
                 &format!(
                     "WITH due AS (
-                        SELECT id FROM {s}.deliveries
-                        WHERE status = 'pending' AND next_attempt_at <= now()
+                        SELECT id, status AS was FROM {s}.deliveries
+                        WHERE status IN ('pending', 'sending') AND next_attempt_at <= now()
                         ORDER BY next_attempt_at, id
                         LIMIT $1
                         FOR UPDATE SKIP LOCKED)
                      UPDATE {s}.deliveries d
-                     SET status = 'sending', attempts = d.attempts + 1, updated_at = now()
+                     SET status = 'sending', attempts = d.attempts + 1, updated_at = now(),
+                         next_attempt_at = now() + $2::float8 * interval '1 second'
                      FROM due WHERE d.id = due.id
                      RETURNING d.id, d.idempotency_key, d.source_table, d.source_pk, d.channel, d.event,
-                               d.recipient, d.payload, d.attempts, d.committed_at"
+                               d.recipient, d.payload, d.attempts, d.committed_at, due.was = 'sending'"
                 ),
-                &[&(limit as i64)],
+                &[&(limit as i64), &lease.as_secs_f64()],
             )
             .await?;
         let mut claimed: Vec<Claimed> = rows
@@ -276,6 +282,7 @@ impl Ledger {
                 payload: r.get(7),
                 attempts: r.get(8),
                 committed_at: r.get(9),
+                lease_expired: r.get(10),
             })
             .collect();
         // RETURNING does not keep the CTE's order; providers should see commit order.
@@ -341,6 +348,18 @@ impl Ledger {
             )
             .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+    }
+
+    /// Deliveries not yet settled (pending or in flight).
+    pub async fn backlog(&self) -> Result<i64, LedgerError> {
+        let row = self
+            .client
+            .query_one(
+                &format!("SELECT count(*) FROM {}.deliveries WHERE status IN ('pending', 'sending')", self.schema),
+                &[],
+            )
+            .await?;
+        Ok(row.get(0))
     }
 
     /// Age of the oldest due delivery: the number an on-call wants first.

@@ -5,11 +5,23 @@
 //! offset confirmed), `dispatch` works the ledger through `providers`.
 //! `telemetry` shows it; `cli` is the operator's door; `config` the contract.
 
+pub mod app;
+pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod dispatch;
 pub mod embedded_pg;
+pub mod ingest;
 pub mod ledger;
 pub mod providers;
 pub mod routing;
+pub mod setup;
 pub mod source;
+pub mod status;
 pub mod telemetry;
+
+/// Resolves once a shutdown flag turns true (or its sender is gone). The
+/// watch guard is dropped here, so callers can hold this across `.await`.
+pub(crate) async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}

@@ -33,8 +33,10 @@ CREATE TABLE IF NOT EXISTS __SCHEMA__.deliveries (
 );
 
 -- Dispatch claims due work in id order; the partial index stays as small as the backlog.
+-- For a `sending` row, next_attempt_at is the end of its claim's lease: a worker
+-- that lost its connection mid-batch does not strand the row.
 CREATE INDEX IF NOT EXISTS deliveries_due
-    ON __SCHEMA__.deliveries (next_attempt_at, id) WHERE status = 'pending';
+    ON __SCHEMA__.deliveries (next_attempt_at, id) WHERE status IN ('pending', 'sending');
 -- Audit: "what happened to notification 42?"
 CREATE INDEX IF NOT EXISTS deliveries_source
     ON __SCHEMA__.deliveries (source_table, source_pk);

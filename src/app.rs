@@ -1,0 +1,145 @@
+//! `run`: wires ingestion, dispatch workers and the telemetry server together,
+//! and owns the shutdown sequence.
+//!
+//! Shutdown (SIGTERM/SIGINT, or the `shutdown` channel in tests and the demo):
+//! 1. ingestion stops reading, records what it read, confirms the offset;
+//! 2. dispatch workers finish the batch in hand and record it;
+//! 3. the HTTP server stops.
+//!
+//! Steps 1–2 get [`SHUTDOWN_GRACE`]; a worker still waiting on a provider then
+//! is abandoned, and its rows, left `sending`, are re-sent (and counted) on the
+//! next start. That keeps the exit within 10 s whatever the providers do.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::dispatch::Dispatcher;
+use crate::ingest::{Ingest, IngestError};
+use crate::ledger::{self, Ledger, LedgerError};
+use crate::telemetry::{self, metric, Health};
+
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    #[error("ledger: {0}")]
+    Ledger(#[from] LedgerError),
+    #[error("metrics listener {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// Runs the relay until `shutdown` turns true (or a fatal error).
+pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
+    let cfg = Arc::new(cfg);
+    let metrics = telemetry::install_metrics();
+    let health = Arc::new(Health::default());
+    let url = cfg.source.database_url.clone();
+    let schema = cfg.relay.schema.clone();
+
+    {
+        let mut client = ledger::connect(&url).await?;
+        ledger::migrate(&mut client, &schema).await?;
+        let resent = Ledger::new(client, &schema).recover_in_flight().await?;
+        metrics::counter!(metric::RESENDS_AFTER_RESTART).increment(resent);
+    }
+
+    // Our own stop signal: set on outside shutdown or when ingestion fails for good.
+    let (stop_tx, stop) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+
+    if let Some(addr) = cfg.metrics.socket_addr()? {
+        let listener = telemetry::bind(addr).await.map_err(|source| RunError::Listen { addr: addr.to_string(), source })?;
+        info!(%addr, "serving /metrics, /healthz, /readyz");
+        let app = telemetry::router(metrics, health.clone());
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if let Err(e) = telemetry::serve(listener, app, stop).await {
+                warn!(error = %e, "metrics server stopped");
+            }
+        });
+    }
+
+    let dispatcher = Arc::new(Dispatcher::new(&cfg));
+    for _ in 0..cfg.relay.dispatch_workers.max(1) {
+        let (d, url, schema, stop) = (dispatcher.clone(), url.clone(), schema.clone(), stop.clone());
+        tasks.spawn(async move {
+            d.run_worker(&url, &schema, stop).await;
+            Ok(())
+        });
+    }
+    tasks.spawn(backlog_gauge(url.clone(), schema.clone(), health.clone(), stop.clone()));
+
+    let ingest = Ingest::new(cfg.clone(), dispatcher.wake.clone(), health.clone());
+    let mut outside = shutdown;
+    let ingest_stop = stop.clone();
+    let ingest_task = tokio::spawn(async move { ingest.run(ingest_stop).await });
+    tokio::pin!(ingest_task);
+
+    let result = tokio::select! {
+        _ = crate::stopped(&mut outside) => {
+            info!("shutting down");
+            let _ = stop_tx.send(true);
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut ingest_task).await {
+                Ok(Ok(r)) => r.map_err(RunError::from),
+                Ok(Err(join)) => { warn!(error = %join, "ingestion task failed"); Ok(()) }
+                Err(_) => { warn!("ingestion did not stop in time"); Ok(()) }
+            }
+        }
+        r = &mut ingest_task => {
+            let _ = stop_tx.send(true);
+            match r {
+                Ok(r) => r.map_err(RunError::from),
+                Err(join) => { warn!(error = %join, "ingestion task failed"); Ok(()) }
+            }
+        }
+    };
+
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        warn!("dispatch did not finish in time; rows in flight are re-sent on the next start");
+        tasks.abort_all();
+    }
+    health.source_connected.store(false, Ordering::Relaxed);
+    info!("stopped");
+    result
+}
+
+/// Refreshes the backlog gauge and the ledger half of readiness.
+async fn backlog_gauge(
+    url: String,
+    schema: String,
+    health: Arc<Health>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), ()> {
+    let mut ledger: Option<Ledger> = None;
+    loop {
+        if ledger.as_ref().is_none_or(|l| l.client().is_closed()) {
+            ledger = ledger::connect(&url).await.ok().map(|c| Ledger::new(c, &schema));
+        }
+        let ok = match &ledger {
+            Some(l) => match l.backlog().await {
+                Ok(n) => {
+                    metrics::gauge!(metric::BACKLOG).set(n as f64);
+                    true
+                }
+                Err(_) => false,
+            },
+            None => false,
+        };
+        health.ledger_connected.store(ok, Ordering::Relaxed);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = crate::stopped(&mut stop) => return Ok(()),
+        }
+    }
+}

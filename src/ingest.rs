@@ -1,0 +1,215 @@
+//! Ingestion: replication stream → routing → ledger → confirmed offset.
+//!
+//! The order of those arrows is the exactly-once argument: a transaction's
+//! deliveries and the offset past it are committed to the ledger together, and
+//! only then is that offset confirmed to the slot. A crash anywhere before the
+//! ledger commit replays the transaction (the ledger ignores repeats); a crash
+//! after it finds the deliveries already recorded.
+//!
+//! Transactions are batched: one ledger write covers every transaction that
+//! arrived within `ingest_flush_ms` (or `ingest_batch_rows` rows), which is what
+//! makes high insert rates cheap.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::dispatch::Backoff;
+use crate::ledger::{self, Ledger, LedgerError};
+use crate::routing::{NewDelivery, Router};
+use crate::source::replication::{ReplicationError, ReplicationEvent, ReplicationStream};
+use crate::source::Lsn;
+use crate::telemetry::{metric, Health};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("replication: {0}")]
+    Replication(#[from] ReplicationError),
+    #[error("ledger: {0}")]
+    Ledger(#[from] LedgerError),
+    #[error("source.database_url: {0}")]
+    Url(String),
+}
+
+impl IngestError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            IngestError::Replication(e) => e.is_retryable(),
+            IngestError::Ledger(e) => e.is_retryable(),
+            IngestError::Url(_) => false,
+        }
+    }
+}
+
+/// How often the relay reports its position even when the server does not ask:
+/// well inside PostgreSQL's default wal_sender_timeout (60 s).
+const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+const RECONNECT: Backoff = Backoff { base: Duration::from_millis(200), max: Duration::from_secs(10) };
+
+pub struct Ingest {
+    cfg: Arc<Config>,
+    router: Router,
+    wake: Arc<Notify>,
+    health: Arc<Health>,
+}
+
+impl Ingest {
+    pub fn new(cfg: Arc<Config>, wake: Arc<Notify>, health: Arc<Health>) -> Ingest {
+        let router = Router::new(&cfg);
+        Ingest { cfg, router, wake, health }
+    }
+
+    /// Streams until `shutdown` turns true. Connection losses (PostgreSQL
+    /// restarting, network) reconnect with backoff and resume from the
+    /// confirmed offset; errors that need a human end the run.
+    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), IngestError> {
+        let pg: tokio_postgres::Config =
+            self.cfg.source.database_url.parse().map_err(|e: tokio_postgres::Error| IngestError::Url(e.to_string()))?;
+        let mut failures = 0u32;
+        loop {
+            match self.session(&pg, &mut shutdown, &mut failures).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_retryable() => {
+                    self.health.source_connected.store(false, Ordering::Relaxed);
+                    metrics::counter!(metric::SOURCE_RECONNECTS).increment(1);
+                    failures += 1;
+                    let delay = RECONNECT.delay(failures).max(Duration::from_millis(100));
+                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "source connection lost; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = crate::stopped(&mut shutdown) => return Ok(()),
+                    }
+                }
+                Err(e) => {
+                    self.health.source_connected.store(false, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn session(
+        &self,
+        pg: &tokio_postgres::Config,
+        shutdown: &mut watch::Receiver<bool>,
+        failures: &mut u32,
+    ) -> Result<(), IngestError> {
+        let src = &self.cfg.source;
+        let mut ledger = Ledger::new(ledger::connect(&src.database_url).await?, &self.cfg.relay.schema);
+        let start = ledger.load_offset(&src.slot).await?.unwrap_or_default();
+        let mut stream = ReplicationStream::start(pg, &src.slot, &src.publication, start).await?;
+        self.health.source_connected.store(true, Ordering::Relaxed);
+        self.health.ledger_connected.store(true, Ordering::Relaxed);
+        *failures = 0;
+        info!(slot = %src.slot, publication = %src.publication, from = %start, "streaming");
+
+        let mut batch = Batch { deliveries: Vec::new(), end: None, deadline: None, confirmed: start };
+        let flush_after = Duration::from_millis(self.cfg.relay.ingest_flush_ms);
+        let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
+        status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let deadline = batch.deadline;
+            tokio::select! {
+                biased;
+                _ = crate::stopped(shutdown) => {
+                    // Stop reading, make what was read durable, confirm it, leave.
+                    self.flush(&mut ledger, &mut stream, &mut batch).await?;
+                    stream.send_status(batch.confirmed, false).await?;
+                    let _ = stream.close().await;
+                    info!(confirmed = %batch.confirmed, "ingestion stopped");
+                    return Ok(());
+                }
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    self.flush(&mut ledger, &mut stream, &mut batch).await?;
+                }
+                _ = status_tick.tick() => {
+                    stream.send_status(batch.confirmed, false).await?;
+                }
+                event = stream.next_event() => match event? {
+                    ReplicationEvent::Tx(tx) => {
+                        let routed = tx.changes.iter().filter(|c| self.router.routes_table(&c.table.qualified_name()));
+                        let rows = routed.count();
+                        if rows > 0 {
+                            metrics::counter!(metric::ROWS_INGESTED).increment(rows as u64);
+                        }
+                        self.router.route_tx(&tx, &mut batch.deliveries);
+                        batch.end = Some(tx.end_lsn);
+                        if batch.deliveries.len() >= self.cfg.relay.ingest_batch_rows {
+                            self.flush(&mut ledger, &mut stream, &mut batch).await?;
+                        } else if batch.deadline.is_none() {
+                            batch.deadline = Some(Instant::now() + flush_after);
+                        }
+                    }
+                    ReplicationEvent::Keepalive { wal_end, reply_requested } => {
+                        // Idle and between transactions: everything up to wal_end
+                        // has been received and nothing of it is unrecorded, so the
+                        // slot may let that WAL go. Without this, quiet routed tables
+                        // would make the slot retain WAL written by everything else.
+                        if batch.end.is_none() && !stream.in_transaction() && wal_end > batch.confirmed {
+                            ledger.save_offset(&src.slot, wal_end).await?;
+                            batch.confirmed = wal_end;
+                        }
+                        if reply_requested {
+                            stream.send_status(batch.confirmed, false).await?;
+                        }
+                        let lag = stream.server_wal_end().0.saturating_sub(batch.confirmed.0);
+                        metrics::gauge!(metric::REPLICATION_LAG).set(lag as f64);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes the batch and its offset in one ledger transaction, then confirms
+    /// the offset to PostgreSQL, then wakes dispatch. In that order, always.
+    async fn flush(&self, ledger: &mut Ledger, stream: &mut ReplicationStream, batch: &mut Batch) -> Result<(), IngestError> {
+        let Some(end) = batch.end else { return Ok(()) };
+        let started = std::time::Instant::now();
+        let inserted = ledger.record(&batch.deliveries, &self.cfg.source.slot, end).await?;
+        metrics::histogram!(metric::LEDGER_FLUSH).record(started.elapsed().as_secs_f64());
+        for d in &batch.deliveries {
+            metrics::counter!(metric::DELIVERIES_RECORDED, "channel" => d.channel.clone(), "status" => d.disposition.status())
+                .increment(1);
+            if let Some(reason) = d.disposition.reason() {
+                warn!(key = %d.idempotency_key, table = %d.source_table, pk = %d.source_pk, channel = %d.channel,
+                    status = d.disposition.status(), reason, "delivery recorded without sending");
+            }
+        }
+        debug!(deliveries = batch.deliveries.len(), inserted, offset = %end, "ledger batch committed");
+        batch.confirmed = batch.confirmed.max(end);
+        stream.send_status(batch.confirmed, false).await?;
+        metrics::gauge!(metric::CONFIRMED_LSN).set(batch.confirmed.0 as f64);
+        let lag = stream.server_wal_end().0.saturating_sub(batch.confirmed.0);
+        metrics::gauge!(metric::REPLICATION_LAG).set(lag as f64);
+        if inserted > 0 {
+            self.wake.notify_waiters();
+        }
+        batch.deliveries.clear();
+        batch.end = None;
+        batch.deadline = None;
+        Ok(())
+    }
+}
+
+/// Received but not yet in the ledger.
+struct Batch {
+    deliveries: Vec<NewDelivery>,
+    /// End of the last complete transaction in `deliveries`.
+    end: Option<Lsn>,
+    /// When the oldest of them has waited long enough.
+    deadline: Option<Instant>,
+    /// Last offset confirmed to PostgreSQL; never moves backwards.
+    confirmed: Lsn,
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
