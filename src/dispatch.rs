@@ -46,8 +46,20 @@ impl Backoff {
     }
 }
 
-/// Reconnection pacing for a worker that lost the database.
-const RECONNECT: Backoff = Backoff { base: Duration::from_millis(200), max: Duration::from_secs(10) };
+/// Pause before the `failures`-th reconnection attempt to PostgreSQL:
+/// exponential from 200 ms, capped at 10 s, jittered so that the relay's
+/// connections do not all knock at once when the server comes back.
+pub fn reconnect_delay(failures: u32) -> Duration {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .nth(failures.saturating_sub(1) as usize)
+        .unwrap_or(Duration::from_secs(10))
+}
 
 /// Shared by all dispatch workers.
 pub struct Dispatcher {
@@ -129,7 +141,7 @@ impl Dispatcher {
                 Ok(()) => return,
                 Err(e) => {
                     failures += 1;
-                    let delay = RECONNECT.delay(failures).max(Duration::from_millis(50));
+                    let delay = reconnect_delay(failures);
                     warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "dispatch lost the ledger; reconnecting");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}

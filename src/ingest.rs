@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::dispatch::Backoff;
+use crate::dispatch::reconnect_delay;
 use crate::ledger::{self, Ledger, LedgerError};
 use crate::routing::{NewDelivery, Router};
 use crate::source::replication::{ReplicationError, ReplicationEvent, ReplicationStream};
@@ -49,7 +49,6 @@ impl IngestError {
 /// How often the relay reports its position even when the server does not ask:
 /// well inside PostgreSQL's default wal_sender_timeout (60 s).
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
-const RECONNECT: Backoff = Backoff { base: Duration::from_millis(200), max: Duration::from_secs(10) };
 
 pub struct Ingest {
     cfg: Arc<Config>,
@@ -78,7 +77,7 @@ impl Ingest {
                     self.health.source_connected.store(false, Ordering::Relaxed);
                     metrics::counter!(metric::SOURCE_RECONNECTS).increment(1);
                     failures += 1;
-                    let delay = RECONNECT.delay(failures).max(Duration::from_millis(100));
+                    let delay = reconnect_delay(failures);
                     warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "source connection lost; reconnecting");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
