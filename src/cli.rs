@@ -43,6 +43,40 @@ pub enum Command {
     },
     /// Run the whole thing on a throwaway PostgreSQL with the `log` provider.
     Demo,
+    /// Deliveries that need an operator: list, retry or discard them.
+    #[command(subcommand)]
+    DeadLetters(DeadLetters),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLetters {
+    /// Dead deliveries (retries exhausted), oldest first.
+    List {
+        #[arg(long)]
+        channel: Option<String>,
+        /// RFC 3339 time, or an age such as 30m, 2h, 7d.
+        #[arg(long)]
+        since: Option<String>,
+        /// Also list `failed` deliveries (refused for good by a provider, or bad rows).
+        #[arg(long)]
+        failed: bool,
+        #[arg(long, default_value_t = 1000)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queue deliveries again with fresh attempts (dead or failed ones, by id; or every dead one).
+    Retry {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<i64>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Mark deliveries discarded: kept for audit, never sent.
+    Discard {
+        #[arg(required = true)]
+        ids: Vec<i64>,
+    },
 }
 
 /// A failure with its exit code.
@@ -103,6 +137,11 @@ pub async fn main(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Command::DeadLetters(cmd) => {
+            let cfg = load()?;
+            let ledger = crate::ledger::Ledger::new(connect(&cfg).await?, &cfg.relay.schema);
+            dead_letters(&ledger, cmd).await
+        }
         Command::Run => {
             let cfg = load()?;
             let shutdown = signal_shutdown();
@@ -114,6 +153,56 @@ pub async fn main(cli: Cli) -> Result<(), Failure> {
             })
         }
     }
+}
+
+async fn dead_letters(ledger: &crate::ledger::Ledger, cmd: DeadLetters) -> Result<(), Failure> {
+    match cmd {
+        DeadLetters::List { channel, since, failed, limit, json } => {
+            let since = since.as_deref().map(parse_since).transpose().map_err(Failure::user)?;
+            let filter = crate::ledger::DeadLetterFilter { channel, since, include_failed: failed, limit };
+            let rows = ledger.dead_letters(&filter).await.map_err(Failure::user)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows).map_err(Failure::other)?);
+                return Ok(());
+            }
+            println!("{:>10}  {:<7} {:<10} {:<40} {:>3}  error", "id", "status", "channel", "source", "try");
+            for r in &rows {
+                let source = format!("{}#{}", r.source_table, r.source_pk);
+                let error = r.last_error.as_deref().unwrap_or("");
+                println!("{:>10}  {:<7} {:<10} {:<40} {:>3}  {}", r.id, r.status, r.channel, source, r.attempts, error);
+            }
+            println!("{} dead letter(s)", rows.len());
+            Ok(())
+        }
+        DeadLetters::Retry { ids, all } => {
+            let n = ledger.retry_dead(if all { None } else { Some(&ids) }).await.map_err(Failure::user)?;
+            println!("{n} delivery(ies) queued again");
+            Ok(())
+        }
+        DeadLetters::Discard { ids } => {
+            let n = ledger.discard_dead(&ids).await.map_err(Failure::user)?;
+            println!("{n} delivery(ies) discarded");
+            Ok(())
+        }
+    }
+}
+
+/// `2026-11-24T10:00:00Z`, or an age back from now: `90s`, `30m`, `2h`, `7d`.
+pub fn parse_since(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    let bad = || format!("--since {s:?}: give an RFC 3339 time or an age such as 30m, 2h, 7d");
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
+    let n: i64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(bad()),
+    };
+    Ok(chrono::Utc::now() - chrono::Duration::seconds(secs))
 }
 
 async fn connect(cfg: &Config) -> Result<tokio_postgres::Client, Failure> {
@@ -134,4 +223,29 @@ pub fn signal_shutdown() -> watch::Receiver<bool> {
         let _ = tx.send(true);
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_accepts_times_and_ages() {
+        let t = parse_since("2026-11-24T10:00:00Z").unwrap();
+        assert_eq!(t.to_rfc3339(), "2026-11-24T10:00:00+00:00");
+        let two_h = parse_since("2h").unwrap();
+        let age = chrono::Utc::now() - two_h;
+        assert!((age.num_seconds() - 7200).abs() < 5);
+        assert!(parse_since("yesterday").is_err());
+        assert!(parse_since("5y").is_err());
+    }
+
+    #[test]
+    fn cli_parses() {
+        let cli = Cli::try_parse_from(["outbox-relay", "dead-letters", "retry", "--all"]).unwrap();
+        assert!(matches!(cli.command, Command::DeadLetters(DeadLetters::Retry { all: true, .. })));
+        assert!(Cli::try_parse_from(["outbox-relay", "dead-letters", "retry"]).is_err());
+        let cli = Cli::try_parse_from(["outbox-relay", "--config", "x.toml", "setup", "--print-sql"]).unwrap();
+        assert!(matches!(cli.command, Command::Setup { print_sql: true }));
+    }
 }

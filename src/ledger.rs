@@ -46,7 +46,10 @@ impl LedgerError {
 }
 
 /// Applied in order; each exactly once per schema (recorded in schema_migrations).
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../sql/migrations/001_ledger.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../sql/migrations/001_ledger.sql")),
+    (2, include_str!("../sql/migrations/002_discarded.sql")),
+];
 
 /// The migrations' SQL with the schema name filled in (it is a validated identifier).
 pub fn migration_sql(schema: &str) -> Vec<(i32, String)> {
@@ -376,6 +379,104 @@ impl Ledger {
             )
             .await?;
         Ok(row.get::<_, Option<f64>>(0).map(|s| Duration::from_secs_f64(s.max(0.0))))
+    }
+}
+
+/// A delivery that needs an operator: `dead` (retries exhausted) or `failed`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub status: String,
+    pub channel: String,
+    pub source_table: String,
+    pub source_pk: String,
+    pub event: String,
+    pub recipient: Option<String>,
+    pub attempts: i32,
+    pub provider: Option<String>,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Which dead letters to list.
+#[derive(Clone, Debug, Default)]
+pub struct DeadLetterFilter {
+    pub channel: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    /// Also list `failed` (permanent refusals), not only `dead`.
+    pub include_failed: bool,
+    pub limit: i64,
+}
+
+impl Ledger {
+    pub async fn dead_letters(&self, f: &DeadLetterFilter) -> Result<Vec<DeadLetter>, LedgerError> {
+        let statuses: Vec<&str> = if f.include_failed { vec!["dead", "failed"] } else { vec!["dead"] };
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT id, status, channel, source_table, source_pk, event, recipient, attempts,
+                            provider, last_error, created_at, updated_at
+                     FROM {}.deliveries
+                     WHERE status = ANY($1) AND ($2::text IS NULL OR channel = $2)
+                       AND ($3::timestamptz IS NULL OR updated_at >= $3)
+                     ORDER BY id LIMIT $4",
+                    self.schema
+                ),
+                &[&statuses, &f.channel, &f.since, &f.limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| DeadLetter {
+                id: r.get(0),
+                status: r.get(1),
+                channel: r.get(2),
+                source_table: r.get(3),
+                source_pk: r.get(4),
+                event: r.get(5),
+                recipient: r.get(6),
+                attempts: r.get(7),
+                provider: r.get(8),
+                last_error: r.get(9),
+                created_at: r.get(10),
+                updated_at: r.get(11),
+            })
+            .collect())
+    }
+
+    /// Puts dead (or failed) deliveries back in the queue with fresh attempts.
+    /// `None` means every dead letter. Returns how many moved.
+    pub async fn retry_dead(&self, ids: Option<&[i64]>) -> Result<u64, LedgerError> {
+        let ids: Option<Vec<i64>> = ids.map(<[i64]>::to_vec);
+        Ok(self
+            .client
+            .execute(
+                &format!(
+                    "UPDATE {}.deliveries SET status = 'pending', attempts = 0, next_attempt_at = now(), updated_at = now()
+                     WHERE status IN ('dead', 'failed') AND ($1::bigint[] IS NULL OR id = ANY($1))
+                       AND ($1::bigint[] IS NOT NULL OR status = 'dead')",
+                    self.schema
+                ),
+                &[&ids],
+            )
+            .await?)
+    }
+
+    /// Marks dead letters `discarded`: kept for audit, never sent.
+    pub async fn discard_dead(&self, ids: &[i64]) -> Result<u64, LedgerError> {
+        Ok(self
+            .client
+            .execute(
+                &format!(
+                    "UPDATE {}.deliveries SET status = 'discarded', updated_at = now()
+                     WHERE status IN ('dead', 'failed') AND id = ANY($1)",
+                    self.schema
+                ),
+                &[&ids],
+            )
+            .await?)
     }
 }
 
