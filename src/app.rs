@@ -77,7 +77,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
             Ok(())
         });
     }
-    tasks.spawn(backlog_gauge(url.clone(), schema.clone(), health.clone(), stop.clone()));
+    tasks.spawn(housekeeping(cfg.clone(), health.clone(), stop.clone()));
 
     let ingest = Ingest::new(cfg.clone(), dispatcher.wake.clone(), health.clone());
     let mut outside = shutdown;
@@ -114,32 +114,70 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
     result
 }
 
-/// Refreshes the backlog gauge and the ledger half of readiness.
-async fn backlog_gauge(
-    url: String,
-    schema: String,
-    health: Arc<Health>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(), ()> {
+/// Every few seconds: backlog and dead-letter gauges, retained WAL (with a
+/// warning past `relay.max_retained_wal_mb`), the ledger half of readiness, and
+/// the heartbeat. The heartbeat writes a tiny WAL record in this database so
+/// that, when the routed tables are quiet, the walsender still has something
+/// to move past and the slot's position keeps advancing.
+async fn housekeeping(cfg: Arc<Config>, health: Arc<Health>, mut stop: watch::Receiver<bool>) -> Result<(), ()> {
     let mut ledger: Option<Ledger> = None;
+    let heartbeat = Duration::from_millis(cfg.relay.heartbeat_ms);
+    let mut last_beat = tokio::time::Instant::now();
+    let max_wal = cfg.relay.max_retained_wal_mb.saturating_mul(1024 * 1024) as i64;
     loop {
         if ledger.as_ref().is_none_or(|l| l.client().is_closed()) {
-            ledger = ledger::connect(&url).await.ok().map(|c| Ledger::new(c, &schema));
+            ledger = ledger::connect(&cfg.source.database_url).await.ok().map(|c| Ledger::new(c, &cfg.relay.schema));
         }
         let ok = match &ledger {
-            Some(l) => match l.backlog().await {
-                Ok(n) => {
-                    metrics::gauge!(metric::BACKLOG).set(n as f64);
-                    true
-                }
-                Err(_) => false,
-            },
+            Some(l) => observe(l, &cfg, max_wal).await.is_ok(),
             None => false,
         };
         health.ledger_connected.store(ok, Ordering::Relaxed);
+        if let Some(l) = &ledger {
+            if !heartbeat.is_zero() && last_beat.elapsed() >= heartbeat {
+                last_beat = tokio::time::Instant::now();
+                let beat = l.client().execute("SELECT pg_logical_emit_message(false, 'outbox_relay_heartbeat', '')", &[]);
+                if let Err(e) = beat.await {
+                    warn!(error = %e, "heartbeat failed (needs EXECUTE on pg_logical_emit_message)");
+                }
+            }
+        }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             _ = crate::stopped(&mut stop) => return Ok(()),
         }
     }
+}
+
+async fn observe(l: &Ledger, cfg: &Config, max_wal: i64) -> Result<(), LedgerError> {
+    metrics::gauge!(metric::BACKLOG).set(l.backlog().await? as f64);
+    let mut dead: std::collections::BTreeMap<String, i64> = Default::default();
+    for (channel, status, n) in l.counts().await? {
+        if status == "dead" {
+            *dead.entry(channel).or_default() += n;
+        } else {
+            dead.entry(channel).or_default();
+        }
+    }
+    for (channel, n) in dead {
+        metrics::gauge!(metric::DEAD_LETTERS, "channel" => channel).set(n as f64);
+    }
+    if cfg.source.mode == crate::config::SourceMode::Logical {
+        let row = l
+            .client()
+            .query_opt(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint FROM pg_replication_slots
+                 WHERE slot_name = $1",
+                &[&cfg.source.slot],
+            )
+            .await?;
+        if let Some(retained) = row.and_then(|r| r.get::<_, Option<i64>>(0)) {
+            metrics::gauge!(metric::RETAINED_WAL).set(retained as f64);
+            if max_wal > 0 && retained > max_wal {
+                warn!(slot = %cfg.source.slot, retained_bytes = retained, limit_mb = cfg.relay.max_retained_wal_mb,
+                    "the slot retains more WAL than relay.max_retained_wal_mb: is the relay keeping up?");
+            }
+        }
+    }
+    Ok(())
 }

@@ -332,6 +332,12 @@ pub struct RelayConfig {
     /// Keep it well above the slowest provider timeout.
     #[serde(default = "default_claim_lease_ms")]
     pub claim_lease_ms: u64,
+    /// Heartbeat WAL record interval (0 disables); keeps a quiet slot advancing.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// Warn (and show in metrics) when the slot retains more WAL than this.
+    #[serde(default = "default_max_retained_wal_mb")]
+    pub max_retained_wal_mb: u64,
     /// Backoff for retryable provider failures: first delay and cap.
     #[serde(default = "default_retry_base_ms")]
     pub retry_base_ms: u64,
@@ -350,6 +356,8 @@ impl Default for RelayConfig {
             dispatch_poll_ms: default_dispatch_poll_ms(),
             dispatch_workers: default_dispatch_workers(),
             claim_lease_ms: default_claim_lease_ms(),
+            heartbeat_ms: default_heartbeat_ms(),
+            max_retained_wal_mb: default_max_retained_wal_mb(),
             retry_base_ms: default_retry_base_ms(),
             retry_max_ms: default_retry_max_ms(),
         }
@@ -379,6 +387,12 @@ fn default_dispatch_workers() -> usize {
 }
 fn default_claim_lease_ms() -> u64 {
     60_000
+}
+fn default_heartbeat_ms() -> u64 {
+    60_000
+}
+fn default_max_retained_wal_mb() -> u64 {
+    1024
 }
 fn default_retry_base_ms() -> u64 {
     500

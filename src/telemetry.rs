@@ -28,6 +28,8 @@ pub mod metric {
     pub const LEDGER_FLUSH: &str = "outbox_relay_ledger_flush_seconds";
     pub const SOURCE_RECONNECTS: &str = "outbox_relay_source_reconnects_total";
     pub const BACKLOG: &str = "outbox_relay_backlog_deliveries";
+    pub const DEAD_LETTERS: &str = "outbox_relay_dead_letters";
+    pub const RETAINED_WAL: &str = "outbox_relay_slot_retained_wal_bytes";
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -80,6 +82,8 @@ fn describe() {
     describe_histogram!(metric::LEDGER_FLUSH, Unit::Seconds, "Time to write one ingestion batch and its offset to the ledger.");
     describe_counter!(metric::SOURCE_RECONNECTS, "Times the source connection was lost and re-established.");
     describe_gauge!(metric::BACKLOG, "Deliveries pending or in flight in the ledger.");
+    describe_gauge!(metric::DEAD_LETTERS, "Dead deliveries waiting for an operator, by channel.");
+    describe_gauge!(metric::RETAINED_WAL, Unit::Bytes, "WAL the slot keeps on the server (current WAL minus restart_lsn).");
 }
 
 /// Readiness, set by the parts that can lose their connection.
