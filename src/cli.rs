@@ -103,7 +103,10 @@ impl From<ConfigError> for Failure {
 }
 
 pub async fn main(cli: Cli) -> Result<(), Failure> {
-    crate::telemetry::init_logging(cli.log_format);
+    // The demo is for a terminal: text logs unless JSON was asked for explicitly.
+    let asked_json = std::env::args().any(|a| a.starts_with("--log-format"));
+    let format = if matches!(cli.command, Command::Demo) && !asked_json { LogFormat::Text } else { cli.log_format };
+    crate::telemetry::init_logging(format);
     let explicit = std::env::var_os("OUTBOX_RELAY_CONFIG").is_some() || cli.config != PathBuf::from("relay.toml");
     let load = || Config::load(&cli.config, explicit);
     match cli.command {
