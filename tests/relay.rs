@@ -1,0 +1,355 @@
+//! The relay's guarantees, end to end: real PostgreSQL with logical
+//! replication, the real relay, and a fake Pusher that checks signatures.
+
+#[path = "support/fake_pusher.rs"]
+mod fake_pusher;
+#[path = "support/pg.rs"]
+mod pg;
+#[path = "support/relay.rs"]
+mod relay;
+
+use std::time::Duration;
+
+use relay::{free_port, insert_notifications, scrape_counter, sigterm, Env};
+
+mod support {
+    pub use super::fake_pusher;
+    pub use super::pg;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_committed_insert_is_delivered_once_and_nothing_else() {
+    let env = Env::new("once").await;
+    let relay = env.start_in_process();
+    env.wait_streaming().await;
+    let client = env.db.client().await;
+
+    let mut ids = insert_notifications(&client, 30, 10).await;
+    // Rolled back: never delivered.
+    client
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO operators_notificationoperateur (user_id, kind, title) VALUES (1, 'x', 'rolled back');
+             ROLLBACK;",
+        )
+        .await
+        .unwrap();
+    // Updates and deletes are not in `operations`: nobody is notified.
+    client.batch_execute(&format!("UPDATE operators_notificationoperateur SET is_read = true WHERE id = {}", ids[0])).await.unwrap();
+    client.batch_execute(&format!("DELETE FROM operators_notificationoperateur WHERE id = {}", ids[1])).await.unwrap();
+    // One multi-statement transaction; the LSN read inside it precedes its commit record.
+    let before_commit: String = {
+        let tx_client = env.db.client().await;
+        tx_client.batch_execute("BEGIN").await.unwrap();
+        let rows = tx_client
+            .query(
+                "INSERT INTO operators_notificationoperateur (user_id, kind, title, body, level, created_at)
+                 VALUES (7, 'stock_alert', 'Stock bas ⚠️', 'not for the provider', 'critical', '2026-11-24 17:35:00.5+01')
+                 RETURNING id",
+                &[],
+            )
+            .await
+            .unwrap();
+        ids.push(rows[0].get(0));
+        let lsn: String = tx_client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+        tx_client.batch_execute("COMMIT").await.unwrap();
+        lsn
+    };
+
+    env.wait_settled(ids.len() as i64, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // anything extra would show up now
+
+    let counts = env.pusher_counts();
+    for id in &ids {
+        assert_eq!(counts.get(id), Some(&1), "notification {id} delivered once");
+    }
+    assert_eq!(counts.len(), ids.len(), "nothing but the committed inserts: {counts:?}");
+    assert_eq!(env.statuses().await.get("sent"), Some(&(ids.len() as i64)));
+
+    // What Pusher received for the last row: the allow-list, typed.
+    let last = *ids.last().unwrap();
+    let event = env.pusher.events().into_iter().find(|e| e.data["id"] == last).unwrap();
+    assert_eq!(event.channel, "private-user-7");
+    assert_eq!(event.name, "notification_created");
+    assert_eq!(
+        event.data,
+        serde_json::json!({"id": last, "kind": "stock_alert", "title": "Stock bas ⚠️", "level": "critical",
+                           "url": "", "created_at": "2026-11-24T16:35:00.500Z"})
+    );
+
+    // The slot's confirmed position has moved past the last commit.
+    let confirmed_past: bool = client
+        .query_one(
+            "SELECT confirmed_flush_lsn > $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+            &[&before_commit, &env.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(confirmed_past, "confirmed_flush_lsn must pass the delivered commit");
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_rows_take_event_channels_and_payload_from_the_row() {
+    let env = Env::new("outbox").await;
+    let relay = env.start_in_process();
+    env.wait_streaming().await;
+    let client = env.db.client().await;
+    client
+        .batch_execute(
+            r#"INSERT INTO operators_outboxevent (event_type, recipient_id, channels, payload) VALUES
+               ('order_shipped', 4, '{in_app}', '{"id": 1001, "order": 9, "amount": 12.5, "tags": ["a"]}'),
+               ('password_changed', 5, '{}', '{"id": 1002}')"#,
+        )
+        .await
+        .unwrap();
+    env.wait_settled(2, Duration::from_secs(30)).await;
+    let events = env.pusher.events();
+    let shipped = events.iter().find(|e| e.data["id"] == 1001).unwrap();
+    assert_eq!((shipped.name.as_str(), shipped.channel.as_str()), ("order_shipped", "private-user-4"));
+    assert_eq!(shipped.data, serde_json::json!({"id": 1001, "order": 9, "amount": 12.5, "tags": ["a"]}));
+    let changed = events.iter().find(|e| e.data["id"] == 1002).unwrap();
+    assert_eq!(changed.name, "password_changed", "an empty channel array falls back to the route's channels");
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_transactions_committing_out_of_order_lose_nothing() {
+    let env = Env::new("concurrent").await;
+    let relay = env.start_in_process();
+    env.wait_streaming().await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..8u64 {
+        let db = env.db.clone();
+        tasks.spawn(async move {
+            let client = db.client().await;
+            let mut ids = vec![];
+            for round in 0..3u64 {
+                client.batch_execute("BEGIN").await.unwrap();
+                for _ in 0..25 {
+                    let row = client
+                        .query_one(
+                            "INSERT INTO operators_notificationoperateur (user_id, kind, title) VALUES ($1, 'k', 't') RETURNING id",
+                            &[&((worker % 20 + 1) as i32)],
+                        )
+                        .await
+                        .unwrap();
+                    ids.push(row.get::<_, i64>(0));
+                }
+                // Hold the transaction open a varying time so commits interleave out of id order.
+                tokio::time::sleep(Duration::from_millis((worker * 7 + round * 13) % 40)).await;
+                client.batch_execute("COMMIT").await.unwrap();
+            }
+            ids
+        });
+    }
+    let mut ids = vec![];
+    while let Some(r) = tasks.join_next().await {
+        ids.extend(r.unwrap());
+    }
+    assert_eq!(ids.len(), 600);
+    env.wait_settled(600, Duration::from_secs(60)).await;
+    let counts = env.pusher_counts();
+    let lost: Vec<_> = ids.iter().filter(|id| !counts.contains_key(id)).collect();
+    let doubled: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(lost.is_empty(), "lost: {lost:?}");
+    assert!(doubled.is_empty(), "delivered twice: {doubled:?}");
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_loses_nothing_and_counts_every_resend() {
+    let env = Env::new("kill9").await;
+    let port = free_port();
+    let mut child = env.spawn_binary(port);
+    env.wait_streaming().await;
+
+    let db = env.db.clone();
+    let inserter = tokio::spawn(async move {
+        let client = db.client().await;
+        let mut ids = vec![];
+        for _ in 0..60 {
+            ids.extend(insert_notifications(&client, 25, 25).await);
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+        ids
+    });
+
+    let mut resends = 0.0;
+    for round in 0..4u64 {
+        tokio::time::sleep(Duration::from_millis(150 + rand::random::<u64>() % 400)).await;
+        resends += scrape_counter(port, "outbox_relay_resends_after_restart_total").await.unwrap_or(0.0);
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        child = env.spawn_binary(port);
+        let _ = round;
+    }
+    let ids = inserter.await.unwrap();
+    env.wait_settled(ids.len() as i64, Duration::from_secs(60)).await;
+    // The last process's count, read before stopping it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    resends += scrape_counter(port, "outbox_relay_resends_after_restart_total").await.unwrap_or(0.0);
+    sigterm(&child);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "clean exit after SIGTERM: {status:?}");
+
+    let counts = env.pusher_counts();
+    let lost: Vec<_> = ids.iter().filter(|id| !counts.contains_key(id)).collect();
+    let duplicates: usize = counts.values().map(|n| n - 1).sum();
+    eprintln!("kill -9 x4: rows {}, delivered {}, duplicates {duplicates}, counted re-sends {resends}, lost {}",
+        ids.len(), counts.len(), lost.len());
+    assert!(lost.is_empty(), "lost after kill -9: {lost:?}");
+    assert!(
+        duplicates as f64 <= resends,
+        "every duplicate must be a counted re-send: {duplicates} duplicates, {resends} counted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_cleanly_within_10_seconds() {
+    let env = Env::new("sigterm").await;
+    let mut child = env.spawn_binary(free_port());
+    env.wait_streaming().await;
+    let client = env.db.client().await;
+    let ids = insert_notifications(&client, 200, 50).await;
+    let started = std::time::Instant::now();
+    sigterm(&child);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit 0 on SIGTERM: {status:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "stopped in {:?}", started.elapsed());
+    // Whatever it had not sent is in the ledger, and a restart finishes the job.
+    let child = env.spawn_binary(free_port());
+    env.wait_settled(ids.len() as i64, Duration::from_secs(30)).await;
+    sigterm(&child);
+    let counts = env.pusher_counts();
+    assert!(ids.iter().all(|id| counts.get(id) == Some(&1)), "each delivered exactly once across a clean restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_provider_never_stalls_the_stream() {
+    let env = Env::new("slow").await;
+    env.pusher.set_delay(Duration::from_secs(3));
+    let relay = env.start_in_process();
+    env.wait_streaming().await;
+    let client = env.db.client().await;
+    let ids = insert_notifications(&client, 300, 30).await;
+    let lsn: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    // All recorded and the slot confirmed past them while Pusher is still answering its first call.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let recorded: i64 = client.query_one("SELECT count(*) FROM outbox_relay.deliveries", &[]).await.unwrap().get(0);
+        let confirmed: bool = client
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+                &[&lsn, &env.slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if recorded == 300 && confirmed {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "ingestion stalled behind a slow provider ({recorded} recorded)");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.pusher.set_delay(Duration::ZERO);
+    env.wait_settled(ids.len() as i64, Duration::from_secs(30)).await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_outage_is_retried_until_it_recovers() {
+    let env = Env::new("outage").await;
+    env.pusher.fail_next(3, 503, None);
+    let relay = env.start_in_process();
+    env.wait_streaming().await;
+    let client = env.db.client().await;
+    let ids = insert_notifications(&client, 20, 20).await;
+    let s = env.wait_settled(ids.len() as i64, Duration::from_secs(30)).await;
+    assert_eq!(s.get("sent"), Some(&20), "{s:?}");
+    let retried: i64 = client
+        .query_one("SELECT count(*) FROM outbox_relay.deliveries WHERE attempts > 1 AND last_error LIKE '%503%'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(retried > 0, "the 503s were retried and recorded");
+    assert!(env.pusher_counts().values().all(|n| *n == 1));
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rows_are_recorded_failed_and_the_rows_around_them_flow() {
+    let env = Env::new("badrows").await;
+    let client = env.db.client().await;
+    client.batch_execute("ALTER TABLE operators_outboxevent ALTER COLUMN recipient_id DROP NOT NULL").await.unwrap();
+    let relay = env.start_in_process();
+    env.wait_streaming().await;
+    let big = "x".repeat(1 << 20);
+    client
+        .execute(
+            r#"INSERT INTO operators_outboxevent (event_type, recipient_id, channels, payload) VALUES
+               ('ok', 1, '{in_app}', '{"id": 1}'),
+               ('no_recipient', NULL, '{in_app}', '{"id": 2}'),
+               ('not_object', 1, '{in_app}', '[1, 2]'),
+               ('ok', 1, '{in_app}', '{"id": 3}'),
+               ('unknown_channel', 1, '{pager}', '{"id": 4}'),
+               ('too_big', 1, '{in_app}', jsonb_build_object('id', 5, 'text', $1::text)),
+               ('ok', 1, '{in_app}', '{"id": 6, "text": "ctrl \u0007 and emoji 🦀"}')"#,
+            &[&big],
+        )
+        .await
+        .unwrap();
+    env.wait_settled(7, Duration::from_secs(30)).await;
+    let rows = client
+        .query("SELECT event, status, coalesce(last_error, '') FROM outbox_relay.deliveries ORDER BY source_pk::int", &[])
+        .await
+        .unwrap();
+    let got: Vec<(String, String, String)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    let expect = [
+        ("ok", "sent", ""),
+        ("no_recipient", "failed", "recipient column recipient_id is NULL"),
+        ("not_object", "failed", "not a JSON object"),
+        ("ok", "sent", ""),
+        ("unknown_channel", "failed", "unknown channel \"pager\""),
+        ("too_big", "failed", "10 KB"),
+        ("ok", "sent", ""),
+    ];
+    for ((event, status, error), (want_event, want_status, want_error)) in got.iter().zip(expect) {
+        assert_eq!((event.as_str(), status.as_str()), (want_event, want_status), "{got:?}");
+        assert!(error.contains(want_error), "{event}: {error:?} should mention {want_error:?}");
+    }
+    let delivered: Vec<i64> = env.pusher_counts().into_keys().collect();
+    assert_eq!(delivered, [1, 3, 6]);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_slot_still_releases_wal_written_elsewhere() {
+    let env = Env::new("idle").await;
+    let relay = env.start_in_process();
+    env.wait_streaming().await;
+    let client = env.db.client().await;
+    client
+        .batch_execute("CREATE TABLE busy (id serial, pad text); INSERT INTO busy (pad) SELECT repeat('x', 200) FROM generate_series(1, 20000);")
+        .await
+        .unwrap();
+    let lsn: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let passed: bool = client
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+                &[&lsn, &env.slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if passed {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the slot kept holding WAL of unrouted tables");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    relay.stop().await;
+}

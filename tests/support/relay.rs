@@ -1,0 +1,229 @@
+//! A relay under test: a fresh database with the Django tables, setup done, a
+//! fake Pusher, and the relay either in-process or as the real binary (for
+//! kill -9 and SIGTERM). Include next to `pg.rs` and `fake_pusher.rs`.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use outbox_relay::config::Config;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::fake_pusher::FakePusher;
+use super::pg::{fresh_db, TestDb};
+
+pub struct Env {
+    pub db: TestDb,
+    pub pusher: FakePusher,
+    /// Slot and publication names; unique per test (slots are cluster-wide).
+    pub slot: String,
+    /// Extra TOML appended to the config (channels, relay tuning).
+    pub extra: String,
+    pub dir: tempfile::TempDir,
+}
+
+pub struct InProcess {
+    stop: watch::Sender<bool>,
+    handle: JoinHandle<Result<(), outbox_relay::app::RunError>>,
+}
+
+impl InProcess {
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.handle.await.expect("relay task panicked").expect("relay failed");
+    }
+}
+
+impl Env {
+    pub async fn new(prefix: &str) -> Env {
+        Env::with_extra(prefix, "").await
+    }
+
+    pub async fn with_extra(prefix: &str, extra: &str) -> Env {
+        let db = fresh_db(prefix).await;
+        let pusher = FakePusher::start("123", "key", "secret").await;
+        let env = Env { slot: db.name.clone(), db, pusher, extra: extra.to_string(), dir: tempfile::tempdir().unwrap() };
+        let cfg = env.config();
+        outbox_relay::setup::apply(&env.db.client().await, &cfg).await.expect("setup");
+        env
+    }
+
+    pub fn config_toml(&self, metrics_listen: &str) -> String {
+        format!(
+            r#"
+[source]
+database_url = "{url}"
+slot = "{slot}"
+publication = "{slot}"
+
+[[routes]]
+table = "public.operators_notificationoperateur"
+recipient_column = "user_id"
+event = "notification_created"
+channels = ["in_app"]
+payload_columns = ["id", "kind", "title", "level", "url", "created_at"]
+
+[[routes]]
+table = "public.operators_outboxevent"
+recipient_column = "recipient_id"
+event_column = "event_type"
+channels_column = "channels"
+channels = ["in_app"]
+payload_column = "payload"
+
+[channels.in_app]
+provider = "pusher"
+channel_name = "private-user-{{recipient}}"
+max_attempts = 6
+
+[providers.pusher]
+app_id = "123"
+key = "key"
+secret = "secret"
+base_url = "{pusher}"
+timeout_ms = 2000
+
+[metrics]
+listen = "{metrics_listen}"
+
+[relay]
+ingest_flush_ms = 5
+dispatch_poll_ms = 100
+claim_lease_ms = 3000
+retry_base_ms = 50
+retry_max_ms = 1000
+heartbeat_ms = 1000
+{extra}
+"#,
+            url = self.db.url,
+            slot = self.slot,
+            pusher = self.pusher.base_url(),
+            extra = self.extra,
+        )
+    }
+
+    pub fn config(&self) -> Config {
+        Config::from_toml(&self.config_toml("")).expect("test config is valid")
+    }
+
+    pub fn start_in_process(&self) -> InProcess {
+        let (stop, rx) = watch::channel(false);
+        let handle = tokio::spawn(outbox_relay::app::run(self.config(), rx));
+        InProcess { stop, handle }
+    }
+
+    /// The real binary, with its own /metrics on `metrics_port`.
+    pub fn spawn_binary(&self, metrics_port: u16) -> Child {
+        let path = self.dir.path().join("relay.toml");
+        std::fs::write(&path, self.config_toml(&format!("127.0.0.1:{metrics_port}"))).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+            .args(["--config", path.to_str().unwrap(), "run"])
+            .env("RUST_LOG", "warn")
+            .env_remove("DATABASE_URL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting the relay binary")
+    }
+
+    /// Waits until the slot has a consumer, so inserts are streamed live.
+    pub async fn wait_streaming(&self) {
+        let client = self.db.client().await;
+        for _ in 0..300 {
+            let row = client
+                .query_opt("SELECT active FROM pg_replication_slots WHERE slot_name = $1", &[&self.slot])
+                .await
+                .unwrap();
+            if row.is_some_and(|r| r.get::<_, bool>(0)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the relay never started streaming slot {}", self.slot);
+    }
+
+    /// Ledger rows by status.
+    pub async fn statuses(&self) -> BTreeMap<String, i64> {
+        let client = self.db.client().await;
+        let rows = client
+            .query("SELECT status, count(*) FROM outbox_relay.deliveries GROUP BY 1", &[])
+            .await
+            .unwrap_or_default();
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+    }
+
+    /// Waits until `n` ledger rows are settled (sent, failed, dead or skipped).
+    pub async fn wait_settled(&self, n: i64, timeout: Duration) -> BTreeMap<String, i64> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let s = self.statuses().await;
+            let settled: i64 = ["sent", "failed", "dead", "skipped"].iter().filter_map(|k| s.get(*k)).sum();
+            if settled >= n {
+                return s;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("only {settled} of {n} deliveries settled in {timeout:?}: {s:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// How many times the fake Pusher accepted each notification id (its `id` payload field).
+    pub fn pusher_counts(&self) -> BTreeMap<i64, usize> {
+        let mut out = BTreeMap::new();
+        for e in self.pusher.events() {
+            if let Some(id) = e.data.get("id").and_then(|v| v.as_i64()) {
+                *out.entry(id).or_default() += 1;
+            }
+        }
+        out
+    }
+}
+
+/// Inserts `n` notifications in transactions of `per_tx`; returns their ids.
+/// synchronous_commit=on: a row the test counts must survive a server crash.
+pub async fn insert_notifications(client: &tokio_postgres::Client, n: usize, per_tx: usize) -> Vec<i64> {
+    client.batch_execute("SET synchronous_commit = on").await.unwrap();
+    let mut ids = Vec::with_capacity(n);
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(per_tx);
+        let rows = client
+            .query(
+                "INSERT INTO operators_notificationoperateur (user_id, kind, title, level, url)
+                 SELECT 1 + (g % 20), 'order_ready', 'Commande ' || g, 'info', '/o/' || g
+                 FROM generate_series(1, $1::int) g RETURNING id",
+                &[&(k as i32)],
+            )
+            .await
+            .unwrap();
+        ids.extend(rows.iter().map(|r| r.get::<_, i64>(0)));
+        left -= k;
+    }
+    ids
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Reads one counter from a relay's /metrics (0 when absent).
+pub async fn scrape_counter(port: u16, name: &str) -> Option<f64> {
+    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.ok()?.text().await.ok()?;
+    Some(
+        body.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
+}
+
+pub fn sigterm(child: &Child) {
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+}
