@@ -42,7 +42,11 @@ pub enum DecodeError {
     #[error("pgoutput: change for relation id {0} that no Relation message described")]
     UnknownRelation(u32),
     #[error("pgoutput: row for {table} has {got} columns, its Relation message has {expected}")]
-    ColumnCountMismatch { table: String, expected: usize, got: usize },
+    ColumnCountMismatch {
+        table: String,
+        expected: usize,
+        got: usize,
+    },
     #[error("pgoutput: {0} outside a transaction")]
     OutsideTransaction(&'static str),
     #[error("pgoutput: Begin of xid {xid} while xid {open} is still open")]
@@ -208,12 +212,18 @@ impl<'a> Reader<'a> {
     /// A length field that must not be negative.
     fn len_i32(&mut self, what: &'static str) -> Result<usize, DecodeError> {
         let len = self.i32(what)?;
-        usize::try_from(len).map_err(|_| DecodeError::NegativeLength { what, len: len.into() })
+        usize::try_from(len).map_err(|_| DecodeError::NegativeLength {
+            what,
+            len: len.into(),
+        })
     }
 
     fn len_i16(&mut self, what: &'static str) -> Result<usize, DecodeError> {
         let len = self.i16(what)?;
-        usize::try_from(len).map_err(|_| DecodeError::NegativeLength { what, len: len.into() })
+        usize::try_from(len).map_err(|_| DecodeError::NegativeLength {
+            what,
+            len: len.into(),
+        })
     }
 
     fn finish(self) -> Result<(), DecodeError> {
@@ -257,7 +267,10 @@ pub fn decode(buf: &[u8]) -> Result<PgOutputMessage, DecodeError> {
         b'I' => {
             let rel_id = r.u32("Insert relation id")?;
             expect_marker(&mut r, b"N", "'N' before Insert tuple")?;
-            PgOutputMessage::Insert { rel_id, new: decode_tuple(&mut r)? }
+            PgOutputMessage::Insert {
+                rel_id,
+                new: decode_tuple(&mut r)?,
+            }
         }
         b'U' => {
             let rel_id = r.u32("Update relation id")?;
@@ -280,7 +293,11 @@ pub fn decode(buf: &[u8]) -> Result<PgOutputMessage, DecodeError> {
                     found: marker as char,
                 });
             }
-            PgOutputMessage::Update { rel_id, old, new: decode_tuple(&mut r)? }
+            PgOutputMessage::Update {
+                rel_id,
+                old,
+                new: decode_tuple(&mut r)?,
+            }
         }
         b'D' => {
             let rel_id = r.u32("Delete relation id")?;
@@ -314,7 +331,11 @@ pub fn decode(buf: &[u8]) -> Result<PgOutputMessage, DecodeError> {
             let prefix = r.cstr("Message prefix")?;
             let len = r.len_i32("Message content length")?;
             r.take(len, "Message content")?;
-            PgOutputMessage::Message { transactional: flags & 1 != 0, lsn, prefix }
+            PgOutputMessage::Message {
+                transactional: flags & 1 != 0,
+                lsn,
+                prefix,
+            }
         }
         other => return Err(DecodeError::UnknownMessage(other as char)),
     };
@@ -322,12 +343,19 @@ pub fn decode(buf: &[u8]) -> Result<PgOutputMessage, DecodeError> {
     Ok(msg)
 }
 
-fn expect_marker(r: &mut Reader<'_>, allowed: &[u8], expected: &'static str) -> Result<u8, DecodeError> {
+fn expect_marker(
+    r: &mut Reader<'_>,
+    allowed: &[u8],
+    expected: &'static str,
+) -> Result<u8, DecodeError> {
     let found = r.u8(expected)?;
     if allowed.contains(&found) {
         Ok(found)
     } else {
-        Err(DecodeError::UnexpectedMarker { expected, found: found as char })
+        Err(DecodeError::UnexpectedMarker {
+            expected,
+            found: found as char,
+        })
     }
 }
 
@@ -347,12 +375,20 @@ fn decode_relation(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
         let name = r.cstr("column name")?;
         let type_oid = r.u32("column type OID")?;
         r.i32("column type modifier")?;
-        columns.push(Column { name, type_oid, is_key: flags & 1 != 0 });
+        columns.push(Column {
+            name,
+            type_oid,
+            is_key: flags & 1 != 0,
+        });
     }
     Ok(PgOutputMessage::Relation {
         rel_id,
         replica_identity,
-        table: Table { schema, name, columns },
+        table: Table {
+            schema,
+            name,
+            columns,
+        },
     })
 }
 
@@ -417,15 +453,32 @@ impl TxAssembler {
     /// `changes`): confirming its `end_lsn` lets the slot advance.
     pub fn push(&mut self, msg: PgOutputMessage) -> Result<Option<CommittedTx>, DecodeError> {
         match msg {
-            PgOutputMessage::Begin { xid, commit_time: _, final_lsn: _ } => {
+            PgOutputMessage::Begin {
+                xid,
+                commit_time: _,
+                final_lsn: _,
+            } => {
                 if let Some(open) = &self.open {
-                    return Err(DecodeError::NestedBegin { xid, open: open.xid });
+                    return Err(DecodeError::NestedBegin {
+                        xid,
+                        open: open.xid,
+                    });
                 }
-                self.open = Some(OpenTx { xid, changes: Vec::new() });
+                self.open = Some(OpenTx {
+                    xid,
+                    changes: Vec::new(),
+                });
                 Ok(None)
             }
-            PgOutputMessage::Commit { commit_lsn, end_lsn, commit_time } => {
-                let open = self.open.take().ok_or(DecodeError::OutsideTransaction("Commit"))?;
+            PgOutputMessage::Commit {
+                commit_lsn,
+                end_lsn,
+                commit_time,
+            } => {
+                let open = self
+                    .open
+                    .take()
+                    .ok_or(DecodeError::OutsideTransaction("Commit"))?;
                 Ok(Some(CommittedTx {
                     end_lsn,
                     commit_lsn,
@@ -498,7 +551,10 @@ impl TxAssembler {
             });
         }
         let table = Arc::clone(table);
-        let open = self.open.as_mut().ok_or(DecodeError::OutsideTransaction(what))?;
+        let open = self
+            .open
+            .as_mut()
+            .ok_or(DecodeError::OutsideTransaction(what))?;
         open.changes.push(RowChange { table, op, values });
         Ok(())
     }
@@ -553,7 +609,12 @@ pub(crate) mod tests {
     }
 
     /// Relation with columns (flags, name, type oid).
-    pub(crate) fn relation(rel_id: i32, schema: &str, name: &str, cols: &[(u8, &str, i32)]) -> Vec<u8> {
+    pub(crate) fn relation(
+        rel_id: i32,
+        schema: &str,
+        name: &str,
+        cols: &[(u8, &str, i32)],
+    ) -> Vec<u8> {
         let mut m = Msg::new(b'R')
             .i32(rel_id)
             .str(schema)
@@ -583,7 +644,10 @@ pub(crate) mod tests {
 
     #[test]
     fn timestamps_count_from_2000() {
-        assert_eq!(pg_timestamp(0).unwrap().to_rfc3339(), "2000-01-01T00:00:00+00:00");
+        assert_eq!(
+            pg_timestamp(0).unwrap().to_rfc3339(),
+            "2000-01-01T00:00:00+00:00"
+        );
         let t = pg_timestamp(TS).unwrap();
         assert_eq!(t.to_rfc3339(), "2024-01-02T03:04:05.123456+00:00");
         assert_eq!(to_pg_timestamp(t), TS);
@@ -615,12 +679,22 @@ pub(crate) mod tests {
     #[test]
     fn decodes_origin_type_message_truncate() {
         let m = decode(&Msg::new(b'O').i64(42).str("node_a").0).unwrap();
-        assert_eq!(m, PgOutputMessage::Origin { commit_lsn: Lsn(42), name: "node_a".into() });
+        assert_eq!(
+            m,
+            PgOutputMessage::Origin {
+                commit_lsn: Lsn(42),
+                name: "node_a".into()
+            }
+        );
 
         let m = decode(&Msg::new(b'Y').i32(16500).str("public").str("mood").0).unwrap();
         assert_eq!(
             m,
-            PgOutputMessage::Type { type_oid: 16500, schema: "public".into(), name: "mood".into() }
+            PgOutputMessage::Type {
+                type_oid: 16500,
+                schema: "public".into(),
+                name: "mood".into()
+            }
         );
 
         let mut raw = Msg::new(b'M').u8(1).i64(99).str("app").i32(3).0;
@@ -628,20 +702,39 @@ pub(crate) mod tests {
         let m = decode(&raw).unwrap();
         assert_eq!(
             m,
-            PgOutputMessage::Message { transactional: true, lsn: Lsn(99), prefix: "app".into() }
+            PgOutputMessage::Message {
+                transactional: true,
+                lsn: Lsn(99),
+                prefix: "app".into()
+            }
         );
 
         let m = decode(&Msg::new(b'T').i32(2).u8(3).i32(16384).i32(16390).0).unwrap();
         assert_eq!(
             m,
-            PgOutputMessage::Truncate { rel_ids: vec![16384, 16390], cascade: true, restart_identity: true }
+            PgOutputMessage::Truncate {
+                rel_ids: vec![16384, 16390],
+                cascade: true,
+                restart_identity: true
+            }
         );
     }
 
     #[test]
     fn decodes_relation_with_key_flags() {
-        let m = decode(&relation(16384, "public", "notifications_outbox", &outbox_cols())).unwrap();
-        let PgOutputMessage::Relation { rel_id, replica_identity, table } = m else {
+        let m = decode(&relation(
+            16384,
+            "public",
+            "notifications_outbox",
+            &outbox_cols(),
+        ))
+        .unwrap();
+        let PgOutputMessage::Relation {
+            rel_id,
+            replica_identity,
+            table,
+        } = m
+        else {
             panic!("not a relation: {m:?}");
         };
         assert_eq!(rel_id, 16384);
@@ -650,9 +743,21 @@ pub(crate) mod tests {
         assert_eq!(
             table.columns,
             vec![
-                Column { name: "id".into(), type_oid: 20, is_key: true },
-                Column { name: "body".into(), type_oid: 25, is_key: false },
-                Column { name: "user_id".into(), type_oid: 23, is_key: false },
+                Column {
+                    name: "id".into(),
+                    type_oid: 20,
+                    is_key: true
+                },
+                Column {
+                    name: "body".into(),
+                    type_oid: 25,
+                    is_key: false
+                },
+                Column {
+                    name: "user_id".into(),
+                    type_oid: 23,
+                    is_key: false
+                },
             ]
         );
     }
@@ -660,7 +765,9 @@ pub(crate) mod tests {
     #[test]
     fn empty_namespace_means_pg_catalog() {
         let m = decode(&relation(1, "", "pg_thing", &[(0, "a", 25)])).unwrap();
-        let PgOutputMessage::Relation { table, .. } = m else { panic!() };
+        let PgOutputMessage::Relation { table, .. } = m else {
+            panic!()
+        };
         assert_eq!(table.schema, "pg_catalog");
     }
 
@@ -715,7 +822,10 @@ pub(crate) mod tests {
             decode(&full).unwrap(),
             PgOutputMessage::Update {
                 rel_id: 5,
-                old: Some(OldTuple::Full(vec![Value::Text("0".into()), Value::Text("big".into())])),
+                old: Some(OldTuple::Full(vec![
+                    Value::Text("0".into()),
+                    Value::Text("big".into())
+                ])),
                 new: vec![Value::Text("1".into()), Value::Unchanged],
             }
         );
@@ -734,15 +844,28 @@ pub(crate) mod tests {
         let raw = Msg::new(b'D').i32(9).u8(b'O').i16(1).text("3").0;
         assert_eq!(
             decode(&raw).unwrap(),
-            PgOutputMessage::Delete { rel_id: 9, old: OldTuple::Full(vec![Value::Text("3".into())]) }
+            PgOutputMessage::Delete {
+                rel_id: 9,
+                old: OldTuple::Full(vec![Value::Text("3".into())])
+            }
         );
         let raw = Msg::new(b'D').i32(9).u8(b'N').i16(1).text("3").0;
-        assert!(matches!(decode(&raw), Err(DecodeError::UnexpectedMarker { .. })));
+        assert!(matches!(
+            decode(&raw),
+            Err(DecodeError::UnexpectedMarker { .. })
+        ));
     }
 
     #[test]
     fn binary_values_are_refused() {
-        let raw = Msg::new(b'I').i32(1).u8(b'N').i16(1).u8(b'b').i32(1).u8(7).0;
+        let raw = Msg::new(b'I')
+            .i32(1)
+            .u8(b'N')
+            .i16(1)
+            .u8(b'b')
+            .i32(1)
+            .u8(7)
+            .0;
         assert_eq!(decode(&raw), Err(DecodeError::BinaryValue { column: 0 }));
     }
 
@@ -750,7 +873,10 @@ pub(crate) mod tests {
     fn invalid_utf8_text_is_an_error() {
         let mut raw = Msg::new(b'I').i32(1).u8(b'N').i16(1).u8(b't').i32(2).0;
         raw.extend_from_slice(&[0xc3, 0x28]);
-        assert_eq!(decode(&raw), Err(DecodeError::InvalidUtf8 { what: "text value" }));
+        assert_eq!(
+            decode(&raw),
+            Err(DecodeError::InvalidUtf8 { what: "text value" })
+        );
     }
 
     #[test]
@@ -781,9 +907,15 @@ pub(crate) mod tests {
             message,
         ];
         for sample in &samples {
-            assert!(decode(sample).is_ok(), "sample must decode whole: {sample:?}");
+            assert!(
+                decode(sample).is_ok(),
+                "sample must decode whole: {sample:?}"
+            );
             for cut in 0..sample.len() {
-                assert!(decode(&sample[..cut]).is_err(), "prefix of {cut} bytes of {sample:?} decoded");
+                assert!(
+                    decode(&sample[..cut]).is_err(),
+                    "prefix of {cut} bytes of {sample:?} decoded"
+                );
             }
             let mut longer = sample.clone();
             longer.push(0);
@@ -797,14 +929,32 @@ pub(crate) mod tests {
         assert_eq!(decode(b"Zzz"), Err(DecodeError::UnknownMessage('Z')));
         // Negative lengths and counts.
         let raw = Msg::new(b'I').i32(1).u8(b'N').i16(-1).0;
-        assert!(matches!(decode(&raw), Err(DecodeError::NegativeLength { .. })));
+        assert!(matches!(
+            decode(&raw),
+            Err(DecodeError::NegativeLength { .. })
+        ));
         let raw = Msg::new(b'I').i32(1).u8(b'N').i16(1).u8(b't').i32(-5).0;
-        assert!(matches!(decode(&raw), Err(DecodeError::NegativeLength { .. })));
+        assert!(matches!(
+            decode(&raw),
+            Err(DecodeError::NegativeLength { .. })
+        ));
         // A huge claimed length with nothing behind it.
-        let raw = Msg::new(b'I').i32(1).u8(b'N').i16(1).u8(b't').i32(i32::MAX).0;
-        assert!(matches!(decode(&raw), Err(DecodeError::UnexpectedEof { .. })));
+        let raw = Msg::new(b'I')
+            .i32(1)
+            .u8(b'N')
+            .i16(1)
+            .u8(b't')
+            .i32(i32::MAX)
+            .0;
+        assert!(matches!(
+            decode(&raw),
+            Err(DecodeError::UnexpectedEof { .. })
+        ));
         let raw = Msg::new(b'T').i32(i32::MAX).u8(0).0;
-        assert!(matches!(decode(&raw), Err(DecodeError::UnexpectedEof { .. })));
+        assert!(matches!(
+            decode(&raw),
+            Err(DecodeError::UnexpectedEof { .. })
+        ));
         let raw = Msg::new(b'I').i32(1).u8(b'N').i16(1).u8(b'x').0;
         assert_eq!(decode(&raw), Err(DecodeError::UnknownColumnKind('x')));
         // A pseudo-random byte soup of every tag: only errors or values, no panic.
@@ -840,24 +990,51 @@ pub(crate) mod tests {
                 begin(0x200, TS, 900),
                 relation(16384, "public", "outbox", &outbox_cols()),
                 insert_text(16384, &["1", "hi", "42"]),
-                Msg::new(b'U').i32(16384).u8(b'N').i16(3).text("1").text("bye").u8(b'n').0,
-                Msg::new(b'D').i32(16384).u8(b'K').i16(3).text("1").u8(b'n').u8(b'n').0,
+                Msg::new(b'U')
+                    .i32(16384)
+                    .u8(b'N')
+                    .i16(3)
+                    .text("1")
+                    .text("bye")
+                    .u8(b'n')
+                    .0,
+                Msg::new(b'D')
+                    .i32(16384)
+                    .u8(b'K')
+                    .i16(3)
+                    .text("1")
+                    .u8(b'n')
+                    .u8(b'n')
+                    .0,
                 commit(0x200, 0x230, TS),
             ],
         )
         .unwrap();
         assert_eq!(txs.len(), 1);
         let tx = &txs[0];
-        assert_eq!((tx.commit_lsn, tx.end_lsn, tx.xid), (Lsn(0x200), Lsn(0x230), 900));
+        assert_eq!(
+            (tx.commit_lsn, tx.end_lsn, tx.xid),
+            (Lsn(0x200), Lsn(0x230), 900)
+        );
         assert_eq!(tx.commit_time, pg_timestamp(TS).unwrap());
         let ops: Vec<_> = tx.changes.iter().map(|c| c.op).collect();
-        assert_eq!(ops, [Operation::Insert, Operation::Update, Operation::Delete]);
+        assert_eq!(
+            ops,
+            [Operation::Insert, Operation::Update, Operation::Delete]
+        );
         assert_eq!(tx.changes[0].table.qualified_name(), "public.outbox");
         assert_eq!(
             tx.changes[0].values,
-            vec![Value::Text("1".into()), Value::Text("hi".into()), Value::Text("42".into())]
+            vec![
+                Value::Text("1".into()),
+                Value::Text("hi".into()),
+                Value::Text("42".into())
+            ]
         );
-        assert_eq!(tx.changes[2].values, vec![Value::Text("1".into()), Value::Null, Value::Null]);
+        assert_eq!(
+            tx.changes[2].values,
+            vec![Value::Text("1".into()), Value::Null, Value::Null]
+        );
         // Shared shape, not copies.
         assert!(Arc::ptr_eq(&tx.changes[0].table, &tx.changes[2].table));
     }
@@ -881,7 +1058,12 @@ pub(crate) mod tests {
                 begin(0x10, TS, 1),
                 insert_text(7, &["1", "a"]),
                 // ALTER TABLE ... ADD COLUMN, ALTER ... RENAME: the server re-sends.
-                relation(7, "public", "outbox2", &[(1, "id", 20), (0, "body", 25), (0, "extra", 16)]),
+                relation(
+                    7,
+                    "public",
+                    "outbox2",
+                    &[(1, "id", 20), (0, "body", 25), (0, "extra", 16)],
+                ),
                 insert_text(7, &["2", "b", "t"]),
                 commit(0x10, 0x20, TS),
             ],
@@ -894,8 +1076,16 @@ pub(crate) mod tests {
         assert_eq!(changes[1].table.columns[2].name, "extra");
         assert_eq!(asm.relation(7).unwrap().name, "outbox2");
         // A row shaped like the old relation no longer fits.
-        let err = push_all(&mut asm, &[begin(0x30, TS, 2), insert_text(7, &["3", "c"])]).unwrap_err();
-        assert!(matches!(err, DecodeError::ColumnCountMismatch { expected: 3, got: 2, .. }));
+        let err =
+            push_all(&mut asm, &[begin(0x30, TS, 2), insert_text(7, &["3", "c"])]).unwrap_err();
+        assert!(matches!(
+            err,
+            DecodeError::ColumnCountMismatch {
+                expected: 3,
+                got: 2,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -941,10 +1131,19 @@ pub(crate) mod tests {
             .0;
         let txs = push_all(
             &mut asm,
-            &[relation(1, "public", "t", &cols), begin(1, TS, 1), keyed_update, full_update, commit(1, 2, TS)],
+            &[
+                relation(1, "public", "t", &cols),
+                begin(1, TS, 1),
+                keyed_update,
+                full_update,
+                commit(1, 2, TS),
+            ],
         )
         .unwrap();
-        assert_eq!(txs[0].changes[0].values, vec![Value::Text("1".into()), Value::Unchanged]);
+        assert_eq!(
+            txs[0].changes[0].values,
+            vec![Value::Text("1".into()), Value::Unchanged]
+        );
         assert_eq!(
             txs[0].changes[1].values,
             vec![Value::Text("1".into()), Value::Text("long body".into())]
