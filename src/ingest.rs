@@ -44,7 +44,17 @@ impl IngestError {
             IngestError::Url(_) => false,
         }
     }
+
+    /// Another connection streams the slot. Usually the server has not yet
+    /// noticed that a previous relay process died: worth waiting a little.
+    pub fn slot_in_use(&self) -> bool {
+        matches!(self, IngestError::Replication(e) if e.sqlstate() == Some("55006"))
+    }
 }
+
+/// How long a "slot in use" is waited out before it counts as a second relay
+/// running against the same slot (a configuration error).
+const SLOT_BUSY_PATIENCE: u32 = 20;
 
 /// How often the relay reports its position even when the server does not ask:
 /// well inside PostgreSQL's default wal_sender_timeout (60 s).
@@ -73,7 +83,7 @@ impl Ingest {
         loop {
             match self.session(&pg, &mut shutdown, &mut failures).await {
                 Ok(()) => return Ok(()),
-                Err(e) if e.is_retryable() => {
+                Err(e) if e.is_retryable() || (e.slot_in_use() && failures < SLOT_BUSY_PATIENCE) => {
                     self.health.source_connected.store(false, Ordering::Relaxed);
                     metrics::counter!(metric::SOURCE_RECONNECTS).increment(1);
                     failures += 1;
