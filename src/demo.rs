@@ -100,8 +100,13 @@ pub async fn run() -> Result<(), DemoError> {
     client
         .batch_execute(
             "INSERT INTO operators_outboxevent (event_type, recipient_id, channels, payload)
-             VALUES ('order_shipped', 4, '{in_app}', '{\"order\": 1042, \"carrier\": \"Colissimo\"}');
-             BEGIN;
+             VALUES ('order_shipped', 4, '{in_app}', '{\"order\": 1042, \"carrier\": \"Colissimo\"}')",
+        )
+        .await?;
+    // Separate call: inside one multi-statement string, BEGIN would pull the insert above into its transaction.
+    client
+        .batch_execute(
+            "BEGIN;
              INSERT INTO operators_notificationoperateur (user_id, kind, title) VALUES (5, 'oops', 'rolled back');
              ROLLBACK;",
         )
@@ -149,6 +154,7 @@ pub async fn run() -> Result<(), DemoError> {
     say("stopping the relay (as on SIGTERM) and the throwaway PostgreSQL");
     let _ = stop_tx.send(true);
     relay.await.map_err(|e| DemoError::Other(e.to_string()))??;
+    drop((client, ledger));
     drop(pg);
     Ok(())
 }

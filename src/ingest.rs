@@ -159,11 +159,12 @@ impl Ingest {
                         // has been received and nothing of it is unrecorded, so the
                         // slot may let that WAL go. Without this, quiet routed tables
                         // would make the slot retain WAL written by everything else.
-                        if batch.end.is_none() && !stream.in_transaction() && wal_end > batch.confirmed {
+                        let caught_up = batch.end.is_none() && !stream.in_transaction() && wal_end > batch.confirmed;
+                        if caught_up {
                             ledger.save_offset(&src.slot, wal_end).await?;
                             batch.confirmed = wal_end;
                         }
-                        if reply_requested {
+                        if caught_up || reply_requested {
                             stream.send_status(batch.confirmed, false).await?;
                         }
                         let lag = stream.server_wal_end().0.saturating_sub(batch.confirmed.0);

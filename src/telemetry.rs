@@ -42,7 +42,8 @@ pub enum LogFormat {
 /// Logs go to stderr: stdout belongs to the `log` provider and to `status --json`.
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // tokio_postgres logs server NOTICEs ("already exists, skipping") at info.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     // try_init: tests and the demo may call this more than once.
     let _ = match format {
