@@ -1,0 +1,194 @@
+//! End-to-end benchmark: the release binary against a throwaway PostgreSQL and
+//! an in-process fake Pusher (signature-checking, loopback).
+//!
+//! `cargo bench --bench relay` — prints a table for docs/benchmarks.md:
+//! 1. throughput: 100k rows inserted in transactions of 1000, time until every
+//!    delivery is accepted by Pusher (deliveries/s);
+//! 2. latency: a steady 1k rows/s of single-row transactions for 20 s,
+//!    commit → accepted p50/p99 from the ledger (`sent_at - committed_at`,
+//!    `sent_at` being set just after the provider accepted);
+//! 3. the relay process's peak RSS (VmHWM) over both.
+//!
+//! BENCH_ROWS, BENCH_RATE and BENCH_SECONDS override the sizes.
+
+#[path = "../tests/support/fake_pusher.rs"]
+mod fake_pusher;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fake_pusher::FakePusher;
+use outbox_relay::embedded_pg::{self, EmbeddedPg, DJANGO_FIXTURE};
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn config(url: &str, pusher: &str, metrics: u16) -> String {
+    format!(
+        r#"
+[source]
+database_url = "{url}"
+
+[[routes]]
+table = "public.operators_notificationoperateur"
+recipient_column = "user_id"
+event = "notification_created"
+channels = ["in_app"]
+payload_columns = ["id", "kind", "title", "level", "url", "created_at"]
+
+[channels.in_app]
+provider = "pusher"
+
+[providers.pusher]
+app_id = "123"
+key = "key"
+secret = "secret"
+base_url = "{pusher}"
+
+[metrics]
+listen = "127.0.0.1:{metrics}"
+"#
+    )
+}
+
+async fn count_sent(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one("SELECT count(*) FROM outbox_relay.deliveries WHERE status = 'sent'", &[])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(0)
+}
+
+async fn wait_sent(client: &tokio_postgres::Client, n: i64, limit: Duration) -> Instant {
+    let deadline = Instant::now() + limit;
+    loop {
+        if count_sent(client).await >= n {
+            return Instant::now();
+        }
+        assert!(Instant::now() < deadline, "not all deliveries accepted within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let rows = env_or("BENCH_ROWS", 100_000) as i64;
+    let rate = env_or("BENCH_RATE", 1000);
+    let seconds = env_or("BENCH_SECONDS", 20);
+
+    let pg = tokio::task::spawn_blocking(EmbeddedPg::start).await.unwrap().expect("PostgreSQL");
+    let url = pg.create_database("bench").await.unwrap();
+    let client = embedded_pg::connect(&url).await.unwrap();
+    client.batch_execute(DJANGO_FIXTURE).await.unwrap();
+    let pusher = FakePusher::start("123", "key", "secret").await;
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let text = config(&url, &pusher.base_url(), metrics_port);
+    let cfg = outbox_relay::config::Config::from_toml(&text).unwrap();
+    outbox_relay::setup::apply(&client, &cfg).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(["--config", path.to_str().unwrap(), "run"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    loop {
+        let active = client
+            .query_opt("SELECT active FROM pg_replication_slots WHERE slot_name = 'outbox_relay'", &[])
+            .await
+            .unwrap()
+            .is_some_and(|r| r.get::<_, bool>(0));
+        if active {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // 1. Throughput.
+    let t0 = Instant::now();
+    let mut inserted = 0;
+    while inserted < rows {
+        let k = (rows - inserted).min(1000);
+        client
+            .execute(
+                "INSERT INTO operators_notificationoperateur (user_id, kind, title, level, url)
+                 SELECT 1 + (g % 20), 'order_ready', 'Commande ' || g, 'info', '/orders/' || g
+                 FROM generate_series(1, $1::int) g",
+                &[&(k as i32)],
+            )
+            .await
+            .unwrap();
+        inserted += k;
+    }
+    let insert_secs = t0.elapsed().as_secs_f64();
+    let done = wait_sent(&client, rows, Duration::from_secs(600)).await;
+    let secs = (done - t0).as_secs_f64();
+    let throughput = rows as f64 / secs;
+
+    // 2. Latency at a steady rate of single-row transactions.
+    let before: i64 = client.query_one("SELECT coalesce(max(id), 0) FROM outbox_relay.deliveries", &[]).await.unwrap().get(0);
+    let total = (rate * seconds) as i64;
+    let mut tasks = tokio::task::JoinSet::new();
+    let writers = 4u64;
+    for w in 0..writers {
+        let url = url.clone();
+        tasks.spawn(async move {
+            let c = embedded_pg::connect(&url).await.unwrap();
+            let per_writer = rate / writers;
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_writer as f64));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            for i in 0..(per_writer * seconds) {
+                tick.tick().await;
+                c.execute(
+                    "INSERT INTO operators_notificationoperateur (user_id, kind, title) VALUES ($1, 'steady', 'tick')",
+                    &[&((1 + (w + i) % 20) as i32)],
+                )
+                .await
+                .unwrap();
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    wait_sent(&client, rows + total, Duration::from_secs(120)).await;
+    let row = client
+        .query_one(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), max(ms)
+             FROM (SELECT extract(epoch FROM sent_at - committed_at) * 1000 AS ms
+                   FROM outbox_relay.deliveries WHERE id > $1) t",
+            &[&before],
+        )
+        .await
+        .unwrap();
+    let (p50, p99, max): (f64, f64, f64) = (row.get(0), row.get(1), row.get(2));
+    let rss_mib = peak_rss_kib(relay.id()) as f64 / 1024.0;
+
+    unsafe {
+        libc::kill(relay.id() as i32, libc::SIGTERM);
+    }
+    relay.wait().unwrap();
+    let accepted = pusher.events().len();
+
+    println!("\n| measure | value |\n|---|---|");
+    println!("| rows inserted (throughput run) | {rows} in transactions of 1000, inserts took {insert_secs:.2} s |");
+    println!("| deliveries/s, first insert → last accepted | {throughput:.0} ({secs:.2} s) |");
+    println!("| steady load | {rate} single-row transactions/s for {seconds} s ({total} rows) |");
+    println!("| commit → accepted p50 | {p50:.1} ms |");
+    println!("| commit → accepted p99 | {p99:.1} ms |");
+    println!("| commit → accepted max | {max:.1} ms |");
+    println!("| relay peak RSS (VmHWM) | {rss_mib:.1} MiB |");
+    println!("| events accepted by the fake Pusher | {accepted} |");
+    drop(client);
+    drop(pg);
+}
