@@ -36,6 +36,8 @@ pub enum RunError {
     Listen { addr: String, source: std::io::Error },
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Preflight(#[from] crate::preflight::PreflightError),
 }
 
 /// Runs the relay until `shutdown` turns true (or a fatal error).
@@ -48,6 +50,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
 
     {
         let mut client = ledger::connect(&url).await?;
+        crate::preflight::check(&client, &cfg).await?;
         ledger::migrate(&mut client, &schema).await?;
         let resent = Ledger::new(client, &schema).recover_in_flight().await?;
         metrics::counter!(metric::RESENDS_AFTER_RESTART).increment(resent);

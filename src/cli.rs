@@ -151,7 +151,9 @@ pub async fn main(cli: Cli) -> Result<(), Failure> {
             crate::app::run(cfg, shutdown).await.map_err(|e| match &e {
                 crate::app::RunError::Ingest(i) if !i.is_retryable() => Failure::user(e),
                 crate::app::RunError::Ledger(l) if !l.is_retryable() => Failure::user(e),
-                crate::app::RunError::Config(_) | crate::app::RunError::Listen { .. } => Failure::user(e),
+                crate::app::RunError::Config(_)
+                | crate::app::RunError::Listen { .. }
+                | crate::app::RunError::Preflight(crate::preflight::PreflightError::Fix(_)) => Failure::user(e),
                 _ => Failure::other(e),
             })
         }

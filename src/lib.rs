@@ -13,6 +13,7 @@ pub mod dispatch;
 pub mod embedded_pg;
 pub mod ingest;
 pub mod ledger;
+pub mod preflight;
 pub mod providers;
 pub mod routing;
 pub mod setup;

@@ -1,0 +1,129 @@
+//! The commands as an operator types them: setup and migrate twice, status,
+//! and startup errors that exit 2 with one line naming the fix.
+
+#[path = "support/pg.rs"]
+mod pg;
+
+use std::process::{Command, Output};
+
+fn relay(config: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("running outbox-relay")
+}
+
+fn config(url: &str, slot: &str, extra_route: &str) -> String {
+    format!(
+        r#"
+[source]
+database_url = "{url}"
+slot = "{slot}"
+publication = "{slot}"
+
+[[routes]]
+table = "public.operators_notificationoperateur"
+recipient_column = "user_id"
+event = "notification_created"
+channels = ["in_app"]
+payload_columns = ["id", "title"{extra_route}]
+
+[channels.in_app]
+provider = "log"
+
+[metrics]
+listen = ""
+"#
+    )
+}
+
+struct Case {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+fn write(text: &str) -> Case {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, text).unwrap();
+    Case { _dir: dir, path }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn setup_and_migrate_are_safe_to_run_twice() {
+    let db = pg::fresh_db("cli_twice").await;
+    let case = write(&config(&db.url, &db.name, ""));
+    let sql = relay(&case.path, &["setup", "--print-sql"]);
+    assert!(sql.status.success(), "{}", stderr(&sql));
+    let sql = String::from_utf8(sql.stdout).unwrap();
+    assert!(sql.contains("CREATE PUBLICATION") && sql.contains("pg_create_logical_replication_slot"), "{sql}");
+    for _ in 0..2 {
+        let o = relay(&case.path, &["setup"]);
+        assert!(o.status.success(), "setup: {}", stderr(&o));
+        let o = relay(&case.path, &["migrate"]);
+        assert!(o.status.success(), "migrate: {}", stderr(&o));
+    }
+    let client = db.client().await;
+    let slots: i64 = client
+        .query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1", &[&db.name])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 1);
+    let status = relay(&case.path, &["status", "--json"]);
+    assert!(status.status.success(), "{}", stderr(&status));
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["slot"]["name"], db.name.as_str());
+    assert_eq!(v["backlog"], 0);
+}
+
+#[tokio::test]
+async fn startup_errors_exit_2_naming_the_fix() {
+    let db = pg::fresh_db("cli_errors").await;
+    // No setup yet: slot and publication are missing.
+    let case = write(&config(&db.url, &db.name, ""));
+    let o = relay(&case.path, &["run"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("does not exist: run `outbox-relay setup`"), "{}", stderr(&o));
+
+    // A column that is not in the table.
+    let case = write(&config(&db.url, &db.name, ", \"colour\""));
+    assert!(relay(&case.path, &["setup"]).status.success());
+    let o = relay(&case.path, &["run"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("column \"colour\" does not exist"), "{}", stderr(&o));
+
+    // Unknown key, wrong type, missing provider section: caught before connecting.
+    let good = config(&db.url, &db.name, "");
+    for (text, want) in [
+        (good.replace("slot =", "slott ="), "slott"),
+        (good.replace("[metrics]", "[relay]\ndispatch_workers = \"many\"\n[metrics]"), "dispatch_workers"),
+        (good.replace("provider = \"log\"", "provider = \"pusher\""), "[providers.pusher]"),
+    ] {
+        let case = write(&text);
+        let o = relay(&case.path, &["run"]);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{want}: {}", stderr(&o));
+        assert_eq!(stderr(&o).trim().lines().count(), 1, "one line: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn env_overrides_the_file() {
+    let case = write(&config("postgres://nobody@127.0.0.1:1/none", "s", ""));
+    let o = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(["--config", case.path.to_str().unwrap(), "setup", "--print-sql"])
+        .env("OUTBOX_RELAY__SOURCE__PUBLICATION", "from_env")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("CREATE PUBLICATION \"from_env\""));
+}
