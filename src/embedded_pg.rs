@@ -571,7 +571,7 @@ impl EmbeddedPg {
     }
 
     /// Ready the way `pg_ctl start -w` judges it: postmaster.pid names our process and its status
-    /// line says "ready" (PostgreSQL 10+). The TCP connect then proves the port is ours.
+    /// line says "ready" (PostgreSQL 10+ writes it). The TCP connect then proves the port is ours.
     fn is_ready(&self, pid: u32, port: u16) -> bool {
         let Ok(pidfile) = fs::read_to_string(self.data.join("postmaster.pid")) else {
             return false;
@@ -580,11 +580,11 @@ impl EmbeddedPg {
         if lines.first().map(|l| l.trim()) != Some(pid.to_string().as_str()) {
             return false;
         }
-        // Line 8 is the postmaster status; servers older than 10 lack it.
-        if let Some(status) = lines.get(7) {
-            if status.trim() != "ready" {
-                return false;
-            }
+        // Line 8 is the postmaster status. It is appended after the sockets are listening, so
+        // its absence means "not yet" (and PostgreSQL < 10, which never writes it, is long out
+        // of support); during crash recovery it says "starting" while connections are refused.
+        if lines.get(7).map(|l| l.trim()) != Some("ready") {
+            return false;
         }
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
