@@ -202,6 +202,16 @@ pub struct ChannelConfig {
     /// Attempts before a retryable failure becomes `dead`.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// Seconds after the source commit past which a retryable failure becomes `dead`.
+    #[serde(default = "default_max_age_s")]
+    pub max_age_s: u64,
+    /// Provider for fresh deliveries while `provider` is failing (circuit open).
+    #[serde(default)]
+    pub fallback: Option<ProviderKind>,
+}
+
+fn default_max_age_s() -> u64 {
+    86_400
 }
 
 fn default_channel_name() -> String {
@@ -338,6 +348,12 @@ pub struct RelayConfig {
     /// Warn (and show in metrics) when the slot retains more WAL than this.
     #[serde(default = "default_max_retained_wal_mb")]
     pub max_retained_wal_mb: u64,
+    /// Consecutive retryable failures that open a provider's circuit.
+    #[serde(default = "default_circuit_failures")]
+    pub circuit_failures: u32,
+    /// How long an open circuit refuses calls before one probe is let through.
+    #[serde(default = "default_circuit_open_ms")]
+    pub circuit_open_ms: u64,
     /// Backoff for retryable provider failures: first delay and cap.
     #[serde(default = "default_retry_base_ms")]
     pub retry_base_ms: u64,
@@ -358,6 +374,8 @@ impl Default for RelayConfig {
             claim_lease_ms: default_claim_lease_ms(),
             heartbeat_ms: default_heartbeat_ms(),
             max_retained_wal_mb: default_max_retained_wal_mb(),
+            circuit_failures: default_circuit_failures(),
+            circuit_open_ms: default_circuit_open_ms(),
             retry_base_ms: default_retry_base_ms(),
             retry_max_ms: default_retry_max_ms(),
         }
@@ -393,6 +411,12 @@ fn default_heartbeat_ms() -> u64 {
 }
 fn default_max_retained_wal_mb() -> u64 {
     1024
+}
+fn default_circuit_failures() -> u32 {
+    5
+}
+fn default_circuit_open_ms() -> u64 {
+    30_000
 }
 fn default_retry_base_ms() -> u64 {
     500
@@ -476,14 +500,19 @@ impl Config {
             }
         }
         for (name, ch) in &self.channels {
-            let missing = match ch.provider {
-                ProviderKind::Pusher => self.providers.pusher.is_none(),
-                ProviderKind::Ably => self.providers.ably.is_none(),
-                ProviderKind::Log => false,
-            };
-            if missing {
-                let p = ch.provider.as_str();
-                return bad(format!("channels.{name}: provider {p:?} needs a [providers.{p}] section"));
+            for kind in std::iter::once(ch.provider).chain(ch.fallback) {
+                let missing = match kind {
+                    ProviderKind::Pusher => self.providers.pusher.is_none(),
+                    ProviderKind::Ably => self.providers.ably.is_none(),
+                    ProviderKind::Log => false,
+                };
+                if missing {
+                    let p = kind.as_str();
+                    return bad(format!("channels.{name}: provider {p:?} needs a [providers.{p}] section"));
+                }
+            }
+            if ch.fallback == Some(ch.provider) {
+                return bad(format!("channels.{name}.fallback is the channel's own provider: name another one"));
             }
             if ch.max_attempts == 0 {
                 return bad(format!("channels.{name}.max_attempts must be at least 1"));

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures_util::stream::{self, StreamExt};
@@ -18,12 +18,17 @@ use tracing::{debug, error, warn};
 use crate::config::{Config, ProviderKind};
 use crate::ledger::{Claimed, Ledger, LedgerError, Outcome};
 use crate::providers::{ably::Ably, log::Log, pusher::Pusher, OutboundMessage, Provider, ProviderError};
+use crate::circuit::{Admission, Circuit};
 use crate::telemetry::metric;
 
 /// A channel as dispatch sees it: who carries it and how its provider channel is named.
 #[derive(Clone, Debug)]
 struct ChannelPlan {
     provider: Provider,
+    /// Takes fresh deliveries while `provider`'s circuit is open.
+    fallback: Option<Provider>,
+    /// A retryable failure older than this (since the source commit) goes `dead`.
+    max_age: Duration,
     /// `private-user-{recipient}`.
     channel_name: String,
     max_attempts: u32,
@@ -70,6 +75,8 @@ pub struct Dispatcher {
     poll: Duration,
     /// How long a claim holds before another worker may take the row over.
     lease: Duration,
+    /// One breaker per provider, shared by every worker and channel.
+    circuits: HashMap<&'static str, Circuit>,
     /// Ingestion rings this after each ledger commit, so new work is picked up
     /// at once rather than at the next poll.
     pub wake: Arc<Notify>,
@@ -99,14 +106,24 @@ impl Dispatcher {
             .map(|(name, ch)| {
                 let plan = ChannelPlan {
                     provider: providers[&ch.provider].clone(),
+                    fallback: ch.fallback.map(|f| providers[&f].clone()),
+                    max_age: Duration::from_secs(ch.max_age_s),
                     channel_name: ch.channel_name.clone(),
                     max_attempts: ch.max_attempts,
                 };
                 (name.clone(), plan)
             })
             .collect();
+        let circuits = providers
+            .values()
+            .map(|p| {
+                let open_for = Duration::from_millis(cfg.relay.circuit_open_ms);
+                (p.name(), Circuit::new(cfg.relay.circuit_failures, open_for))
+            })
+            .collect();
         Dispatcher {
             channels,
+            circuits,
             backoff: Backoff {
                 base: Duration::from_millis(cfg.relay.retry_base_ms),
                 max: Duration::from_millis(cfg.relay.retry_max_ms),
@@ -214,14 +231,42 @@ impl Dispatcher {
                 }
                 continue;
             };
+            // Which provider each delivery goes to. A delivery stays with the
+            // provider that first had it — a timeout may hide an acceptance, so
+            // moving it could deliver it twice — and only never-tried ones move
+            // to the fallback while the primary's circuit is open.
+            let now = Instant::now();
+            let admission = self.circuits[plan.provider.name()].admit(now);
+            let (mut primary, mut fallback) = (Vec::new(), Vec::new());
+            for c in items {
+                let to_fallback = match (&plan.fallback, c.provider.as_deref()) {
+                    (Some(f), Some(p)) => p == f.name(),
+                    (Some(_), None) => matches!(admission, Admission::Refuse(_)),
+                    (None, _) => false,
+                };
+                if to_fallback {
+                    fallback.push(c);
+                } else if let Admission::Refuse(until) = admission {
+                    let error = format!("{} is failing (circuit open); waiting", plan.provider.name());
+                    outcomes.push((c.id, Outcome::Defer { error, delay: until - now }));
+                } else {
+                    primary.push(c);
+                }
+            }
             // Chunks let one channel's backlog use several connections at once.
-            for chunk in items.chunks(100) {
-                calls.push((plan, chunk.to_vec()));
+            for chunk in primary.chunks(100) {
+                calls.push((plan, &plan.provider, chunk.to_vec()));
+            }
+            if let Some(f) = &plan.fallback {
+                for chunk in fallback.chunks(100) {
+                    calls.push((plan, f, chunk.to_vec()));
+                }
             }
         }
         // Futures built first, then polled: a closure inside the stream would
         // make the worker future non-`Send` (higher-ranked lifetimes).
-        let futures: Vec<_> = calls.into_iter().map(|(plan, chunk)| self.call(plan, chunk)).collect();
+        let futures: Vec<_> =
+            calls.into_iter().map(|(plan, provider, chunk)| self.call(plan, provider, chunk)).collect();
         let results: Vec<Vec<(i64, Outcome)>> = stream::iter(futures)
             .buffer_unordered(self.concurrency)
             .collect()
@@ -230,7 +275,7 @@ impl Dispatcher {
         outcomes
     }
 
-    async fn call(&self, plan: &ChannelPlan, chunk: Vec<&Claimed>) -> Vec<(i64, Outcome)> {
+    async fn call(&self, plan: &ChannelPlan, target: &Provider, chunk: Vec<&Claimed>) -> Vec<(i64, Outcome)> {
         let messages: Vec<OutboundMessage> = chunk
             .iter()
             .map(|c| OutboundMessage {
@@ -241,10 +286,18 @@ impl Dispatcher {
                 payload: c.payload.clone(),
             })
             .collect();
-        let provider = plan.provider.name();
-        let started = std::time::Instant::now();
-        let results = plan.provider.send_batch(&messages).await;
+        let provider = target.name();
+        let started = Instant::now();
+        let results = target.send_batch(&messages).await;
         let call_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let circuit = &self.circuits[provider];
+        if results.iter().any(|r| matches!(r, Err(e) if e.is_retryable())) {
+            if circuit.failure(Instant::now()) {
+                warn!(provider, "provider keeps failing: circuit open, fresh deliveries go to the fallback if any");
+            }
+        } else {
+            circuit.success();
+        }
         let now = Utc::now();
         chunk
             .iter()
@@ -252,7 +305,11 @@ impl Dispatcher {
             .map(|(c, result)| {
                 let outcome = match result {
                     Ok(accepted) => Outcome::Sent { provider, message_id: accepted.provider_message_id },
-                    Err(e) => decide(&e, provider, c.attempts as u32, plan.max_attempts, &self.backoff),
+                    Err(e) => {
+                        let age = (now - c.committed_at).to_std().unwrap_or_default();
+                        let limits = Limits { max_attempts: plan.max_attempts, max_age: plan.max_age };
+                        decide(&e, provider, c.attempts as u32, age, &limits, &self.backoff)
+                    }
                 };
                 record(c, provider, &outcome, now, call_ms);
                 (c.id, outcome)
@@ -261,17 +318,35 @@ impl Dispatcher {
     }
 }
 
+/// When a retryable failure stops being retried.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_attempts: u32,
+    pub max_age: Duration,
+}
+
 /// Retry or not, in one place. Retryable errors retry with backoff (at least
-/// what the provider asked for) until `max_attempts`, then go `dead` for an
-/// operator; permanent ones fail at once with the provider's words.
-pub fn decide(err: &ProviderError, provider: &'static str, attempts: u32, max_attempts: u32, backoff: &Backoff) -> Outcome {
+/// what the provider asked for) until `max_attempts` or `max_age`, then go
+/// `dead` for an operator; permanent ones fail at once with the provider's words.
+pub fn decide(
+    err: &ProviderError,
+    provider: &'static str,
+    attempts: u32,
+    age: Duration,
+    limits: &Limits,
+    backoff: &Backoff,
+) -> Outcome {
     match err {
-        ProviderError::Retryable { reason, retry_after } if attempts < max_attempts => {
+        ProviderError::Retryable { reason, .. } if attempts >= limits.max_attempts => {
+            Outcome::Dead { provider, error: format!("gave up after {attempts} attempts: {reason}") }
+        }
+        ProviderError::Retryable { reason, .. } if age >= limits.max_age => Outcome::Dead {
+            provider,
+            error: format!("gave up after {} s (max_age): {reason}", age.as_secs()),
+        },
+        ProviderError::Retryable { reason, retry_after } => {
             let delay = backoff.delay(attempts).max(retry_after.unwrap_or_default());
             Outcome::Retry { provider, error: reason.clone(), delay }
-        }
-        ProviderError::Retryable { reason, .. } => {
-            Outcome::Dead { provider, error: format!("gave up after {attempts} attempts: {reason}") }
         }
         ProviderError::Permanent { reason } => Outcome::Failed { provider, error: reason.clone() },
         ProviderError::Unauthorized { reason } => {
@@ -300,6 +375,7 @@ fn record(c: &Claimed, provider: &'static str, outcome: &Outcome, now: chrono::D
                 channel = %c.channel, provider, attempts = c.attempts, retry_in_ms = delay.as_millis() as u64,
                 error = %error, "delivery failed, will retry");
         }
+        Outcome::Defer { .. } => {}
         Outcome::Failed { error, .. } | Outcome::Dead { error, .. } => {
             warn!(delivery_id = c.id, key = %c.idempotency_key, table = %c.source_table, pk = %c.source_pk,
                 channel = %c.channel, provider, attempts = c.attempts, status = outcome.label(),
@@ -324,15 +400,22 @@ mod tests {
 
     #[test]
     fn retry_or_not() {
+        let l = Limits { max_attempts: 3, max_age: Duration::from_secs(3600) };
+        let young = Duration::from_secs(1);
         let retry = ProviderError::Retryable { reason: "503".into(), retry_after: Some(Duration::from_secs(30)) };
-        match decide(&retry, "pusher", 1, 3, &B) {
+        match decide(&retry, "pusher", 1, young, &l, &B) {
             Outcome::Retry { delay, .. } => assert!(delay >= Duration::from_secs(30), "Retry-After is a floor"),
             o => panic!("{o:?}"),
         }
-        assert_eq!(decide(&retry, "pusher", 3, 3, &B).label(), "dead");
+        assert_eq!(decide(&retry, "pusher", 3, young, &l, &B).label(), "dead");
+        let old = decide(&retry, "pusher", 1, Duration::from_secs(7200), &l, &B);
+        assert!(matches!(&old, Outcome::Dead { error, .. } if error.contains("max_age")), "{old:?}");
         let perm = ProviderError::Permanent { reason: "payload too large".into() };
-        assert_eq!(decide(&perm, "pusher", 1, 3, &B), Outcome::Failed { provider: "pusher", error: "payload too large".into() });
+        assert_eq!(
+            decide(&perm, "pusher", 1, young, &l, &B),
+            Outcome::Failed { provider: "pusher", error: "payload too large".into() }
+        );
         let auth = ProviderError::Unauthorized { reason: "bad key".into() };
-        assert_eq!(decide(&auth, "ably", 1, 3, &B).label(), "failed");
+        assert_eq!(decide(&auth, "ably", 1, young, &l, &B).label(), "failed");
     }
 }

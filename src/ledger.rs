@@ -115,6 +115,8 @@ pub struct Claimed {
     /// Including this one.
     pub attempts: i32,
     pub committed_at: DateTime<Utc>,
+    /// The provider of the last attempt, if any: a delivery stays with it.
+    pub provider: Option<String>,
     /// Claimed before by a worker that never reported back: the provider may
     /// already have it, so this send counts as a possible re-send.
     pub lease_expired: bool,
@@ -130,6 +132,9 @@ pub enum Outcome {
     Failed { provider: &'static str, error: String },
     /// Retryable, but out of attempts.
     Dead { provider: &'static str, error: String },
+    /// Not tried (the provider's circuit is open): back to `pending` after
+    /// `delay`, and the claim's attempt is given back.
+    Defer { error: String, delay: Duration },
 }
 
 impl Outcome {
@@ -139,6 +144,7 @@ impl Outcome {
             Outcome::Retry { .. } => "retry",
             Outcome::Failed { .. } => "failed",
             Outcome::Dead { .. } => "dead",
+            Outcome::Defer { .. } => "deferred",
         }
     }
 }
@@ -267,7 +273,8 @@ impl Ledger {
                          next_attempt_at = now() + $2::float8 * interval '1 second'
                      FROM due WHERE d.id = due.id
                      RETURNING d.id, d.idempotency_key, d.source_table, d.source_pk, d.channel, d.event,
-                               d.recipient, d.payload, d.attempts, d.committed_at, due.was = 'sending'"
+                               d.recipient, d.payload, d.attempts, d.committed_at, due.was = 'sending',
+                               d.provider"
                 ),
                 &[&(limit as i64), &lease.as_secs_f64()],
             )
@@ -286,6 +293,7 @@ impl Ledger {
                 attempts: r.get(8),
                 committed_at: r.get(9),
                 lease_expired: r.get(10),
+                provider: r.get(11),
             })
             .collect();
         // RETURNING does not keep the CTE's order; providers should see commit order.
@@ -303,11 +311,14 @@ impl Ledger {
         let (mut msg_ids, mut errors, mut delays) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
         for (id, o) in outcomes {
             ids.push(*id);
-            let (status, provider, msg, err, delay): (&str, &str, Option<&str>, Option<&str>, f64) = match o {
-                Outcome::Sent { provider, message_id } => ("sent", provider, message_id.as_deref(), None, 0.0),
-                Outcome::Retry { provider, error, delay } => ("pending", provider, None, Some(error), delay.as_secs_f64()),
-                Outcome::Failed { provider, error } => ("failed", provider, None, Some(error), 0.0),
-                Outcome::Dead { provider, error } => ("dead", provider, None, Some(error), 0.0),
+            let (status, provider, msg, err, delay): (&str, Option<&str>, Option<&str>, Option<&str>, f64) = match o {
+                Outcome::Sent { provider, message_id } => ("sent", Some(provider), message_id.as_deref(), None, 0.0),
+                Outcome::Retry { provider, error, delay } => {
+                    ("pending", Some(provider), None, Some(error), delay.as_secs_f64())
+                }
+                Outcome::Failed { provider, error } => ("failed", Some(provider), None, Some(error), 0.0),
+                Outcome::Dead { provider, error } => ("dead", Some(provider), None, Some(error), 0.0),
+                Outcome::Defer { error, delay } => ("deferred", None, None, Some(error), delay.as_secs_f64()),
             };
             statuses.push(status);
             providers.push(provider);
@@ -320,11 +331,12 @@ impl Ledger {
             .execute(
                 &format!(
                     "UPDATE {s}.deliveries d SET
-                        status = u.st,
-                        provider = u.pr,
+                        status = CASE WHEN u.st = 'deferred' THEN 'pending' ELSE u.st END,
+                        attempts = CASE WHEN u.st = 'deferred' THEN d.attempts - 1 ELSE d.attempts END,
+                        provider = COALESCE(u.pr, d.provider),
                         provider_message_id = COALESCE(u.mid, d.provider_message_id),
                         last_error = CASE WHEN u.st = 'sent' THEN d.last_error ELSE u.err END,
-                        next_attempt_at = CASE WHEN u.st = 'pending'
+                        next_attempt_at = CASE WHEN u.st IN ('pending', 'deferred')
                             THEN now() + u.delay * interval '1 second' ELSE d.next_attempt_at END,
                         sent_at = CASE WHEN u.st = 'sent' THEN now() ELSE d.sent_at END,
                         updated_at = now()

@@ -6,6 +6,7 @@
 //! `telemetry` shows it; `cli` is the operator's door; `config` the contract.
 
 pub mod app;
+pub mod circuit;
 pub mod cli;
 pub mod config;
 pub mod demo;
