@@ -55,6 +55,9 @@ pub struct Config {
     pub providers: ProvidersConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Per-provider pacing; absent providers get their defaults.
+    #[serde(default)]
+    pub limits: BTreeMap<ProviderKind, LimitConfig>,
     #[serde(default)]
     pub relay: RelayConfig,
 }
@@ -222,6 +225,34 @@ fn default_true() -> bool {
 }
 fn default_max_attempts() -> u32 {
     8
+}
+
+/// How hard the relay may push one provider.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitConfig {
+    /// Calls in flight at once, across all workers.
+    pub concurrency: usize,
+    /// Messages per second; 0 = unlimited.
+    #[serde(default)]
+    pub per_second: f64,
+}
+
+impl ProviderKind {
+    /// Defaults when `[limits.<provider>]` is absent; docs/providers.md says where each comes from.
+    pub fn default_limits(self) -> LimitConfig {
+        match self {
+            ProviderKind::Pusher => LimitConfig { concurrency: 16, per_second: 0.0 },
+            ProviderKind::Ably => LimitConfig { concurrency: 16, per_second: 0.0 },
+            ProviderKind::Log => LimitConfig { concurrency: 4, per_second: 0.0 },
+        }
+    }
+}
+
+impl Config {
+    pub fn limits_for(&self, kind: ProviderKind) -> LimitConfig {
+        self.limits.get(&kind).copied().unwrap_or_else(|| kind.default_limits())
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -19,6 +19,7 @@ use crate::config::{Config, ProviderKind};
 use crate::ledger::{Claimed, Ledger, LedgerError, Outcome};
 use crate::providers::{ably::Ably, log::Log, pusher::Pusher, OutboundMessage, Provider, ProviderError};
 use crate::circuit::{Admission, Circuit};
+use crate::limits::Pacer;
 use crate::telemetry::metric;
 
 /// A channel as dispatch sees it: who carries it and how its provider channel is named.
@@ -77,6 +78,8 @@ pub struct Dispatcher {
     lease: Duration,
     /// One breaker per provider, shared by every worker and channel.
     circuits: HashMap<&'static str, Circuit>,
+    /// One pacer per provider (concurrency and rate), likewise shared.
+    pacers: HashMap<&'static str, Pacer>,
     /// Ingestion rings this after each ledger commit, so new work is picked up
     /// at once rather than at the next poll.
     pub wake: Arc<Notify>,
@@ -121,9 +124,17 @@ impl Dispatcher {
                 (p.name(), Circuit::new(cfg.relay.circuit_failures, open_for))
             })
             .collect();
+        let pacers = providers
+            .iter()
+            .map(|(kind, p)| {
+                let l = cfg.limits_for(*kind);
+                (p.name(), Pacer::new(l.concurrency, l.per_second))
+            })
+            .collect();
         Dispatcher {
             channels,
             circuits,
+            pacers,
             backoff: Backoff {
                 base: Duration::from_millis(cfg.relay.retry_base_ms),
                 max: Duration::from_millis(cfg.relay.retry_max_ms),
@@ -287,8 +298,10 @@ impl Dispatcher {
             })
             .collect();
         let provider = target.name();
+        let permit = self.pacers[provider].admit(messages.len()).await;
         let started = Instant::now();
         let results = target.send_batch(&messages).await;
+        drop(permit);
         let call_ms = started.elapsed().as_secs_f64() * 1000.0;
         let circuit = &self.circuits[provider];
         if results.iter().any(|r| matches!(r, Err(e) if e.is_retryable())) {

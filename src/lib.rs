@@ -14,6 +14,7 @@ pub mod dispatch;
 pub mod embedded_pg;
 pub mod ingest;
 pub mod ledger;
+pub mod limits;
 pub mod preflight;
 pub mod providers;
 pub mod routing;

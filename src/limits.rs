@@ -1,0 +1,87 @@
+//! Per-provider pacing: at most `concurrency` calls in flight and at most
+//! `per_second` messages a second (a token bucket with a one-second burst).
+//!
+//! Shared by every worker and channel using the provider, so the limits hold
+//! for the relay as a whole, not per worker.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+#[derive(Debug)]
+pub struct Pacer {
+    calls: Semaphore,
+    bucket: Option<Mutex<Bucket>>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    per_second: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    /// Takes `n` tokens (possibly going into debt) and says how long to wait
+    /// until the debt is paid. Debt makes concurrent callers queue fairly.
+    fn take(&mut self, n: f64, now: Instant) -> Duration {
+        let burst = self.per_second.max(1.0);
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.per_second).min(burst);
+        self.last = now;
+        self.tokens -= n;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.per_second)
+        }
+    }
+}
+
+impl Pacer {
+    /// `per_second = 0` means no rate limit.
+    pub fn new(concurrency: usize, per_second: f64) -> Pacer {
+        let bucket = (per_second > 0.0).then(|| {
+            Mutex::new(Bucket { per_second, tokens: per_second.max(1.0), last: Instant::now() })
+        });
+        Pacer { calls: Semaphore::new(concurrency.max(1)), bucket }
+    }
+
+    /// Waits for a call slot and for `messages` tokens; hold the permit for the call.
+    pub async fn admit(&self, messages: usize) -> SemaphorePermit<'_> {
+        let permit = self.calls.acquire().await.expect("the semaphore is never closed");
+        if let Some(bucket) = &self.bucket {
+            let wait = bucket.lock().unwrap_or_else(|p| p.into_inner()).take(messages as f64, Instant::now());
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        permit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_allows_a_burst_then_paces() {
+        let t = Instant::now();
+        let mut b = Bucket { per_second: 10.0, tokens: 10.0, last: t };
+        assert_eq!(b.take(10.0, t), Duration::ZERO, "one second's worth at once");
+        let wait = b.take(5.0, t);
+        assert!((wait.as_secs_f64() - 0.5).abs() < 1e-9, "{wait:?}");
+        // Half a second later the debt is paid; the next one waits again.
+        assert!((b.take(1.0, t + Duration::from_millis(500)).as_secs_f64() - 0.1).abs() < 1e-9);
+    }
+
+    #[tokio::test]
+    async fn concurrency_is_capped() {
+        let p = Pacer::new(2, 0.0);
+        let a = p.admit(1).await;
+        let _b = p.admit(1).await;
+        assert!(tokio::time::timeout(Duration::from_millis(20), p.admit(1)).await.is_err());
+        drop(a);
+        assert!(tokio::time::timeout(Duration::from_millis(20), p.admit(1)).await.is_ok());
+    }
+}
