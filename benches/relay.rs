@@ -11,13 +11,13 @@
 //!
 //! BENCH_ROWS, BENCH_RATE and BENCH_SECONDS override the sizes.
 
-#[path = "../tests/support/fake_pusher.rs"]
-mod fake_pusher;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fake_pusher::FakePusher;
+use support::fake_pusher::FakePusher;
 use outbox_relay::embedded_pg::{self, EmbeddedPg, DJANGO_FIXTURE};
 
 fn env_or(name: &str, default: u64) -> u64 {
@@ -90,7 +90,7 @@ async fn main() {
     let url = pg.create_database("bench").await.unwrap();
     let client = embedded_pg::connect(&url).await.unwrap();
     client.batch_execute(DJANGO_FIXTURE).await.unwrap();
-    let pusher = FakePusher::start("123", "key", "secret").await;
+    let pusher = FakePusher::start("123", "key", "secret");
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let text = config(&url, &pusher.base_url(), metrics_port);
     let cfg = outbox_relay::config::Config::from_toml(&text).unwrap();

@@ -1,16 +1,11 @@
 //! PostgreSQL crashing under the relay (`pg_ctl -m immediate`). A test binary
 //! of its own: the restart takes down the whole test cluster.
 
-#[path = "support/fake_pusher.rs"]
-mod fake_pusher;
-#[path = "support/pg.rs"]
-mod pg;
-#[path = "support/relay.rs"]
-mod relay;
+mod support;
 
 use std::time::Duration;
 
-use relay::{free_port, insert_notifications, scrape_counter, sigterm, Env};
+use support::relay::{free_port, insert_notifications, scrape_counter, sigterm, Env};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_reconnects_after_an_immediate_postgres_restart() {
@@ -21,7 +16,7 @@ async fn relay_reconnects_after_an_immediate_postgres_restart() {
 
     let mut ids = insert_notifications(&env.db.client().await, 300, 30).await;
     // Crash the server mid-stream: the relay is still ingesting and dispatching.
-    let server = pg::cluster();
+    let server = support::pg::cluster();
     tokio::task::spawn_blocking(move || server.restart_immediate()).await.unwrap().expect("restart");
     // New rows after the crash, on a new connection.
     let client = env.db.client().await;

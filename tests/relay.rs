@@ -1,21 +1,12 @@
 //! The relay's guarantees, end to end: real PostgreSQL with logical
 //! replication, the real relay, and a fake Pusher that checks signatures.
 
-#[path = "support/fake_pusher.rs"]
-mod fake_pusher;
-#[path = "support/pg.rs"]
-mod pg;
-#[path = "support/relay.rs"]
-mod relay;
+mod support;
 
 use std::time::Duration;
 
-use relay::{free_port, insert_notifications, scrape_counter, sigterm, Env};
+use support::relay::{free_port, insert_notifications, scrape_counter, sigterm, Env};
 
-mod support {
-    pub use super::fake_pusher;
-    pub use super::pg;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_committed_insert_is_delivered_once_and_nothing_else() {

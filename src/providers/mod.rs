@@ -5,6 +5,7 @@
 //! error everywhere it must be handled.
 
 pub mod ably;
+mod http;
 pub mod log;
 pub mod pusher;
 
@@ -93,7 +94,20 @@ impl Provider {
     }
 }
 
-/// One HTTP client for every provider (stub until providers land).
+/// The HTTP client every provider shares, so connections (and TLS sessions)
+/// to a provider stay open between batches instead of being set up per call.
+/// Per-request timeouts come from each provider's config, not from here.
 pub fn http_client() -> reqwest::Client {
-    reqwest::Client::new()
+    reqwest::Client::builder()
+        .user_agent(concat!("outbox-relay/", env!("CARGO_PKG_VERSION")))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(64)
+        .tcp_keepalive(Duration::from_secs(60))
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        // Building only fails if the TLS backend cannot initialise; the
+        // default client has the same backend, so this is a last resort that
+        // keeps startup going rather than a silent downgrade.
+        .unwrap_or_else(|_| reqwest::Client::new())
 }

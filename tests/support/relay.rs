@@ -1,6 +1,6 @@
 //! A relay under test: a fresh database with the Django tables, setup done, a
 //! fake Pusher, and the relay either in-process or as the real binary (for
-//! kill -9 and SIGTERM). Include next to `pg.rs` and `fake_pusher.rs`.
+//! kill -9 and SIGTERM).
 
 #![allow(dead_code)]
 
@@ -44,7 +44,7 @@ impl Env {
 
     pub async fn with_extra(prefix: &str, extra: &str) -> Env {
         let db = fresh_db(prefix).await;
-        let pusher = FakePusher::start("123", "key", "secret").await;
+        let pusher = FakePusher::start("123", "key", "secret");
         let env = Env { slot: db.name.clone(), db, pusher, extra: extra.to_string(), dir: tempfile::tempdir().unwrap() };
         let cfg = env.config();
         outbox_relay::setup::apply(&env.db.client().await, &cfg).await.expect("setup");

@@ -1,0 +1,88 @@
+//! HTTP plumbing the provider clients share: turning transport errors and
+//! `Retry-After` headers into [`ProviderError`]s the dispatcher can act on.
+
+use std::error::Error as _;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+
+use super::ProviderError;
+
+/// Error bodies go into the ledger and logs: long enough to diagnose, short
+/// enough that an HTML error page from a proxy does not bloat every row.
+pub(crate) const MAX_REASON_BODY: usize = 300;
+
+/// `Retry-After` is either delta-seconds or an HTTP date
+/// (https://www.rfc-editor.org/rfc/rfc9110#field.retry-after).
+pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?;
+    parse_retry_after(value, Utc::now())
+}
+
+pub(crate) fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    // IMF-fixdate ("Sun, 06 Nov 1994 08:49:37 GMT") is a subset of RFC 2822.
+    let at = DateTime::parse_from_rfc2822(value).ok()?.with_timezone(&Utc);
+    // A date already past means "now": zero, not "no hint".
+    Some((at - now).to_std().unwrap_or(Duration::ZERO))
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary.
+pub(crate) fn truncate(s: &str, max: usize) -> String {
+    let s = s.trim();
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// No answer at all (timeout, refused, reset): the provider may or may not
+/// have taken the message, and the same request may work later, so retry.
+/// The URL is left out of the reason: Pusher's carries the request signature.
+pub(crate) fn transport_error(provider: &str, err: reqwest::Error, timeout: Duration) -> ProviderError {
+    let err = err.without_url();
+    let reason = if err.is_timeout() {
+        format!("{provider}: no answer within {} ms", timeout.as_millis())
+    } else {
+        let mut reason = format!("{provider}: {err}");
+        let mut source = err.source();
+        while let Some(cause) = source {
+            reason.push_str(": ");
+            reason.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        reason
+    };
+    ProviderError::Retryable { reason, retry_after: None }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let now = DateTime::parse_from_rfc3339("2015-10-21T07:28:00Z").unwrap().with_timezone(&Utc);
+        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after(" 120 ", now), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now), Some(Duration::from_secs(30)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:27:00 GMT", now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-3", now), None);
+    }
+
+    #[test]
+    fn truncate_keeps_char_boundaries() {
+        assert_eq!(truncate("short", 10), "short");
+        assert_eq!(truncate("ééé", 3), "é…");
+        assert_eq!(truncate("abcdef", 3), "abc…");
+    }
+}

@@ -1,0 +1,10 @@
+//! Shared test support: wire-level fakes of the providers.
+//!
+//! Each test crate uses only part of this, hence the `dead_code` allowance.
+#![allow(dead_code)]
+
+pub mod fake_ably;
+mod fake_http;
+pub mod fake_pusher;
+pub mod pg;
+pub mod relay;
