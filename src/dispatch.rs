@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures_util::stream::{self, StreamExt};
+use futures_util::FutureExt;
 use rand::Rng;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, error, warn};
@@ -214,9 +215,25 @@ impl Dispatcher {
                 metrics::counter!(metric::RESENDS_AFTER_RESTART).increment(resends as u64);
             }
             let full = batch.len() == self.batch;
-            *unrecorded = self.deliver(&batch).await;
-            ledger.finish(unrecorded).await?;
-            unrecorded.clear();
+            let (settled, calls) = self.plan(&batch);
+            unrecorded.extend(settled);
+            // Each provider call is recorded as soon as it returns, not when the
+            // whole batch is done: that keeps the crash window (accepted by the
+            // provider, not yet in the ledger) to one call, not one batch.
+            let mut calls = stream::iter(calls).buffer_unordered(self.concurrency);
+            while let Some(outcomes) = calls.next().await {
+                unrecorded.extend(outcomes);
+                // Calls that finished meanwhile go into the same statement.
+                while let Some(Some(more)) = calls.next().now_or_never() {
+                    unrecorded.extend(more);
+                }
+                ledger.finish(unrecorded).await?;
+                unrecorded.clear();
+            }
+            if !unrecorded.is_empty() {
+                ledger.finish(unrecorded).await?;
+                unrecorded.clear();
+            }
             if full {
                 // More is probably waiting: let the other workers know.
                 self.wake.notify_one();
@@ -224,9 +241,13 @@ impl Dispatcher {
         }
     }
 
-    /// Sends a claimed batch, grouped by channel, providers called concurrently.
-    /// Returns one outcome per claimed delivery.
-    pub async fn deliver(&self, batch: &[Claimed]) -> Vec<(i64, Outcome)> {
+    /// Splits a claimed batch into provider calls (grouped by channel and
+    /// provider, at most 100 messages each). Deliveries settled without a call
+    /// (unknown channel, circuit open) come back at once in the first vector.
+    fn plan<'a>(
+        &'a self,
+        batch: &'a [Claimed],
+    ) -> (Vec<(i64, Outcome)>, Vec<impl std::future::Future<Output = Vec<(i64, Outcome)>> + Send + 'a>) {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut groups: HashMap<&str, Vec<&Claimed>> = HashMap::new();
         for c in batch {
@@ -264,26 +285,21 @@ impl Dispatcher {
                     primary.push(c);
                 }
             }
-            // Chunks let one channel's backlog use several connections at once.
-            for chunk in primary.chunks(100) {
+            // One chunk per provider call: it is also the unit recorded as soon
+            // as it returns. Several chunks of a channel run at once.
+            for chunk in primary.chunks(plan.provider.batch_size()) {
                 calls.push((plan, &plan.provider, chunk.to_vec()));
             }
             if let Some(f) = &plan.fallback {
-                for chunk in fallback.chunks(100) {
+                for chunk in fallback.chunks(f.batch_size()) {
                     calls.push((plan, f, chunk.to_vec()));
                 }
             }
         }
-        // Futures built first, then polled: a closure inside the stream would
-        // make the worker future non-`Send` (higher-ranked lifetimes).
-        let futures: Vec<_> =
-            calls.into_iter().map(|(plan, provider, chunk)| self.call(plan, provider, chunk)).collect();
-        let results: Vec<Vec<(i64, Outcome)>> = stream::iter(futures)
-            .buffer_unordered(self.concurrency)
-            .collect()
-            .await;
-        outcomes.extend(results.into_iter().flatten());
-        outcomes
+        // Futures built here, polled by the caller: a closure inside the stream
+        // would make the worker future non-`Send` (higher-ranked lifetimes).
+        let futures = calls.into_iter().map(|(plan, provider, chunk)| self.call(plan, provider, chunk)).collect();
+        (outcomes, futures)
     }
 
     async fn call(&self, plan: &ChannelPlan, target: &Provider, chunk: Vec<&Claimed>) -> Vec<(i64, Outcome)> {

@@ -78,6 +78,18 @@ impl Provider {
         }
     }
 
+    /// Messages per `send_batch` call that dispatch aims for: what the provider
+    /// takes in one HTTP call. Each call's outcome is recorded as soon as it
+    /// returns, so this also bounds the re-sends a crash can cause per call.
+    pub fn batch_size(&self) -> usize {
+        match self {
+            Provider::Pusher(_) => pusher::MAX_EVENTS_PER_CALL,
+            // Ably deduplicates re-sends by id; a few per call keeps statements few.
+            Provider::Ably(_) => 10,
+            Provider::Log(_) => 100,
+        }
+    }
+
     /// Delivers `messages`, as few HTTP calls as the provider allows.
     ///
     /// Contract: returns exactly one result per message, in the same order. May
