@@ -90,8 +90,8 @@ pub struct Dispatcher {
 pub fn build_providers(cfg: &Config) -> HashMap<ProviderKind, Provider> {
     let http = crate::providers::http_client();
     let mut out = HashMap::new();
-    for ch in cfg.channels.values() {
-        out.entry(ch.provider).or_insert_with(|| match ch.provider {
+    for kind in cfg.channels.values().flat_map(|ch| std::iter::once(ch.provider).chain(ch.fallback)) {
+        out.entry(kind).or_insert_with(|| match kind {
             // Config validation guarantees the sections exist.
             ProviderKind::Pusher => Provider::Pusher(Pusher::new(cfg.providers.pusher.as_ref().unwrap(), http.clone())),
             ProviderKind::Ably => Provider::Ably(Ably::new(cfg.providers.ably.as_ref().unwrap(), http.clone())),

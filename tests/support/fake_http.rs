@@ -144,6 +144,13 @@ impl Faults {
         *self.delay.lock().unwrap() = d;
     }
 
+    /// Back to healthy: no queued failures, no delay, no resets.
+    pub fn clear(&self) {
+        self.fail.lock().unwrap().clear();
+        *self.delay.lock().unwrap() = Duration::ZERO;
+        self.resets.store(0, Ordering::SeqCst);
+    }
+
     pub fn reset_connections_next(&self, n: usize) {
         self.resets.fetch_add(n, Ordering::SeqCst);
     }

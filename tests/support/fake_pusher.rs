@@ -125,6 +125,11 @@ impl FakePusher {
     }
 
     /// Every request waits this long before it is handled.
+    /// The service is healthy again.
+    pub fn recover(&self) {
+        self.shared.faults.clear();
+    }
+
     pub fn set_delay(&self, d: Duration) {
         self.shared.faults.set_delay(d);
     }

@@ -20,8 +20,10 @@ pub struct Env {
     pub pusher: FakePusher,
     /// Slot and publication names; unique per test (slots are cluster-wide).
     pub slot: String,
-    /// Extra TOML appended to the config (channels, relay tuning).
+    /// Extra TOML appended to the config, inside `[relay]` (then any new tables).
     pub extra: String,
+    /// Extra keys inside `[channels.in_app]` (fallback, max_attempts, ...).
+    pub channel_extra: String,
     pub dir: tempfile::TempDir,
 }
 
@@ -43,9 +45,20 @@ impl Env {
     }
 
     pub async fn with_extra(prefix: &str, extra: &str) -> Env {
+        Env::with(prefix, "", extra).await
+    }
+
+    pub async fn with(prefix: &str, channel_extra: &str, extra: &str) -> Env {
         let db = fresh_db(prefix).await;
         let pusher = FakePusher::start("123", "key", "secret");
-        let env = Env { slot: db.name.clone(), db, pusher, extra: extra.to_string(), dir: tempfile::tempdir().unwrap() };
+        let env = Env {
+            slot: db.name.clone(),
+            db,
+            pusher,
+            extra: extra.to_string(),
+            channel_extra: channel_extra.to_string(),
+            dir: tempfile::tempdir().unwrap(),
+        };
         let cfg = env.config();
         outbox_relay::setup::apply(&env.db.client().await, &cfg).await.expect("setup");
         env
@@ -78,6 +91,7 @@ payload_column = "payload"
 provider = "pusher"
 channel_name = "private-user-{{recipient}}"
 max_attempts = 6
+{channel_extra}
 
 [providers.pusher]
 app_id = "123"
@@ -96,12 +110,14 @@ claim_lease_ms = 3000
 retry_base_ms = 50
 retry_max_ms = 1000
 heartbeat_ms = 1000
+circuit_open_ms = 500
 {extra}
 "#,
             url = self.db.url,
             slot = self.slot,
             pusher = self.pusher.base_url(),
             extra = self.extra,
+            channel_extra = self.channel_extra,
         )
     }
 
