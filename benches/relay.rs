@@ -20,6 +20,16 @@ use std::time::{Duration, Instant};
 use support::fake_pusher::FakePusher;
 use outbox_relay::embedded_pg::{self, EmbeddedPg, DJANGO_FIXTURE};
 
+/// The relay child, killed if the bench panics (it would otherwise outlive the cluster).
+struct Relay(std::process::Child);
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -98,12 +108,14 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("relay.toml");
     std::fs::write(&path, text).unwrap();
-    let mut relay = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
-        .args(["--config", path.to_str().unwrap(), "run"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut relay = Relay(
+        Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+            .args(["--config", path.to_str().unwrap(), "run"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     loop {
         let active = client
             .query_opt("SELECT active FROM pg_replication_slots WHERE slot_name = 'outbox_relay'", &[])
@@ -136,6 +148,7 @@ async fn main() {
     let done = wait_sent(&client, rows, Duration::from_secs(600)).await;
     let secs = (done - t0).as_secs_f64();
     let throughput = rows as f64 / secs;
+    eprintln!("throughput: {rows} rows, {throughput:.0} deliveries/s ({secs:.2} s; inserts {insert_secs:.2} s)");
 
     // 2. Latency at a steady rate of single-row transactions.
     let before: i64 = client.query_one("SELECT coalesce(max(id), 0) FROM outbox_relay.deliveries", &[]).await.unwrap().get(0);
@@ -165,19 +178,19 @@ async fn main() {
     let row = client
         .query_one(
             "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), max(ms)
-             FROM (SELECT extract(epoch FROM sent_at - committed_at) * 1000 AS ms
+             FROM (SELECT (extract(epoch FROM sent_at - committed_at) * 1000)::float8 AS ms
                    FROM outbox_relay.deliveries WHERE id > $1) t",
             &[&before],
         )
         .await
         .unwrap();
     let (p50, p99, max): (f64, f64, f64) = (row.get(0), row.get(1), row.get(2));
-    let rss_mib = peak_rss_kib(relay.id()) as f64 / 1024.0;
+    let rss_mib = peak_rss_kib(relay.0.id()) as f64 / 1024.0;
 
     unsafe {
-        libc::kill(relay.id() as i32, libc::SIGTERM);
+        libc::kill(relay.0.id() as i32, libc::SIGTERM);
     }
-    relay.wait().unwrap();
+    relay.0.wait().unwrap();
     let accepted = pusher.events().len();
 
     println!("\n| measure | value |\n|---|---|");

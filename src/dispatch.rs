@@ -54,13 +54,14 @@ impl Backoff {
 }
 
 /// Pause before the `failures`-th reconnection attempt to PostgreSQL:
-/// exponential from 200 ms, capped at 10 s, jittered so that the relay's
+/// exponential from 200 ms, at most 10 s with jitter, so that the relay's
 /// connections do not all knock at once when the server comes back.
 pub fn reconnect_delay(failures: u32) -> Duration {
     use backon::BackoffBuilder;
     backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(10))
+        // backon's jitter adds up to one more delay: 5 s cap, 10 s at worst.
+        .with_max_delay(Duration::from_secs(5))
         .with_jitter()
         .without_max_times()
         .build()
