@@ -14,7 +14,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use std::collections::HashMap;
+
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -34,6 +36,9 @@ pub enum IngestError {
     Ledger(#[from] LedgerError),
     #[error("source.database_url: {0}")]
     Url(String),
+    /// The ledger writer stopped; its own error is the one reported.
+    #[error("ledger writer stopped")]
+    WriterGone,
 }
 
 impl IngestError {
@@ -42,6 +47,7 @@ impl IngestError {
             IngestError::Replication(e) => e.is_retryable(),
             IngestError::Ledger(e) => e.is_retryable(),
             IngestError::Url(_) => false,
+            IngestError::WriterGone => true,
         }
     }
 
@@ -109,15 +115,38 @@ impl Ingest {
         failures: &mut u32,
     ) -> Result<(), IngestError> {
         let src = &self.cfg.source;
-        let mut ledger = Ledger::new(ledger::connect(&src.database_url).await?, &self.cfg.relay.schema);
+        let ledger = Ledger::new(ledger::connect(&src.database_url).await?, &self.cfg.relay.schema);
         let start = ledger.load_offset(&src.slot).await?.unwrap_or_default();
-        let mut stream = ReplicationStream::start(pg, &src.slot, &src.publication, start).await?;
+        let stream = ReplicationStream::start(pg, &src.slot, &src.publication, start).await?;
         self.health.source_connected.store(true, Ordering::Relaxed);
         self.health.ledger_connected.store(true, Ordering::Relaxed);
         *failures = 0;
         info!(slot = %src.slot, publication = %src.publication, from = %start, "streaming");
 
-        let mut batch = Batch { deliveries: Vec::new(), end: None, deadline: None, confirmed: start };
+        // Reading and writing overlap: while one batch is being written, the
+        // next one is read and routed. One batch waits at most; a slow ledger
+        // then slows reading (and the slot keeps the WAL) rather than memory growing.
+        let (handoff, batches) = mpsc::channel::<Handoff>(1);
+        let (written_tx, written) = mpsc::unbounded_channel::<Lsn>();
+        let reader = self.read(stream, start, handoff, written, shutdown);
+        let writer = self.write(ledger, batches, written_tx);
+        match tokio::join!(reader, writer) {
+            (_, Err(e)) | (Err(e), _) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads the stream, routes, hands batches to [`Self::write`], and confirms
+    /// to PostgreSQL each offset the writer reports durable.
+    async fn read(
+        &self,
+        mut stream: ReplicationStream,
+        start: Lsn,
+        handoff: mpsc::Sender<Handoff>,
+        mut written: mpsc::UnboundedReceiver<Lsn>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), IngestError> {
+        let mut batch = Batch { deliveries: Vec::new(), end: None, deadline: None, handed: start, confirmed: start };
         let flush_after = Duration::from_millis(self.cfg.relay.ingest_flush_ms);
         let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -127,18 +156,30 @@ impl Ingest {
                 biased;
                 _ = crate::stopped(shutdown) => {
                     // Stop reading, make what was read durable, confirm it, leave.
-                    self.flush(&mut ledger, &mut stream, &mut batch).await?;
+                    batch.hand_off(&handoff).await?;
+                    drop(handoff);
+                    while batch.confirmed < batch.handed {
+                        match written.recv().await {
+                            Some(lsn) => batch.confirmed = batch.confirmed.max(lsn),
+                            None => return Err(IngestError::WriterGone),
+                        }
+                    }
                     stream.send_status(batch.confirmed, false).await?;
                     let _ = stream.close().await;
                     info!(confirmed = %batch.confirmed, "ingestion stopped");
                     return Ok(());
                 }
-                _ = sleep_until(deadline), if deadline.is_some() => {
-                    self.flush(&mut ledger, &mut stream, &mut batch).await?;
-                }
-                _ = status_tick.tick() => {
+                lsn = written.recv() => {
+                    let Some(lsn) = lsn else { return Err(IngestError::WriterGone) };
+                    // The ledger has it: only now may the slot let it go.
+                    batch.confirmed = batch.confirmed.max(lsn);
                     stream.send_status(batch.confirmed, false).await?;
+                    metrics::gauge!(metric::CONFIRMED_LSN).set(batch.confirmed.0 as f64);
+                    let lag = stream.server_wal_end().0.saturating_sub(batch.confirmed.0);
+                    metrics::gauge!(metric::REPLICATION_LAG).set(lag as f64);
                 }
+                _ = sleep_until(deadline), if deadline.is_some() => batch.hand_off(&handoff).await?,
+                _ = status_tick.tick() => stream.send_status(batch.confirmed, false).await?,
                 event = stream.next_event() => match event? {
                     ReplicationEvent::Tx(tx) => {
                         let routed = tx.changes.iter().filter(|c| self.router.routes_table(&c.table.qualified_name()));
@@ -149,22 +190,23 @@ impl Ingest {
                         self.router.route_tx(&tx, &mut batch.deliveries);
                         batch.end = Some(tx.end_lsn);
                         if batch.deliveries.len() >= self.cfg.relay.ingest_batch_rows {
-                            self.flush(&mut ledger, &mut stream, &mut batch).await?;
+                            batch.hand_off(&handoff).await?;
                         } else if batch.deadline.is_none() {
                             batch.deadline = Some(Instant::now() + flush_after);
                         }
                     }
                     ReplicationEvent::Keepalive { wal_end, reply_requested } => {
-                        // Idle and between transactions: everything up to wal_end
-                        // has been received and nothing of it is unrecorded, so the
-                        // slot may let that WAL go. Without this, quiet routed tables
-                        // would make the slot retain WAL written by everything else.
-                        let caught_up = batch.end.is_none() && !stream.in_transaction() && wal_end > batch.confirmed;
-                        if caught_up {
-                            ledger.save_offset(&src.slot, wal_end).await?;
-                            batch.confirmed = wal_end;
-                        }
-                        if caught_up || reply_requested {
+                        // Idle and between transactions, with nothing unwritten:
+                        // everything up to wal_end has been received and is
+                        // recorded, so the slot may let that WAL go. Without this,
+                        // quiet routed tables would make the slot retain WAL
+                        // written by everything else.
+                        let idle = batch.end.is_none() && batch.handed <= batch.confirmed && !stream.in_transaction();
+                        if idle && wal_end > batch.handed {
+                            // Through the writer, so the stored offset moves too.
+                            batch.end = Some(wal_end);
+                            batch.hand_off(&handoff).await?;
+                        } else if reply_requested {
                             stream.send_status(batch.confirmed, false).await?;
                         }
                         let lag = stream.server_wal_end().0.saturating_sub(batch.confirmed.0);
@@ -175,46 +217,77 @@ impl Ingest {
         }
     }
 
-    /// Writes the batch and its offset in one ledger transaction, then confirms
-    /// the offset to PostgreSQL, then wakes dispatch. In that order, always.
-    async fn flush(&self, ledger: &mut Ledger, stream: &mut ReplicationStream, batch: &mut Batch) -> Result<(), IngestError> {
-        let Some(end) = batch.end else { return Ok(()) };
-        let started = std::time::Instant::now();
-        let inserted = ledger.record(&batch.deliveries, &self.cfg.source.slot, end).await?;
-        metrics::histogram!(metric::LEDGER_FLUSH).record(started.elapsed().as_secs_f64());
-        for d in &batch.deliveries {
-            metrics::counter!(metric::DELIVERIES_RECORDED, "channel" => d.channel.clone(), "status" => d.disposition.status())
-                .increment(1);
-            if let Some(reason) = d.disposition.reason() {
-                warn!(key = %d.idempotency_key, table = %d.source_table, pk = %d.source_pk, channel = %d.channel,
-                    status = d.disposition.status(), reason, "delivery recorded without sending");
+    /// Writes each batch with its offset in one ledger transaction, wakes
+    /// dispatch, and reports the offset back to the reader. Ends when the
+    /// reader drops its sender (or on the first error).
+    async fn write(
+        &self,
+        mut ledger: Ledger,
+        mut batches: mpsc::Receiver<Handoff>,
+        written: mpsc::UnboundedSender<Lsn>,
+    ) -> Result<(), IngestError> {
+        while let Some(h) = batches.recv().await {
+            let started = std::time::Instant::now();
+            let inserted = ledger.record(&h.deliveries, &self.cfg.source.slot, h.end).await?;
+            metrics::histogram!(metric::LEDGER_FLUSH).record(started.elapsed().as_secs_f64());
+            count_recorded(&h.deliveries);
+            debug!(deliveries = h.deliveries.len(), inserted, offset = %h.end, "ledger batch committed");
+            if inserted > 0 {
+                self.wake.notify_waiters();
             }
+            // The reader may be gone (shutting down after an error): nothing to confirm then.
+            let _ = written.send(h.end);
         }
-        debug!(deliveries = batch.deliveries.len(), inserted, offset = %end, "ledger batch committed");
-        batch.confirmed = batch.confirmed.max(end);
-        stream.send_status(batch.confirmed, false).await?;
-        metrics::gauge!(metric::CONFIRMED_LSN).set(batch.confirmed.0 as f64);
-        let lag = stream.server_wal_end().0.saturating_sub(batch.confirmed.0);
-        metrics::gauge!(metric::REPLICATION_LAG).set(lag as f64);
-        if inserted > 0 {
-            self.wake.notify_waiters();
-        }
-        batch.deliveries.clear();
-        batch.end = None;
-        batch.deadline = None;
         Ok(())
     }
 }
 
-/// Received but not yet in the ledger.
+/// Metrics and warnings for what a batch recorded; counted per (channel,
+/// status) first, so a 5000-row batch costs a handful of metric updates.
+fn count_recorded(deliveries: &[NewDelivery]) {
+    let mut counts: HashMap<(&str, &'static str), u64> = HashMap::new();
+    for d in deliveries {
+        *counts.entry((d.channel.as_str(), d.disposition.status())).or_default() += 1;
+        if let Some(reason) = d.disposition.reason() {
+            warn!(key = %d.idempotency_key, table = %d.source_table, pk = %d.source_pk, channel = %d.channel,
+                status = d.disposition.status(), reason, "delivery recorded without sending");
+        }
+    }
+    for ((channel, status), n) in counts {
+        metrics::counter!(metric::DELIVERIES_RECORDED, "channel" => channel.to_string(), "status" => status).increment(n);
+    }
+}
+
+/// A batch on its way to the ledger: deliveries and the offset just past them.
+struct Handoff {
+    deliveries: Vec<NewDelivery>,
+    end: Lsn,
+}
+
+/// The reader's position: what it holds, what it handed over, what is confirmed.
 struct Batch {
+    /// Received and routed, not yet handed to the writer.
     deliveries: Vec<NewDelivery>,
     /// End of the last complete transaction in `deliveries`.
     end: Option<Lsn>,
     /// When the oldest of them has waited long enough.
     deadline: Option<Instant>,
-    /// Last offset confirmed to PostgreSQL; never moves backwards.
+    /// Highest offset handed to the writer.
+    handed: Lsn,
+    /// Last offset the writer reported durable and we confirmed; never moves backwards.
     confirmed: Lsn,
+}
+
+impl Batch {
+    /// Hands what is held to the writer (waiting while it is busy with the previous batch).
+    async fn hand_off(&mut self, to: &mpsc::Sender<Handoff>) -> Result<(), IngestError> {
+        let Some(end) = self.end.take() else { return Ok(()) };
+        let deliveries = std::mem::take(&mut self.deliveries);
+        self.deadline = None;
+        to.send(Handoff { deliveries, end }).await.map_err(|_| IngestError::WriterGone)?;
+        self.handed = self.handed.max(end);
+        Ok(())
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
