@@ -81,6 +81,44 @@ async fn wait_sent(client: &tokio_postgres::Client, n: i64, limit: Duration) -> 
     }
 }
 
+/// BENCH_BACKLOG=N: Pusher down, N rows inserted; the relay's memory while
+/// the whole backlog sits in the ledger, then while it drains for 20 s.
+async fn backlog_memory(client: &tokio_postgres::Client, pusher: &FakePusher, relay: &Relay, n: i64) {
+    pusher.fail_next(100_000_000, 503, None);
+    let t0 = Instant::now();
+    let mut inserted = 0;
+    while inserted < n {
+        let k = (n - inserted).min(5000);
+        client
+            .execute(
+                "INSERT INTO operators_notificationoperateur (user_id, kind, title, level, url)
+                 SELECT 1 + (g % 20), 'order_ready', 'Commande ' || g, 'info', '/orders/' || g
+                 FROM generate_series(1, $1::int) g",
+                &[&(k as i32)],
+            )
+            .await
+            .unwrap();
+        inserted += k;
+    }
+    loop {
+        let recorded: i64 = client.query_one("SELECT count(*) FROM outbox_relay.deliveries", &[]).await.unwrap().get(0);
+        if recorded >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let ingest_secs = t0.elapsed().as_secs_f64();
+    let rss_backlog = peak_rss_kib(relay.0.id()) as f64 / 1024.0;
+    pusher.recover();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let sent = count_sent(client).await;
+    let rss_drain = peak_rss_kib(relay.0.id()) as f64 / 1024.0;
+    println!("\n| measure | value |\n|---|---|");
+    println!("| backlog | {n} rows recorded with Pusher down, in {ingest_secs:.1} s |");
+    println!("| relay peak RSS with the whole backlog in the ledger | {rss_backlog:.1} MiB |");
+    println!("| then 20 s of draining after Pusher recovers | {sent} sent, peak RSS {rss_drain:.1} MiB |");
+}
+
 fn peak_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -126,6 +164,12 @@ async fn main() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let backlog = env_or("BENCH_BACKLOG", 0) as i64;
+    if backlog > 0 {
+        backlog_memory(&client, &pusher, &relay, backlog).await;
+        return;
     }
 
     // 1. Throughput.
