@@ -75,6 +75,17 @@ impl Circuit {
         open
     }
 
+    /// When calls may resume, if they may not now. Unlike [`Circuit::admit`]
+    /// this changes nothing: it lets idle workers sleep instead of claiming
+    /// rows only to defer them.
+    pub fn blocked_until(&self, now: Instant) -> Option<Instant> {
+        match *self.state.lock().unwrap_or_else(|p| p.into_inner()) {
+            State::Open { until } if now < until => Some(until),
+            State::HalfOpen { probing: true } => Some(now + Duration::from_millis(500)),
+            _ => None,
+        }
+    }
+
     pub fn is_open(&self) -> bool {
         !matches!(*self.state.lock().unwrap_or_else(|p| p.into_inner()), State::Closed { .. })
     }
@@ -93,6 +104,7 @@ mod tests {
         assert_eq!(c.admit(t), Admission::Call);
         assert!(c.failure(t), "third consecutive failure opens");
         assert_eq!(c.admit(t + Duration::from_secs(1)), Admission::Refuse(t + Duration::from_secs(10)));
+        assert_eq!(c.blocked_until(t + Duration::from_secs(1)), Some(t + Duration::from_secs(10)));
         assert_eq!(c.admit(t + Duration::from_secs(11)), Admission::Probe);
         assert!(matches!(c.admit(t + Duration::from_secs(11)), Admission::Refuse(_)), "one probe at a time");
         c.success();

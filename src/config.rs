@@ -417,7 +417,7 @@ fn default_schema() -> String {
     "outbox_relay".into()
 }
 fn default_ingest_batch_rows() -> usize {
-    5000
+    2000
 }
 fn default_ingest_flush_ms() -> u64 {
     5

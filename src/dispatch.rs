@@ -198,6 +198,15 @@ impl Dispatcher {
             if *shutdown.borrow() {
                 return Ok(());
             }
+            // Every channel's provider is down with nowhere to fall back: claiming
+            // would only defer rows (a write each). Sleep until a probe is due.
+            if let Some(until) = self.blocked_until(Instant::now()) {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until.into()) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
             // Registered before the claim: a wake-up that lands while we query is not lost.
             let notified = self.wake.notified();
             tokio::pin!(notified);
@@ -240,6 +249,21 @@ impl Dispatcher {
                 self.wake.notify_one();
             }
         }
+    }
+
+    /// `Some(when)` if no channel can send now: each one's provider circuit is
+    /// open and its fallback (if any) too.
+    fn blocked_until(&self, now: Instant) -> Option<Instant> {
+        let mut earliest: Option<Instant> = None;
+        for plan in self.channels.values() {
+            let primary = self.circuits[plan.provider.name()].blocked_until(now)?;
+            let until = match &plan.fallback {
+                Some(f) => primary.min(self.circuits[f.name()].blocked_until(now)?),
+                None => primary,
+            };
+            earliest = Some(earliest.map_or(until, |e| e.min(until)));
+        }
+        earliest
     }
 
     /// Splits a claimed batch into provider calls (grouped by channel and
