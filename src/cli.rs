@@ -107,7 +107,7 @@ pub async fn main(cli: Cli) -> Result<(), Failure> {
     let asked_json = std::env::args().any(|a| a.starts_with("--log-format"));
     let format = if matches!(cli.command, Command::Demo) && !asked_json { LogFormat::Text } else { cli.log_format };
     crate::telemetry::init_logging(format);
-    let explicit = std::env::var_os("OUTBOX_RELAY_CONFIG").is_some() || cli.config != PathBuf::from("relay.toml");
+    let explicit = std::env::var_os("OUTBOX_RELAY_CONFIG").is_some() || cli.config.as_path() != std::path::Path::new("relay.toml");
     let load = || Config::load(&cli.config, explicit);
     match cli.command {
         Command::Demo => crate::demo::run().await.map_err(Failure::other),

@@ -23,6 +23,9 @@ use crate::circuit::{Admission, Circuit};
 use crate::limits::Pacer;
 use crate::telemetry::metric;
 
+/// Outcomes by ledger id.
+type Outcomes = Vec<(i64, Outcome)>;
+
 /// A channel as dispatch sees it: who carries it and how its provider channel is named.
 #[derive(Clone, Debug)]
 struct ChannelPlan {
@@ -272,7 +275,7 @@ impl Dispatcher {
     fn plan<'a>(
         &'a self,
         batch: &'a [Claimed],
-    ) -> (Vec<(i64, Outcome)>, Vec<impl std::future::Future<Output = Vec<(i64, Outcome)>> + Send + 'a>) {
+    ) -> (Outcomes, Vec<impl std::future::Future<Output = Outcomes> + Send + 'a>) {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut groups: HashMap<&str, Vec<&Claimed>> = HashMap::new();
         for c in batch {

@@ -210,9 +210,10 @@ async fn sigterm_stops_cleanly_within_10_seconds() {
     assert!(status.success(), "exit 0 on SIGTERM: {status:?}");
     assert!(started.elapsed() < Duration::from_secs(10), "stopped in {:?}", started.elapsed());
     // Whatever it had not sent is in the ledger, and a restart finishes the job.
-    let child = env.spawn_binary(free_port());
+    let mut child = env.spawn_binary(free_port());
     env.wait_settled(ids.len() as i64, Duration::from_secs(30)).await;
     sigterm(&child);
+    assert!(child.wait().unwrap().success());
     let counts = env.pusher_counts();
     assert!(ids.iter().all(|id| counts.get(id) == Some(&1)), "each delivered exactly once across a clean restart");
 }

@@ -304,7 +304,7 @@ fn check(
         let mut base: Option<&str> = None;
         for (i, m) in messages.iter().enumerate() {
             let id = m.id.as_deref().unwrap_or_default();
-            let ok = id.rsplit_once(':').filter(|(b, idx)| *idx == i.to_string() && base.map_or(true, |x| x == *b));
+            let ok = id.rsplit_once(':').filter(|(b, idx)| *idx == i.to_string() && base.is_none_or(|x| x == *b));
             match ok {
                 Some((b, _)) => base = Some(b),
                 None => return bad_id(
