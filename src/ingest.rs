@@ -188,7 +188,9 @@ impl Ingest {
                             metrics::counter!(metric::ROWS_INGESTED).increment(rows as u64);
                         }
                         self.router.route_tx(&tx, &mut batch.deliveries);
-                        batch.end = Some(tx.end_lsn);
+                        if tx.complete {
+                            batch.end = Some(tx.end_lsn);
+                        }
                         if batch.deliveries.len() >= self.cfg.relay.ingest_batch_rows {
                             batch.hand_off(&handoff).await?;
                         } else if batch.deadline.is_none() {
@@ -281,7 +283,13 @@ struct Batch {
 impl Batch {
     /// Hands what is held to the writer (waiting while it is busy with the previous batch).
     async fn hand_off(&mut self, to: &mpsc::Sender<Handoff>) -> Result<(), IngestError> {
-        let Some(end) = self.end.take() else { return Ok(()) };
+        // Parts of a transaction still open go with the offset already handed:
+        // recorded now (memory stays bounded), confirmed with its Commit.
+        let end = match self.end.take() {
+            Some(end) => end,
+            None if !self.deliveries.is_empty() => self.handed,
+            None => return Ok(()),
+        };
         let deliveries = std::mem::take(&mut self.deliveries);
         self.deadline = None;
         to.send(Handoff { deliveries, end }).await.map_err(|_| IngestError::WriterGone)?;

@@ -345,3 +345,18 @@ async fn a_quiet_slot_still_releases_wal_written_elsewhere() {
     }
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_transaction_is_delivered_once_in_parts() {
+    let env = Env::new("bigtx").await;
+    let relay = env.start_in_process();
+    env.wait_streaming().await;
+    let client = env.db.client().await;
+    // 2 500 rows in one transaction: routed in parts of 1 000 before its commit arrives.
+    let ids = insert_notifications(&client, 2500, 2500).await;
+    env.wait_settled(2500, Duration::from_secs(60)).await;
+    let counts = env.pusher_counts();
+    assert!(ids.iter().all(|id| counts.get(id) == Some(&1)), "each row once");
+    assert_eq!(counts.len(), 2500);
+    relay.stop().await;
+}

@@ -100,6 +100,10 @@ pub struct CommittedTx {
     pub commit_time: DateTime<Utc>,
     pub xid: u32,
     pub changes: Vec<RowChange>,
+    /// False for a part of a large transaction whose Commit has not arrived
+    /// yet: more changes follow, and `end_lsn` is unknown (zero) — nothing may
+    /// be confirmed on its account.
+    pub complete: bool,
 }
 
 #[cfg(test)]

@@ -417,8 +417,16 @@ fn decode_tuple(r: &mut Reader<'_>) -> Result<Vec<Value>, DecodeError> {
 /// The transaction being assembled.
 struct OpenTx {
     xid: u32,
+    /// From Begin: where the transaction commits and when (pgoutput v1 only
+    /// sends committed transactions), so parts can be routed before Commit.
+    commit_lsn: Lsn,
+    commit_time: DateTime<Utc>,
     changes: Vec<RowChange>,
 }
+
+/// Changes handed out before Commit once a transaction has this many: memory
+/// stays bounded by this, not by the largest transaction (a 1M-row bulk_create).
+pub const PART_ROWS: usize = 1000;
 
 /// Keeps the relation cache and gathers one transaction's changes until its
 /// Commit. Rolled-back transactions never reach pgoutput, so every Begin is
@@ -461,8 +469,8 @@ impl TxAssembler {
         match msg {
             PgOutputMessage::Begin {
                 xid,
-                commit_time: _,
-                final_lsn: _,
+                commit_time,
+                final_lsn,
             } => {
                 if let Some(open) = &self.open {
                     return Err(DecodeError::NestedBegin {
@@ -472,6 +480,8 @@ impl TxAssembler {
                 }
                 self.open = Some(OpenTx {
                     xid,
+                    commit_lsn: final_lsn,
+                    commit_time,
                     changes: Vec::new(),
                 });
                 Ok(None)
@@ -491,6 +501,7 @@ impl TxAssembler {
                     commit_time,
                     xid: open.xid,
                     changes: open.changes,
+                    complete: true,
                 }))
             }
             PgOutputMessage::Relation { rel_id, table, .. } => {
@@ -502,7 +513,7 @@ impl TxAssembler {
             }
             PgOutputMessage::Insert { rel_id, new } => {
                 self.add_change(rel_id, Operation::Insert, new, "Insert")?;
-                Ok(None)
+                Ok(self.take_part())
             }
             PgOutputMessage::Update { rel_id, old, new } => {
                 let new = match old {
@@ -520,11 +531,11 @@ impl TxAssembler {
                     _ => new,
                 };
                 self.add_change(rel_id, Operation::Update, new, "Update")?;
-                Ok(None)
+                Ok(self.take_part())
             }
             PgOutputMessage::Delete { rel_id, old } => {
                 self.add_change(rel_id, Operation::Delete, old.into_values(), "Delete")?;
-                Ok(None)
+                Ok(self.take_part())
             }
             PgOutputMessage::Truncate { rel_ids, .. } => {
                 // Not a row change: nothing to route. Said in the log so an
@@ -536,6 +547,19 @@ impl TxAssembler {
             | PgOutputMessage::Type { .. }
             | PgOutputMessage::Message { .. } => Ok(None),
         }
+    }
+
+    /// A part of the open transaction once it holds [`PART_ROWS`] changes.
+    fn take_part(&mut self) -> Option<CommittedTx> {
+        let open = self.open.as_mut().filter(|o| o.changes.len() >= PART_ROWS)?;
+        Some(CommittedTx {
+            end_lsn: Lsn::default(),
+            commit_lsn: open.commit_lsn,
+            commit_time: open.commit_time,
+            xid: open.xid,
+            changes: std::mem::take(&mut open.changes),
+            complete: false,
+        })
     }
 
     fn add_change(
@@ -568,6 +592,38 @@ impl TxAssembler {
 
 #[cfg(test)]
 pub(crate) mod tests {
+
+    #[test]
+    fn a_large_transaction_comes_out_in_parts_then_whole_at_commit() {
+        use chrono::TimeZone;
+        let mut a = TxAssembler::new();
+        let when = Utc.with_ymd_and_hms(2026, 11, 24, 10, 0, 0).unwrap();
+        let table = Table {
+            schema: "public".into(),
+            name: "t".into(),
+            columns: vec![Column { name: "id".into(), type_oid: 20, is_key: true }],
+        };
+        a.push(PgOutputMessage::Relation { rel_id: 1, replica_identity: b'd', table }).unwrap();
+        a.push(PgOutputMessage::Begin { final_lsn: Lsn(500), commit_time: when, xid: 9 }).unwrap();
+        let mut parts = vec![];
+        for i in 0..(PART_ROWS * 2 + 3) {
+            let new = vec![Value::Text(i.to_string())];
+            if let Some(part) = a.push(PgOutputMessage::Insert { rel_id: 1, new }).unwrap() {
+                parts.push(part);
+            }
+        }
+        assert_eq!(parts.len(), 2);
+        assert!(parts.iter().all(|p| !p.complete && p.changes.len() == PART_ROWS && p.commit_lsn == Lsn(500)));
+        assert_eq!(parts[0].commit_time, when);
+        assert!(a.in_transaction());
+        let last = a
+            .push(PgOutputMessage::Commit { commit_lsn: Lsn(500), end_lsn: Lsn(560), commit_time: when })
+            .unwrap()
+            .unwrap();
+        assert!(last.complete);
+        assert_eq!((last.changes.len(), last.end_lsn), (3, Lsn(560)));
+        assert!(!a.in_transaction());
+    }
     use super::*;
 
     /// Builds pgoutput message bytes the way the server lays them out.
