@@ -143,7 +143,7 @@ async fn main() {
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let text = config(&url, &pusher.base_url(), metrics_port);
     let cfg = outbox_relay::config::Config::from_toml(&text).unwrap();
-    outbox_relay::setup::apply(&client, &cfg).await.unwrap();
+    outbox_relay::setup::apply(&mut embedded_pg::connect(&url).await.unwrap(), &cfg).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("relay.toml");
     std::fs::write(&path, text).unwrap();

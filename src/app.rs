@@ -18,7 +18,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, SourceMode};
+use crate::source::listen::{ListenError, ListenSource};
 use crate::dispatch::Dispatcher;
 use crate::ingest::{Ingest, IngestError};
 use crate::ledger::{self, Ledger, LedgerError};
@@ -30,10 +31,12 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 pub enum RunError {
     #[error(transparent)]
     Ingest(#[from] IngestError),
+    #[error(transparent)]
+    ListenSource(#[from] ListenError),
     #[error("ledger: {0}")]
     Ledger(#[from] LedgerError),
     #[error("metrics listener {addr}: {source}")]
-    Listen { addr: String, source: std::io::Error },
+    MetricsListen { addr: String, source: std::io::Error },
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
@@ -61,7 +64,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
     let mut tasks = JoinSet::new();
 
     if let Some(addr) = cfg.metrics.socket_addr()? {
-        let listener = telemetry::bind(addr).await.map_err(|source| RunError::Listen { addr: addr.to_string(), source })?;
+        let listener = telemetry::bind(addr).await.map_err(|source| RunError::MetricsListen { addr: addr.to_string(), source })?;
         info!(%addr, "serving /metrics, /healthz, /readyz");
         let app = telemetry::router(metrics, health.clone());
         let stop = stop.clone();
@@ -82,10 +85,19 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
     }
     tasks.spawn(housekeeping(cfg.clone(), health.clone(), stop.clone()));
 
-    let ingest = Ingest::new(cfg.clone(), dispatcher.wake.clone(), health.clone());
+    // The source: logical replication, or the trigger-fed change log.
     let mut outside = shutdown;
-    let ingest_stop = stop.clone();
-    let ingest_task = tokio::spawn(async move { ingest.run(ingest_stop).await });
+    let source_stop = stop.clone();
+    let ingest_task = match cfg.source.mode {
+        SourceMode::Logical => {
+            let ingest = Ingest::new(cfg.clone(), dispatcher.wake.clone(), health.clone());
+            tokio::spawn(async move { ingest.run(source_stop).await.map_err(RunError::from) })
+        }
+        SourceMode::Listen => {
+            let listen = ListenSource::new(cfg.clone(), dispatcher.wake.clone(), health.clone());
+            tokio::spawn(async move { listen.run(source_stop).await.map_err(RunError::from) })
+        }
+    };
     tokio::pin!(ingest_task);
 
     let result = tokio::select! {
@@ -93,7 +105,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
             info!("shutting down");
             let _ = stop_tx.send(true);
             match tokio::time::timeout(SHUTDOWN_GRACE, &mut ingest_task).await {
-                Ok(Ok(r)) => r.map_err(RunError::from),
+                Ok(Ok(r)) => r,
                 Ok(Err(join)) => { warn!(error = %join, "ingestion task failed"); Ok(()) }
                 Err(_) => { warn!("ingestion did not stop in time"); Ok(()) }
             }
@@ -101,7 +113,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
         r = &mut ingest_task => {
             let _ = stop_tx.send(true);
             match r {
-                Ok(r) => r.map_err(RunError::from),
+                Ok(r) => r,
                 Err(join) => { warn!(error = %join, "ingestion task failed"); Ok(()) }
             }
         }

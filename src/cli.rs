@@ -117,8 +117,8 @@ pub async fn main(cli: Cli) -> Result<(), Failure> {
         }
         Command::Setup { print_sql: false } => {
             let cfg = load()?;
-            let client = connect(&cfg).await?;
-            crate::setup::apply(&client, &cfg).await.map_err(Failure::user)?;
+            let mut client = connect(&cfg).await?;
+            crate::setup::apply(&mut client, &cfg).await.map_err(Failure::user)?;
             println!("setup done: publication {:?}, slot {:?}", cfg.source.publication, cfg.source.slot);
             Ok(())
         }
@@ -150,9 +150,10 @@ pub async fn main(cli: Cli) -> Result<(), Failure> {
             let shutdown = signal_shutdown();
             crate::app::run(cfg, shutdown).await.map_err(|e| match &e {
                 crate::app::RunError::Ingest(i) if !i.is_retryable() => Failure::user(e),
+                crate::app::RunError::ListenSource(l) if !l.is_retryable() => Failure::user(e),
                 crate::app::RunError::Ledger(l) if !l.is_retryable() => Failure::user(e),
                 crate::app::RunError::Config(_)
-                | crate::app::RunError::Listen { .. }
+                | crate::app::RunError::MetricsListen { .. }
                 | crate::app::RunError::Preflight(crate::preflight::PreflightError::Fix(_)) => Failure::user(e),
                 _ => Failure::other(e),
             })

@@ -84,6 +84,13 @@ pub struct SourceConfig {
     /// Role that `setup` creates for the relay; `None` leaves roles alone.
     #[serde(default)]
     pub role: Option<String>,
+    /// Listen mode: how often the change log is read when no NOTIFY woke the relay.
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+}
+
+fn default_poll_interval_ms() -> u64 {
+    1000
 }
 
 impl fmt::Debug for SourceConfig {
@@ -94,6 +101,7 @@ impl fmt::Debug for SourceConfig {
             .field("slot", &self.slot)
             .field("publication", &self.publication)
             .field("role", &self.role)
+            .field("poll_interval_ms", &self.poll_interval_ms)
             .finish()
     }
 }
@@ -520,6 +528,12 @@ impl Config {
             }
             if r.channels.is_empty() && r.channels_column.is_none() {
                 return bad(format!("{at}: set channels = [..] or channels_column = \"column\""));
+            }
+            if self.source.mode == SourceMode::Listen && r.operations.contains(&Operation::Delete) {
+                return bad(format!(
+                    "{at}: listen mode cannot route deletes (the row is gone when the relay reads it): \
+                     remove \"delete\" from operations or use mode = \"logical\""
+                ));
             }
             if r.operations.is_empty() {
                 return bad(format!("{at}: operations is empty; list at least \"insert\""));

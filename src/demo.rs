@@ -67,12 +67,12 @@ pub async fn run() -> Result<(), DemoError> {
         .map_err(|e| DemoError::Other(e.to_string()))??;
     let url = pg.create_database("app").await?;
     println!("    {url}");
-    let client = embedded_pg::connect(&url).await?;
+    let mut client = embedded_pg::connect(&url).await?;
     client.batch_execute(DJANGO_FIXTURE).await?;
     say("loaded the Django tables (auth_user, operators_notificationoperateur, operators_outboxevent)");
 
     let cfg = Config::from_toml(&DEMO_CONFIG.replace("__URL__", &url))?;
-    crate::setup::apply(&client, &cfg).await?;
+    crate::setup::apply(&mut client, &cfg).await?;
     say("setup: publication and logical slot created; this is the SQL a DBA would run:");
     for line in crate::setup::script(&cfg).lines().filter(|l| !l.starts_with("--") && !l.is_empty()) {
         println!("    {line}");

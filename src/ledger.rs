@@ -29,18 +29,22 @@ impl LedgerError {
     /// Connection trouble and serialization conflicts pass; anything else
     /// (missing privilege, missing schema) needs a human.
     pub fn is_retryable(&self) -> bool {
-        let e = match self {
-            LedgerError::Db(e) | LedgerError::Connect(e) => e,
-        };
-        if e.is_closed() {
-            return true;
+        match self {
+            LedgerError::Db(e) | LedgerError::Connect(e) => db_error_is_retryable(e),
         }
-        match e.code() {
-            None => true, // I/O errors carry no SQLSTATE
-            Some(code) => {
-                let c = code.code();
-                c.starts_with("08") || c.starts_with("57P") || c == "40001" || c == "40P01" || c == "53300"
-            }
+    }}
+
+/// Connection trouble, server restarts and serialization conflicts pass;
+/// anything else (missing privilege, missing schema) needs a human.
+pub fn db_error_is_retryable(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        None => true, // I/O errors carry no SQLSTATE
+        Some(code) => {
+            let c = code.code();
+            c.starts_with("08") || c.starts_with("57P") || c == "40001" || c == "40P01" || c == "53300"
         }
     }
 }
@@ -49,6 +53,7 @@ impl LedgerError {
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../sql/migrations/001_ledger.sql")),
     (2, include_str!("../sql/migrations/002_discarded.sql")),
+    (3, include_str!("../sql/migrations/003_listen.sql")),
 ];
 
 /// The migrations' SQL with the schema name filled in (it is a validated identifier).
@@ -178,51 +183,9 @@ impl Ledger {
     /// Replayed rows (same idempotency key) are ignored, so replaying a
     /// transaction after a crash is harmless. Returns how many rows were new.
     pub async fn record(&mut self, deliveries: &[NewDelivery], slot: &str, end_lsn: Lsn) -> Result<u64, LedgerError> {
-        let schema = &self.schema;
         let tx = self.client.transaction().await?;
-        let mut inserted = 0;
-        // Chunks bound the size of one statement's parameter arrays.
-        for chunk in deliveries.chunks(5000) {
-            let mut cols: [Vec<&str>; 8] = Default::default();
-            let mut recipients: Vec<Option<&str>> = Vec::with_capacity(chunk.len());
-            let mut errors: Vec<Option<&str>> = Vec::with_capacity(chunk.len());
-            let mut payloads: Vec<String> = Vec::with_capacity(chunk.len());
-            let mut lsns: Vec<String> = Vec::with_capacity(chunk.len());
-            let mut times: Vec<DateTime<Utc>> = Vec::with_capacity(chunk.len());
-            for d in chunk {
-                cols[0].push(&d.source_table);
-                cols[1].push(&d.source_pk);
-                cols[2].push(&d.channel);
-                cols[3].push(&d.idempotency_key);
-                cols[4].push(&d.event);
-                cols[5].push(d.disposition.status());
-                recipients.push(d.recipient.as_deref());
-                errors.push(d.disposition.reason());
-                payloads.push(d.payload.to_string());
-                lsns.push(d.commit_lsn.to_string());
-                times.push(d.committed_at);
-            }
-            let sql = format!(
-                "INSERT INTO {schema}.deliveries
-                   (source_table, source_pk, channel, idempotency_key, event, status,
-                    recipient, last_error, payload, commit_lsn, committed_at)
-                 SELECT t, pk, ch, k, ev, st, r, e, p::jsonb, l::pg_lsn, c
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                             $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[])
-                      AS u(t, pk, ch, k, ev, st, r, e, p, l, c)
-                 ON CONFLICT (idempotency_key) DO NOTHING"
-            );
-            inserted += tx
-                .execute(
-                    &sql,
-                    &[
-                        &cols[0], &cols[1], &cols[2], &cols[3], &cols[4], &cols[5], &recipients, &errors, &payloads,
-                        &lsns, &times,
-                    ],
-                )
-                .await?;
-        }
-        save_offset(&tx, schema, slot, end_lsn).await?;
+        let inserted = insert_deliveries(&tx, &self.schema, deliveries).await?;
+        save_offset(&tx, &self.schema, slot, end_lsn).await?;
         tx.commit().await?;
         Ok(inserted)
     }
@@ -490,6 +453,59 @@ impl Ledger {
             )
             .await?)
     }
+}
+
+/// Inserts deliveries, ignoring replays (same idempotency key), inside the
+/// caller's transaction; returns how many rows were new. The one way rows
+/// enter the ledger, for both source modes.
+pub async fn insert_deliveries(
+    client: &impl tokio_postgres::GenericClient,
+    schema: &str,
+    deliveries: &[NewDelivery],
+) -> Result<u64, LedgerError> {
+    let mut inserted = 0;
+    // Chunks bound the size of one statement's parameter arrays.
+    for chunk in deliveries.chunks(5000) {
+        let mut cols: [Vec<&str>; 6] = Default::default();
+        let mut recipients: Vec<Option<&str>> = Vec::with_capacity(chunk.len());
+        let mut errors: Vec<Option<&str>> = Vec::with_capacity(chunk.len());
+        let mut payloads: Vec<String> = Vec::with_capacity(chunk.len());
+        let mut lsns: Vec<String> = Vec::with_capacity(chunk.len());
+        let mut times: Vec<DateTime<Utc>> = Vec::with_capacity(chunk.len());
+        for d in chunk {
+            cols[0].push(&d.source_table);
+            cols[1].push(&d.source_pk);
+            cols[2].push(&d.channel);
+            cols[3].push(&d.idempotency_key);
+            cols[4].push(&d.event);
+            cols[5].push(d.disposition.status());
+            recipients.push(d.recipient.as_deref());
+            errors.push(d.disposition.reason());
+            payloads.push(d.payload.to_string());
+            lsns.push(d.commit_lsn.to_string());
+            times.push(d.committed_at);
+        }
+        let sql = format!(
+            "INSERT INTO {schema}.deliveries
+               (source_table, source_pk, channel, idempotency_key, event, status,
+                recipient, last_error, payload, commit_lsn, committed_at)
+             SELECT t, pk, ch, k, ev, st, r, e, p::jsonb, l::pg_lsn, c
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                         $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[])
+                  AS u(t, pk, ch, k, ev, st, r, e, p, l, c)
+             ON CONFLICT (idempotency_key) DO NOTHING"
+        );
+        inserted += client
+            .execute(
+                &sql,
+                &[
+                    &cols[0], &cols[1], &cols[2], &cols[3], &cols[4], &cols[5], &recipients, &errors, &payloads, &lsns,
+                    &times,
+                ],
+            )
+            .await?;
+    }
+    Ok(inserted)
 }
 
 async fn save_offset(

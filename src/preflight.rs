@@ -73,6 +73,26 @@ pub async fn check(client: &Client, cfg: &Config) -> Result<(), PreflightError> 
             }
         }
     }
+    if src.mode == SourceMode::Listen {
+        let trigger = format!("{}_capture", cfg.relay.schema);
+        for route in &cfg.routes {
+            let (schema, table) = route.schema_and_table();
+            let installed = client
+                .query_opt(
+                    "SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+                     JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = $1 AND c.relname = $2 AND t.tgname = $3",
+                    &[&schema, &table, &trigger],
+                )
+                .await?;
+            if installed.is_none() {
+                problems.push(format!(
+                    "table {} has no {trigger} trigger: run `outbox-relay setup` (listen mode installs it)",
+                    route.qualified_table()
+                ));
+            }
+        }
+    }
     for route in &cfg.routes {
         let (schema, table) = route.schema_and_table();
         let qualified = route.qualified_table();

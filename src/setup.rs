@@ -18,6 +18,8 @@ pub enum SetupError {
     Statement { statement: String, source: tokio_postgres::Error },
     #[error("database: {0}")]
     Db(#[from] tokio_postgres::Error),
+    #[error("relay schema: {0}")]
+    Migrate(#[from] crate::ledger::LedgerError),
 }
 
 /// `name` as a SQL identifier, always quoted (safe for any configured name).
@@ -38,8 +40,21 @@ pub fn quote_table(qualified: &str) -> String {
     }
 }
 
+/// One step of the setup: why, and the SQL.
+pub struct Statement {
+    pub why: String,
+    pub sql: String,
+    /// The relay schema's migrations: applied through `ledger::migrate` (which
+    /// records them), printed as their SQL.
+    pub migrations: bool,
+}
+
+fn step(why: impl Into<String>, sql: String) -> Statement {
+    Statement { why: why.into(), sql, migrations: false }
+}
+
 /// The statements, with a comment above each saying why.
-pub fn statements(cfg: &Config) -> Vec<(String, String)> {
+pub fn statements(cfg: &Config) -> Vec<Statement> {
     let src = &cfg.source;
     let mut tables: Vec<String> = cfg.routes.iter().map(|r| quote_table(&r.qualified_table())).collect();
     tables.sort();
@@ -59,8 +74,8 @@ pub fn statements(cfg: &Config) -> Vec<(String, String)> {
     let publication = quote_ident(&src.publication);
     let mut out = vec![];
     if src.mode == SourceMode::Logical {
-        out.push((
-            "Publication on the routed tables, publishing only the operations routes listen to.".into(),
+        out.push(step(
+            "Publication on the routed tables, publishing only the operations routes listen to.",
             format!(
                 "DO $$ BEGIN\n  IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = {name}) THEN\n    \
                  CREATE PUBLICATION {publication} FOR TABLE {table_list} WITH (publish = '{ops}');\n  ELSE\n    \
@@ -70,8 +85,8 @@ pub fn statements(cfg: &Config) -> Vec<(String, String)> {
                 ops = ops.join(", "),
             ),
         ));
-        out.push((
-            "Logical slot with the pgoutput plugin. It keeps WAL until the relay confirms it: drop it if you remove the relay.".into(),
+        out.push(step(
+            "Logical slot with the pgoutput plugin. It keeps WAL until the relay confirms it: drop it if you remove the relay.",
             format!(
                 "SELECT pg_create_logical_replication_slot({slot}, 'pgoutput')\n\
                  WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = {slot})",
@@ -79,10 +94,29 @@ pub fn statements(cfg: &Config) -> Vec<(String, String)> {
             ),
         ));
     }
+    if src.mode == SourceMode::Listen {
+        let schema = &cfg.relay.schema;
+        out.push(Statement {
+            why: "The relay schema: ledger, change log and the capture() trigger function (as `outbox-relay migrate`).".into(),
+            sql: crate::ledger::migration_sql(schema).into_iter().map(|(_, sql)| sql).collect::<Vec<_>>().join("\n"),
+            migrations: true,
+        });
+        let events = ops.iter().map(|o| o.to_uppercase()).collect::<Vec<_>>().join(" OR ");
+        for table in &tables {
+            out.push(step(
+                format!("Trigger on {table}: records (table, key) in the change log and sends a NOTIFY."),
+                format!(
+                    "CREATE OR REPLACE TRIGGER {trigger} AFTER {events} ON {table}\n    \
+                     FOR EACH ROW EXECUTE FUNCTION {schema}.capture()",
+                    trigger = quote_ident(&format!("{schema}_capture")),
+                ),
+            ));
+        }
+    }
     if let Some(role) = &src.role {
         let r = quote_ident(role);
         let attrs = if src.mode == SourceMode::Logical { "LOGIN REPLICATION" } else { "LOGIN" };
-        out.push((
+        out.push(step(
             format!("Role for the relay. Set its password yourself: ALTER ROLE {r} PASSWORD '...';"),
             format!(
                 "DO $$ BEGIN\n  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {lit}) THEN\n    \
@@ -90,12 +124,9 @@ pub fn statements(cfg: &Config) -> Vec<(String, String)> {
                 lit = quote_literal(role)
             ),
         ));
-        out.push((
-            "The relay reads the routed tables and nothing else.".into(),
-            format!("GRANT SELECT ON {table_list} TO {r}"),
-        ));
-        out.push((
-            "The relay's own schema (ledger, offset), owned by the relay's role.".into(),
+        out.push(step("The relay reads the routed tables and nothing else.", format!("GRANT SELECT ON {table_list} TO {r}")));
+        out.push(step(
+            "The relay's own schema (ledger, offset), owned by the relay's role.",
             format!(
                 "CREATE SCHEMA IF NOT EXISTS {s} AUTHORIZATION {r};\nGRANT USAGE, CREATE ON SCHEMA {s} TO {r}",
                 s = quote_ident(&cfg.relay.schema)
@@ -109,28 +140,32 @@ pub fn statements(cfg: &Config) -> Vec<(String, String)> {
 pub fn script(cfg: &Config) -> String {
     let mut s = String::from(
         "-- outbox-relay setup. Run as a superuser (or the tables' owner with REPLICATION).\n\
-         -- Requires wal_level = logical (ALTER SYSTEM SET wal_level = logical; then restart).\n\
+         -- Logical mode requires wal_level = logical (ALTER SYSTEM SET wal_level = logical; then restart).\n\
          -- Safe to run twice.\n",
     );
-    for (why, sql) in statements(cfg) {
-        s.push_str(&format!("\n-- {why}\n{sql};\n"));
+    for st in statements(cfg) {
+        s.push_str(&format!("\n-- {}\n{};\n", st.why, st.sql));
     }
     s
 }
 
 /// Applies the script, after checking what would make it fail obscurely.
-pub async fn apply(client: &Client, cfg: &Config) -> Result<(), SetupError> {
+pub async fn apply(client: &mut Client, cfg: &Config) -> Result<(), SetupError> {
     if cfg.source.mode == SourceMode::Logical {
         let level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
         if level != "logical" {
             return Err(SetupError::WalLevel(level));
         }
     }
-    for (_, sql) in statements(cfg) {
+    for st in statements(cfg) {
+        if st.migrations {
+            crate::ledger::migrate(client, &cfg.relay.schema).await?;
+            continue;
+        }
         client
-            .batch_execute(&sql)
+            .batch_execute(&st.sql)
             .await
-            .map_err(|source| SetupError::Statement { statement: sql.clone(), source })?;
+            .map_err(|source| SetupError::Statement { statement: st.sql.clone(), source })?;
     }
     Ok(())
 }
@@ -151,6 +186,19 @@ mod tests {
         assert!(sql.contains("pg_create_logical_replication_slot('outbox_relay', 'pgoutput')"));
         assert!(sql.contains("CREATE ROLE \"relay\" LOGIN REPLICATION"));
         assert!(sql.contains("GRANT SELECT ON"));
+    }
+
+    #[test]
+    fn listen_mode_installs_triggers_not_a_slot() {
+        let text = crate::config::README_EXAMPLE.replace("mode = \"logical\"", "mode = \"listen\"");
+        let cfg = Config::from_toml(&text).unwrap();
+        let sql = script(&cfg);
+        assert!(!sql.contains("pg_create_logical_replication_slot"), "{sql}");
+        assert!(sql.contains(
+            "CREATE OR REPLACE TRIGGER \"outbox_relay_capture\" AFTER INSERT ON \"public\".\"operators_outboxevent\""
+        ), "{sql}");
+        assert!(sql.contains("CREATE OR REPLACE FUNCTION outbox_relay.capture()"));
+        assert!(sql.contains("pg_notify"));
     }
 
     #[test]

@@ -8,7 +8,12 @@ use crate::ledger::{Ledger, LedgerError};
 
 #[derive(Debug, Serialize)]
 pub struct Status {
+    pub mode: &'static str,
     pub slot: Option<SlotStatus>,
+    /// Listen mode: every transaction below this xid has been read.
+    pub watermark: Option<String>,
+    /// Listen mode: change-log rows not yet read.
+    pub change_log_unread: Option<i64>,
     pub stored_offset: Option<String>,
     pub backlog: i64,
     pub oldest_pending_seconds: Option<f64>,
@@ -41,9 +46,29 @@ pub async fn gather(client: Client, cfg: &Config) -> Result<Status, LedgerError>
         )
         .await?
         .map(|r| SlotStatus { name: r.get(0), active: r.get(1), confirmed_flush_lsn: r.get(2), retained_wal_bytes: r.get(3) });
+    let listen = cfg.source.mode == crate::config::SourceMode::Listen;
+    let (watermark, change_log_unread) = if listen {
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT (SELECT watermark::text FROM {s}.listen_progress WHERE name = $1),
+                            (SELECT count(*) FROM {s}.changes c WHERE c.xid >= coalesce(
+                                (SELECT watermark FROM {s}.listen_progress WHERE name = $1), '0'::xid8))",
+                    s = cfg.relay.schema
+                ),
+                &[&cfg.source.slot],
+            )
+            .await?;
+        (row.get(0), Some(row.get(1)))
+    } else {
+        (None, None)
+    };
     let ledger = Ledger::new(client, &cfg.relay.schema);
     Ok(Status {
+        mode: if listen { "listen" } else { "logical" },
         slot,
+        watermark,
+        change_log_unread,
         stored_offset: ledger.load_offset(&cfg.source.slot).await?.map(|l| l.to_string()),
         backlog: ledger.backlog().await?,
         oldest_pending_seconds: ledger.oldest_pending_age().await?.map(|d| d.as_secs_f64()),
@@ -59,17 +84,24 @@ pub async fn gather(client: Client, cfg: &Config) -> Result<Status, LedgerError>
 /// For a terminal.
 pub fn render(s: &Status) -> String {
     let mut out = String::new();
-    match &s.slot {
-        Some(slot) => out.push_str(&format!(
+    match (&s.slot, s.mode) {
+        (_, "listen") => out.push_str(&format!(
+            "listen mode: watermark {}, {} change-log row(s) unread\n",
+            s.watermark.as_deref().unwrap_or("none yet"),
+            s.change_log_unread.unwrap_or(0)
+        )),
+        (Some(slot), _) => out.push_str(&format!(
             "slot {}: {}, confirmed {}, retaining {} of WAL\n",
             slot.name,
             if slot.active { "active" } else { "INACTIVE (no relay connected)" },
             slot.confirmed_flush_lsn.as_deref().unwrap_or("-"),
             slot.retained_wal_bytes.map(human_bytes).unwrap_or_else(|| "-".into()),
         )),
-        None => out.push_str("slot: MISSING (run `outbox-relay setup`)\n"),
+        (None, _) => out.push_str("slot: MISSING (run `outbox-relay setup`)\n"),
     }
-    out.push_str(&format!("stored offset: {}\n", s.stored_offset.as_deref().unwrap_or("none yet")));
+    if s.mode == "logical" {
+        out.push_str(&format!("stored offset: {}\n", s.stored_offset.as_deref().unwrap_or("none yet")));
+    }
     out.push_str(&format!("backlog: {} deliveries", s.backlog));
     if let Some(age) = s.oldest_pending_seconds {
         out.push_str(&format!(", oldest waiting {age:.1} s"));

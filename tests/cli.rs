@@ -127,3 +127,32 @@ fn env_overrides_the_file() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("CREATE PUBLICATION \"from_env\""));
 }
+
+#[tokio::test]
+async fn listen_mode_setup_installs_triggers_and_status_shows_the_watermark() {
+    let db = pg::fresh_db("cli_listen").await;
+    let text = config(&db.url, &db.name, "").replace("[source]", "[source]\nmode = \"listen\"");
+    let case = write(&text);
+    for _ in 0..2 {
+        let o = relay(&case.path, &["setup"]);
+        assert!(o.status.success(), "setup: {}", stderr(&o));
+    }
+    let client = db.client().await;
+    let triggers: i64 = client
+        .query_one("SELECT count(*) FROM pg_trigger WHERE tgname = 'outbox_relay_capture'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(triggers, 1, "one routed table, one trigger, even after two runs");
+    let slots: i64 = client.query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[]).await.unwrap().get(0);
+    assert_eq!(slots, 0, "listen mode needs no slot");
+    client
+        .batch_execute("INSERT INTO operators_notificationoperateur (user_id, kind, title) VALUES (1, 'k', 't')")
+        .await
+        .unwrap();
+    let status = relay(&case.path, &["status", "--json"]);
+    assert!(status.status.success(), "{}", stderr(&status));
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["mode"], "listen");
+    assert_eq!(v["change_log_unread"], 1, "the insert waits in the change log: {v}");
+}

@@ -5,11 +5,15 @@ mod support;
 
 use std::time::Duration;
 
-use support::relay::{free_port, insert_notifications, scrape_counter, sigterm, Env};
+use support::relay::{Mode, free_port, insert_notifications, scrape_counter, sigterm, Env};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_reconnects_after_an_immediate_postgres_restart() {
-    let env = Env::new("pgrestart").await;
+crate::both_modes!(relay_reconnects_after_an_immediate_postgres_restart);
+/// The two modes' runs restart the same cluster: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+async fn relay_reconnects_after_an_immediate_postgres_restart(mode: Mode) {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let env = Env::in_mode(mode, "pgrestart").await;
     let port = free_port();
     let mut child = env.spawn_binary(port);
     env.wait_streaming().await;

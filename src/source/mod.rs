@@ -5,6 +5,7 @@
 //! `replication` streams pgoutput from a logical slot; `pgoutput` is its pure
 //! decoder (no I/O, unit-tested on bytes).
 
+pub mod listen;
 pub mod pgoutput;
 pub mod replication;
 

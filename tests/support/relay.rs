@@ -15,7 +15,24 @@ use tokio::task::JoinHandle;
 use super::fake_pusher::FakePusher;
 use super::pg::{fresh_db, TestDb};
 
+/// Which source the relay under test uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Logical,
+    Listen,
+}
+
+impl Mode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Mode::Logical => "logical",
+            Mode::Listen => "listen",
+        }
+    }
+}
+
 pub struct Env {
+    pub mode: Mode,
     pub db: TestDb,
     pub pusher: FakePusher,
     /// Slot and publication names; unique per test (slots are cluster-wide).
@@ -49,9 +66,18 @@ impl Env {
     }
 
     pub async fn with(prefix: &str, channel_extra: &str, extra: &str) -> Env {
+        Env::with_mode(Mode::Logical, prefix, channel_extra, extra).await
+    }
+
+    pub async fn in_mode(mode: Mode, prefix: &str) -> Env {
+        Env::with_mode(mode, prefix, "", "").await
+    }
+
+    pub async fn with_mode(mode: Mode, prefix: &str, channel_extra: &str, extra: &str) -> Env {
         let db = fresh_db(prefix).await;
         let pusher = FakePusher::start("123", "key", "secret");
         let env = Env {
+            mode,
             slot: db.name.clone(),
             db,
             pusher,
@@ -60,7 +86,7 @@ impl Env {
             dir: tempfile::tempdir().unwrap(),
         };
         let cfg = env.config();
-        outbox_relay::setup::apply(&env.db.client().await, &cfg).await.expect("setup");
+        outbox_relay::setup::apply(&mut env.db.client().await, &cfg).await.expect("setup");
         env
     }
 
@@ -69,8 +95,10 @@ impl Env {
             r#"
 [source]
 database_url = "{url}"
+mode = "{mode}"
 slot = "{slot}"
 publication = "{slot}"
+poll_interval_ms = 200
 
 [[routes]]
 table = "public.operators_notificationoperateur"
@@ -118,6 +146,7 @@ circuit_open_ms = 500
             pusher = self.pusher.base_url(),
             extra = self.extra,
             channel_extra = self.channel_extra,
+            mode = self.mode.as_str(),
         )
     }
 
@@ -145,14 +174,16 @@ circuit_open_ms = 500
             .expect("starting the relay binary")
     }
 
-    /// Waits until the slot has a consumer, so inserts are streamed live.
+    /// Waits until the relay reads its source: the slot has a consumer
+    /// (logical), or the listen position exists (listen).
     pub async fn wait_streaming(&self) {
         let client = self.db.client().await;
+        let sql = match self.mode {
+            Mode::Logical => "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+            Mode::Listen => "SELECT true FROM outbox_relay.listen_progress WHERE name = $1",
+        };
         for _ in 0..300 {
-            let row = client
-                .query_opt("SELECT active FROM pg_replication_slots WHERE slot_name = $1", &[&self.slot])
-                .await
-                .unwrap();
+            let row = client.query_opt(sql, &[&self.slot]).await.ok().flatten();
             if row.is_some_and(|r| r.get::<_, bool>(0)) {
                 return;
             }
@@ -242,4 +273,23 @@ pub fn sigterm(child: &Child) {
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
+}
+
+/// Runs an async test body `fn name(mode: Mode)` once per source mode, as
+/// `name::logical` and `name::listen`.
+#[macro_export]
+macro_rules! both_modes {
+    ($name:ident) => {
+        mod $name {
+            use $crate::support::relay::Mode;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn logical() {
+                super::$name(Mode::Logical).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn listen() {
+                super::$name(Mode::Listen).await
+            }
+        }
+    };
 }
