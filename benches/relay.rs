@@ -9,7 +9,8 @@
 //!    `sent_at` being set just after the provider accepted);
 //! 3. the relay process's peak RSS (VmHWM) over both.
 //!
-//! BENCH_ROWS, BENCH_RATE and BENCH_SECONDS override the sizes.
+//! BENCH_ROWS, BENCH_RATE and BENCH_SECONDS override the sizes; BENCH_MODE=listen
+//! runs the same on the LISTEN/NOTIFY source.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -34,11 +35,12 @@ fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-fn config(url: &str, pusher: &str, metrics: u16) -> String {
+fn config(url: &str, pusher: &str, metrics: u16, mode: &str) -> String {
     format!(
         r#"
 [source]
 database_url = "{url}"
+mode = "{mode}"
 
 [[routes]]
 table = "public.operators_notificationoperateur"
@@ -141,7 +143,8 @@ async fn main() {
     client.batch_execute(DJANGO_FIXTURE).await.unwrap();
     let pusher = FakePusher::start("123", "key", "secret");
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let text = config(&url, &pusher.base_url(), metrics_port);
+    let mode = std::env::var("BENCH_MODE").unwrap_or_else(|_| "logical".into());
+    let text = config(&url, &pusher.base_url(), metrics_port, &mode);
     let cfg = outbox_relay::config::Config::from_toml(&text).unwrap();
     outbox_relay::setup::apply(&mut embedded_pg::connect(&url).await.unwrap(), &cfg).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -155,12 +158,13 @@ async fn main() {
             .spawn()
             .unwrap(),
     );
+    let started = if mode == "listen" {
+        "SELECT true FROM outbox_relay.listen_progress WHERE name = 'outbox_relay'"
+    } else {
+        "SELECT active FROM pg_replication_slots WHERE slot_name = 'outbox_relay'"
+    };
     loop {
-        let active = client
-            .query_opt("SELECT active FROM pg_replication_slots WHERE slot_name = 'outbox_relay'", &[])
-            .await
-            .unwrap()
-            .is_some_and(|r| r.get::<_, bool>(0));
+        let active = client.query_opt(started, &[]).await.ok().flatten().is_some_and(|r| r.get::<_, bool>(0));
         if active {
             break;
         }
@@ -247,7 +251,7 @@ async fn main() {
     relay.0.wait().unwrap();
     let accepted = pusher.events().len();
 
-    println!("\n| measure | value |\n|---|---|");
+    println!("\n| measure ({mode} mode) | value |\n|---|---|");
     println!("| rows inserted (throughput run) | {rows} in transactions of 1000, inserts took {insert_secs:.2} s |");
     println!("| deliveries/s, first insert → last accepted | {throughput:.0} ({secs:.2} s) |");
     println!("| all rows in the ledger after | {ingested:.2} s (first commit → last ledger write) |");
