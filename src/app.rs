@@ -41,6 +41,8 @@ pub enum RunError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Preflight(#[from] crate::preflight::PreflightError),
+    #[error("{0}")]
+    Provider(crate::providers::ProviderError),
 }
 
 /// Runs the relay until `shutdown` turns true (or a fatal error).
@@ -75,7 +77,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
         });
     }
 
-    let dispatcher = Arc::new(Dispatcher::new(&cfg));
+    let dispatcher = Arc::new(Dispatcher::new(&cfg).map_err(RunError::Provider)?);
     for _ in 0..cfg.relay.dispatch_workers.max(1) {
         let (d, url, schema, stop) = (dispatcher.clone(), url.clone(), schema.clone(), stop.clone());
         tasks.spawn(async move {

@@ -154,6 +154,7 @@ pub async fn main(cli: Cli) -> Result<(), Failure> {
                 crate::app::RunError::Ledger(l) if !l.is_retryable() => Failure::user(e),
                 crate::app::RunError::Config(_)
                 | crate::app::RunError::MetricsListen { .. }
+                | crate::app::RunError::Provider(_)
                 | crate::app::RunError::Preflight(crate::preflight::PreflightError::Fix(_)) => Failure::user(e),
                 _ => Failure::other(e),
             })

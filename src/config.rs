@@ -149,6 +149,10 @@ pub struct RouteConfig {
     /// A jsonb object column sent as the payload.
     #[serde(default)]
     pub payload_column: Option<String>,
+    /// Channel → conditions on the payload: the row goes to that channel only
+    /// when every listed key has the listed value, e.g. `only = { sms = { level = "critical" } }`.
+    #[serde(default)]
+    pub only: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
 }
 
 fn default_operations() -> Vec<Operation> {
@@ -187,6 +191,9 @@ impl RouteConfig {
 pub enum ProviderKind {
     Pusher,
     Ably,
+    Brevo,
+    Smtp,
+    Twilio,
     Log,
 }
 
@@ -195,8 +202,17 @@ impl ProviderKind {
         match self {
             ProviderKind::Pusher => "pusher",
             ProviderKind::Ably => "ably",
+            ProviderKind::Brevo => "brevo",
+            ProviderKind::Smtp => "smtp",
+            ProviderKind::Twilio => "twilio",
             ProviderKind::Log => "log",
         }
+    }
+
+    /// Providers that reach a person at an address (e-mail, phone) rather
+    /// than on an app channel: they need the channel's `address_query`.
+    pub fn needs_address(self) -> bool {
+        matches!(self, ProviderKind::Brevo | ProviderKind::Smtp | ProviderKind::Twilio)
     }
 }
 
@@ -219,6 +235,37 @@ pub struct ChannelConfig {
     /// Provider for fresh deliveries while `provider` is failing (circuit open).
     #[serde(default)]
     pub fallback: Option<ProviderKind>,
+    /// E-mail, SMS, WhatsApp: SQL run at send time, `$1` = the recipient, returning
+    /// the address. No row or NULL means no address or no consent: `skipped`.
+    #[serde(default)]
+    pub address_query: Option<String>,
+    /// SQL run at send time, `$1` = recipient, `$2` = event, returning whether the
+    /// user wants this event on this channel. False (or no row): `skipped: preference`.
+    #[serde(default)]
+    pub preferences_query: Option<String>,
+    /// Brevo: event → template id. An event without one gets a subject and body
+    /// from the payload, unless `require_template`.
+    #[serde(default)]
+    pub templates: BTreeMap<String, i64>,
+    #[serde(default)]
+    pub require_template: bool,
+    /// Text of SMS/WhatsApp messages and e-mails without a template: `{key}` is a
+    /// payload value. Default: the payload's `title`, else the event name.
+    #[serde(default)]
+    pub body: Option<String>,
+    /// E-mail subject, same placeholders. Default: the payload's `title`, else the event.
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// Twilio: send over WhatsApp (`whatsapp:` addresses). Default: true for a
+    /// channel named `whatsapp`, false otherwise.
+    #[serde(default)]
+    pub whatsapp: Option<bool>,
+}
+
+impl ChannelConfig {
+    pub fn is_whatsapp(&self, name: &str) -> bool {
+        self.whatsapp.unwrap_or(name == "whatsapp")
+    }
 }
 
 fn default_max_age_s() -> u64 {
@@ -252,6 +299,12 @@ impl ProviderKind {
         match self {
             ProviderKind::Pusher => LimitConfig { concurrency: 16, per_second: 0.0 },
             ProviderKind::Ably => LimitConfig { concurrency: 16, per_second: 0.0 },
+            // Brevo: transactional e-mail API rate limits depend on the plan; a
+            // conservative pace that stays under the documented defaults.
+            ProviderKind::Brevo => LimitConfig { concurrency: 8, per_second: 10.0 },
+            ProviderKind::Smtp => LimitConfig { concurrency: 4, per_second: 0.0 },
+            // Twilio queues messages per sender; API concurrency is capped per account.
+            ProviderKind::Twilio => LimitConfig { concurrency: 8, per_second: 10.0 },
             ProviderKind::Log => LimitConfig { concurrency: 4, per_second: 0.0 },
         }
     }
@@ -270,6 +323,12 @@ pub struct ProvidersConfig {
     pub pusher: Option<PusherConfig>,
     #[serde(default)]
     pub ably: Option<AblyConfig>,
+    #[serde(default)]
+    pub brevo: Option<crate::providers::brevo::BrevoConfig>,
+    #[serde(default)]
+    pub smtp: Option<crate::providers::smtp::SmtpConfig>,
+    #[serde(default)]
+    pub twilio: Option<crate::providers::twilio::TwilioConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -549,12 +608,24 @@ impl Config {
                 let missing = match kind {
                     ProviderKind::Pusher => self.providers.pusher.is_none(),
                     ProviderKind::Ably => self.providers.ably.is_none(),
+                    ProviderKind::Brevo => self.providers.brevo.is_none(),
+                    ProviderKind::Smtp => self.providers.smtp.is_none(),
+                    ProviderKind::Twilio => self.providers.twilio.is_none(),
                     ProviderKind::Log => false,
                 };
                 if missing {
                     let p = kind.as_str();
                     return bad(format!("channels.{name}: provider {p:?} needs a [providers.{p}] section"));
                 }
+            }
+            if ch.provider.needs_address() && ch.address_query.is_none() {
+                return bad(format!(
+                    "channels.{name}: provider {:?} sends to an address: set address_query (e.g. \"SELECT email FROM auth_user WHERE id = $1\")",
+                    ch.provider.as_str()
+                ));
+            }
+            if ch.fallback.is_some_and(|f| f.needs_address() != ch.provider.needs_address()) {
+                return bad(format!("channels.{name}.fallback must reach people the same way as the provider (address or app channel)"));
             }
             if ch.fallback == Some(ch.provider) {
                 return bad(format!("channels.{name}.fallback is the channel's own provider: name another one"));

@@ -14,11 +14,15 @@ use futures_util::stream::{self, StreamExt};
 use futures_util::FutureExt;
 use rand::Rng;
 use tokio::sync::{watch, Notify};
-use tracing::{debug, error, warn};
+use tokio_postgres::Client;
+use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, ProviderKind};
 use crate::ledger::{Claimed, Ledger, LedgerError, Outcome};
-use crate::providers::{ably::Ably, log::Log, pusher::Pusher, OutboundMessage, Provider, ProviderError};
+use crate::contacts::{self, ContactPlan, Prepared};
+use crate::providers::{
+    ably::Ably, brevo::Brevo, log::Log, pusher::Pusher, smtp::Smtp, twilio::Twilio, OutboundMessage, Provider, ProviderError,
+};
 use crate::circuit::{Admission, Circuit};
 use crate::limits::Pacer;
 use crate::telemetry::metric;
@@ -37,6 +41,8 @@ struct ChannelPlan {
     /// `private-user-{recipient}`.
     channel_name: String,
     max_attempts: u32,
+    /// E-mail, SMS, WhatsApp: how to find the address and word the message.
+    contact: Option<ContactPlan>,
 }
 
 /// Retry timing; from `[relay]`.
@@ -90,24 +96,33 @@ pub struct Dispatcher {
     pub wake: Arc<Notify>,
 }
 
-/// Builds every provider client named by a channel.
-pub fn build_providers(cfg: &Config) -> HashMap<ProviderKind, Provider> {
+/// Builds every provider client named by a channel. Config validation
+/// guarantees the sections exist; an SMTP URL lettre cannot parse is the one
+/// error left.
+pub fn build_providers(cfg: &Config) -> Result<HashMap<ProviderKind, Provider>, ProviderError> {
     let http = crate::providers::http_client();
+    let p = &cfg.providers;
     let mut out = HashMap::new();
     for kind in cfg.channels.values().flat_map(|ch| std::iter::once(ch.provider).chain(ch.fallback)) {
-        out.entry(kind).or_insert_with(|| match kind {
-            // Config validation guarantees the sections exist.
-            ProviderKind::Pusher => Provider::Pusher(Pusher::new(cfg.providers.pusher.as_ref().unwrap(), http.clone())),
-            ProviderKind::Ably => Provider::Ably(Ably::new(cfg.providers.ably.as_ref().unwrap(), http.clone())),
+        if out.contains_key(&kind) {
+            continue;
+        }
+        let provider = match kind {
+            ProviderKind::Pusher => Provider::Pusher(Pusher::new(p.pusher.as_ref().unwrap(), http.clone())),
+            ProviderKind::Ably => Provider::Ably(Ably::new(p.ably.as_ref().unwrap(), http.clone())),
+            ProviderKind::Brevo => Provider::Brevo(Brevo::new(p.brevo.as_ref().unwrap(), http.clone())),
+            ProviderKind::Smtp => Provider::Smtp(Smtp::new(p.smtp.as_ref().unwrap())?),
+            ProviderKind::Twilio => Provider::Twilio(Twilio::new(p.twilio.as_ref().unwrap(), http.clone())),
             ProviderKind::Log => Provider::Log(Log::new()),
-        });
+        };
+        out.insert(kind, provider);
     }
-    out
+    Ok(out)
 }
 
 impl Dispatcher {
-    pub fn new(cfg: &Config) -> Dispatcher {
-        let providers = build_providers(cfg);
+    pub fn new(cfg: &Config) -> Result<Dispatcher, ProviderError> {
+        let providers = build_providers(cfg)?;
         let channels = cfg
             .channels
             .iter()
@@ -118,6 +133,7 @@ impl Dispatcher {
                     max_age: Duration::from_secs(ch.max_age_s),
                     channel_name: ch.channel_name.clone(),
                     max_attempts: ch.max_attempts,
+                    contact: ContactPlan::from_config(name, ch),
                 };
                 (name.clone(), plan)
             })
@@ -136,7 +152,7 @@ impl Dispatcher {
                 (p.name(), Pacer::new(l.concurrency, l.per_second))
             })
             .collect();
-        Dispatcher {
+        Ok(Dispatcher {
             channels,
             circuits,
             pacers,
@@ -149,7 +165,7 @@ impl Dispatcher {
             poll: Duration::from_millis(cfg.relay.dispatch_poll_ms.max(10)),
             lease: Duration::from_millis(cfg.relay.claim_lease_ms.max(1000)),
             wake: Arc::new(Notify::new()),
-        }
+        })
     }
 
     /// One worker: claim, deliver, record, until `shutdown` turns true, on its
@@ -228,7 +244,7 @@ impl Dispatcher {
                 metrics::counter!(metric::RESENDS_AFTER_RESTART).increment(resends as u64);
             }
             let full = batch.len() == self.batch;
-            let (settled, calls) = self.plan(&batch);
+            let (settled, calls) = self.plan(&batch, ledger.client());
             unrecorded.extend(settled);
             // Each provider call is recorded as soon as it returns, not when the
             // whole batch is done: that keeps the crash window (accepted by the
@@ -275,6 +291,7 @@ impl Dispatcher {
     fn plan<'a>(
         &'a self,
         batch: &'a [Claimed],
+        db: &'a Client,
     ) -> (Outcomes, Vec<impl std::future::Future<Output = Outcomes> + Send + 'a>) {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut groups: HashMap<&str, Vec<&Claimed>> = HashMap::new();
@@ -326,22 +343,53 @@ impl Dispatcher {
         }
         // Futures built here, polled by the caller: a closure inside the stream
         // would make the worker future non-`Send` (higher-ranked lifetimes).
-        let futures = calls.into_iter().map(|(plan, provider, chunk)| self.call(plan, provider, chunk)).collect();
+        let futures = calls.into_iter().map(|(plan, provider, chunk)| self.call(plan, provider, chunk, db)).collect();
         (outcomes, futures)
     }
 
-    async fn call(&self, plan: &ChannelPlan, target: &Provider, chunk: Vec<&Claimed>) -> Vec<(i64, Outcome)> {
-        let messages: Vec<OutboundMessage> = chunk
-            .iter()
-            .map(|c| OutboundMessage {
+    async fn call(&self, plan: &ChannelPlan, target: &Provider, chunk: Vec<&Claimed>, db: &Client) -> Outcomes {
+        let provider = target.name();
+        let mut settled: Outcomes = Vec::new();
+        let mut sending: Vec<&Claimed> = Vec::with_capacity(chunk.len());
+        let mut messages: Vec<OutboundMessage> = Vec::with_capacity(chunk.len());
+        for c in chunk {
+            // The address is looked up now, not stored: consent is checked at send time.
+            let contact = match &plan.contact {
+                None => None,
+                Some(cp) => match contacts::prepare(db, cp, c.recipient.as_deref(), &c.event, &c.payload).await {
+                    Prepared::Ready(contact) => Some(contact),
+                    prepared => {
+                        let outcome = match prepared {
+                            Prepared::Skip(reason) => Outcome::Skipped { provider, reason },
+                            Prepared::Fail(error) => Outcome::Failed { provider, error },
+                            Prepared::Retry(reason) => {
+                                let age = (Utc::now() - c.committed_at).to_std().unwrap_or_default();
+                                let limits = Limits { max_attempts: plan.max_attempts, max_age: plan.max_age };
+                                let err = ProviderError::Retryable { reason, retry_after: None };
+                                decide(&err, provider, c.attempts as u32, age, &limits, &self.backoff)
+                            }
+                            Prepared::Ready(_) => unreachable!("handled above"),
+                        };
+                        record(c, provider, &outcome, Utc::now(), 0.0);
+                        settled.push((c.id, outcome));
+                        continue;
+                    }
+                },
+            };
+            messages.push(OutboundMessage {
                 delivery_id: c.id,
                 idempotency_key: c.idempotency_key.clone(),
                 channel_name: plan.channel_name.replace("{recipient}", c.recipient.as_deref().unwrap_or("")),
                 event: c.event.clone(),
                 payload: c.payload.clone(),
-            })
-            .collect();
-        let provider = target.name();
+                contact,
+            });
+            sending.push(c);
+        }
+        if messages.is_empty() {
+            return settled;
+        }
+        let chunk = sending;
         let permit = self.pacers[provider].admit(messages.len()).await;
         let started = Instant::now();
         let results = target.send_batch(&messages).await;
@@ -371,6 +419,7 @@ impl Dispatcher {
                 record(c, provider, &outcome, now, call_ms);
                 (c.id, outcome)
             })
+            .chain(settled)
             .collect()
     }
 }
@@ -433,6 +482,10 @@ fn record(c: &Claimed, provider: &'static str, outcome: &Outcome, now: chrono::D
                 error = %error, "delivery failed, will retry");
         }
         Outcome::Defer { .. } => {}
+        Outcome::Skipped { reason, .. } => {
+            info!(delivery_id = c.id, key = %c.idempotency_key, table = %c.source_table, pk = %c.source_pk,
+                channel = %c.channel, provider, reason = %reason, "delivery skipped");
+        }
         Outcome::Failed { error, .. } | Outcome::Dead { error, .. } => {
             warn!(delivery_id = c.id, key = %c.idempotency_key, table = %c.source_table, pk = %c.source_pk,
                 channel = %c.channel, provider, attempts = c.attempts, status = outcome.label(),

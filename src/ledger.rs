@@ -137,6 +137,8 @@ pub enum Outcome {
     Failed { provider: &'static str, error: String },
     /// Retryable, but out of attempts.
     Dead { provider: &'static str, error: String },
+    /// Deliberately not sent (no address, no consent, preference): never retried.
+    Skipped { provider: &'static str, reason: String },
     /// Not tried (the provider's circuit is open): back to `pending` after
     /// `delay`, and the claim's attempt is given back.
     Defer { error: String, delay: Duration },
@@ -150,6 +152,7 @@ impl Outcome {
             Outcome::Failed { .. } => "failed",
             Outcome::Dead { .. } => "dead",
             Outcome::Defer { .. } => "deferred",
+            Outcome::Skipped { .. } => "skipped",
         }
     }
 }
@@ -282,6 +285,7 @@ impl Ledger {
                 Outcome::Failed { provider, error } => ("failed", Some(provider), None, Some(error), 0.0),
                 Outcome::Dead { provider, error } => ("dead", Some(provider), None, Some(error), 0.0),
                 Outcome::Defer { error, delay } => ("deferred", None, None, Some(error), delay.as_secs_f64()),
+                Outcome::Skipped { provider, reason } => ("skipped", Some(provider), None, Some(reason), 0.0),
             };
             statuses.push(status);
             providers.push(provider);

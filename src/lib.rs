@@ -9,6 +9,7 @@ pub mod app;
 pub mod circuit;
 pub mod cli;
 pub mod config;
+pub mod contacts;
 pub mod demo;
 pub mod dispatch;
 pub mod embedded_pg;

@@ -247,6 +247,12 @@ impl Router {
             (None, None) => unreachable!("config validation requires payload_columns or payload_column"),
         };
 
+        // Critical-only and similar: a channel with conditions takes the row
+        // only when the payload matches every one of them.
+        channels.retain(|ch| match route.only.get(ch) {
+            None => true,
+            Some(conds) => conds.iter().all(|(k, want)| payload.get(k) == Some(want)),
+        });
         let decided = channels
             .drain(..)
             .map(|ch| {
@@ -650,6 +656,25 @@ mod tests {
             assert_eq!(out[0].disposition.status(), "failed");
             assert!(reason.contains(want), "{reason} should mention {want}");
         }
+    }
+
+    #[test]
+    fn a_channel_can_be_restricted_to_matching_rows() {
+        let text = crate::config::README_EXAMPLE.replace(
+            "payload_column = \"payload\"        # a jsonb object, sent as the payload",
+            "payload_column = \"payload\"\nonly = { sms = { level = \"critical\" } }",
+        ) + "\n[channels.sms]\nprovider = \"log\"\n";
+        let router = Router::new(&Config::from_toml(&text).unwrap());
+        let route = |payload: &str| {
+            let mut out = vec![];
+            let values = vec![t("1"), t("e"), t("5"), t("{in_app,sms}"), t(payload)];
+            let change = RowChange { table: outbox_table(), op: Operation::Insert, values };
+            router.route_change(&change, Lsn(1), DateTime::UNIX_EPOCH, &mut out);
+            out.into_iter().map(|d| d.channel).collect::<Vec<_>>()
+        };
+        assert_eq!(route(r#"{"level": "critical"}"#), ["in_app", "sms"]);
+        assert_eq!(route(r#"{"level": "info"}"#), ["in_app"]);
+        assert_eq!(route(r#"{}"#), ["in_app"]);
     }
 
     #[test]

@@ -23,6 +23,7 @@ fn msg(seq: i64, channel: &str) -> OutboundMessage {
         channel_name: channel.to_string(),
         event: "notification.created".to_string(),
         payload: json!({"seq": seq, "text": format!("hello {seq}")}),
+        contact: None,
     }
 }
 

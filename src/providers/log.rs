@@ -65,6 +65,7 @@ mod tests {
             channel_name: format!("private-user-{id}"),
             event: "created".into(),
             payload: json!({"id": id, "text": "line\nbreak"}),
+            contact: None,
         }
     }
 

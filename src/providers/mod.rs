@@ -5,9 +5,13 @@
 //! error everywhere it must be handled.
 
 pub mod ably;
+pub mod brevo;
 mod http;
 pub mod log;
 pub mod pusher;
+pub mod smtp;
+pub mod template;
+pub mod twilio;
 
 use std::time::Duration;
 
@@ -24,6 +28,31 @@ pub struct OutboundMessage {
     pub event: String,
     /// A JSON object: the allow-listed columns or the row's payload.
     pub payload: serde_json::Value,
+    /// E-mail, SMS, WhatsApp: where and what, looked up and rendered at send time.
+    pub contact: Option<Contact>,
+}
+
+/// A message to a person's address, prepared by dispatch just before sending.
+#[derive(Clone, PartialEq)]
+pub struct Contact {
+    /// E-mail address or E.164 number. Personal data: never logged in clear.
+    pub address: String,
+    pub subject: String,
+    pub body: String,
+    /// Brevo template for the event, if the channel maps one.
+    pub template_id: Option<i64>,
+    /// Twilio: over WhatsApp rather than SMS.
+    pub whatsapp: bool,
+}
+
+impl std::fmt::Debug for Contact {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Contact")
+            .field("address", &template::mask_address(&self.address))
+            .field("template_id", &self.template_id)
+            .field("whatsapp", &self.whatsapp)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The provider took the message.
@@ -65,7 +94,19 @@ impl ProviderError {
 pub enum Provider {
     Pusher(pusher::Pusher),
     Ably(ably::Ably),
+    Brevo(brevo::Brevo),
+    Smtp(smtp::Smtp),
+    Twilio(twilio::Twilio),
     Log(log::Log),
+}
+
+/// Sends one message at a time per provider call, all of a batch at once.
+async fn each<'a, F, Fut>(messages: &'a [OutboundMessage], send: F) -> Vec<Result<Accepted, ProviderError>>
+where
+    F: Fn(&'a OutboundMessage) -> Fut,
+    Fut: std::future::Future<Output = Result<Accepted, ProviderError>> + 'a,
+{
+    futures_util::future::join_all(messages.iter().map(send)).await
 }
 
 impl Provider {
@@ -74,6 +115,9 @@ impl Provider {
         match self {
             Provider::Pusher(_) => "pusher",
             Provider::Ably(_) => "ably",
+            Provider::Brevo(_) => "brevo",
+            Provider::Smtp(_) => "smtp",
+            Provider::Twilio(_) => "twilio",
             Provider::Log(_) => "log",
         }
     }
@@ -86,6 +130,8 @@ impl Provider {
             Provider::Pusher(_) => pusher::MAX_EVENTS_PER_CALL,
             // Ably deduplicates re-sends by id; a few per call keeps statements few.
             Provider::Ably(_) => 10,
+            // One HTTP call or SMTP transaction per message; a few per chunk.
+            Provider::Brevo(_) | Provider::Smtp(_) | Provider::Twilio(_) => 10,
             Provider::Log(_) => 100,
         }
     }
@@ -101,6 +147,9 @@ impl Provider {
         match self {
             Provider::Pusher(p) => p.send_batch(messages).await,
             Provider::Ably(p) => p.send_batch(messages).await,
+            Provider::Brevo(p) => each(messages, |m| p.send(m)).await,
+            Provider::Smtp(p) => each(messages, |m| p.send(m)).await,
+            Provider::Twilio(p) => each(messages, |m| p.send(m)).await,
             Provider::Log(p) => p.send_batch(messages).await,
         }
     }

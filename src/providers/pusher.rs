@@ -250,6 +250,7 @@ mod tests {
             channel_name: channel.into(),
             event: "created".into(),
             payload,
+            contact: None,
         }
     }
 

@@ -1,0 +1,137 @@
+//! Contact details, looked up at send time and only with consent.
+//!
+//! Providers that reach a person at an address (e-mail, SMS, WhatsApp) get it
+//! here, just before the call, from the channel's `address_query` — so the
+//! ledger and the logs never hold it, and a consent withdrawn since the row was
+//! written is honoured. Then the message text is rendered from the payload.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::Client;
+
+use crate::config::ChannelConfig;
+use crate::providers::template::{default_text, render};
+use crate::providers::Contact;
+
+/// A channel's contact settings, from `[channels.<name>]`.
+#[derive(Clone, Debug)]
+pub struct ContactPlan {
+    pub address_query: String,
+    pub preferences_query: Option<String>,
+    pub templates: BTreeMap<String, i64>,
+    pub require_template: bool,
+    pub body: Option<String>,
+    pub subject: Option<String>,
+    pub whatsapp: bool,
+}
+
+impl ContactPlan {
+    /// `None` for app channels (Pusher, Ably, log), which need no address.
+    pub fn from_config(name: &str, ch: &ChannelConfig) -> Option<ContactPlan> {
+        Some(ContactPlan {
+            address_query: ch.address_query.clone()?,
+            preferences_query: ch.preferences_query.clone(),
+            templates: ch.templates.clone(),
+            require_template: ch.require_template,
+            body: ch.body.clone(),
+            subject: ch.subject.clone(),
+            whatsapp: ch.is_whatsapp(name),
+        })
+    }
+}
+
+/// What to do with one delivery.
+#[derive(Debug)]
+pub enum Prepared {
+    Ready(Contact),
+    /// Not sent, on purpose: no address, no consent, preference says no.
+    Skip(String),
+    /// Not sendable as configured (missing template, placeholder not in payload).
+    Fail(String),
+    /// The lookup itself failed (database trouble): try again later.
+    Retry(String),
+}
+
+pub async fn prepare(db: &Client, plan: &ContactPlan, recipient: Option<&str>, event: &str, payload: &Value) -> Prepared {
+    let Some(recipient) = recipient else { return Prepared::Fail("the delivery has no recipient".into()) };
+    if let Some(sql) = &plan.preferences_query {
+        match query_one_value(db, sql, recipient, Some(event)).await {
+            Ok(Some(Lookup::Bool(true))) => {}
+            Ok(_) => return Prepared::Skip("preference: the user does not want this event on this channel".into()),
+            Err(e) => return e,
+        }
+    }
+    let address = match query_one_value(db, &plan.address_query, recipient, None).await {
+        Ok(Some(Lookup::Text(a))) if !a.trim().is_empty() => a.trim().to_string(),
+        Ok(_) => return Prepared::Skip("no address or no consent".into()),
+        Err(e) => return e,
+    };
+    let template_id = plan.templates.get(event).copied();
+    if template_id.is_none() && plan.require_template {
+        return Prepared::Fail(format!("no template for event {event:?} in this channel's templates"));
+    }
+    let fill = |template: &Option<String>| match template {
+        Some(t) => render(t, payload).map_err(|e| Prepared::Fail(e.to_string())),
+        None => Ok(default_text(event, payload)),
+    };
+    let body = match fill(&plan.body) {
+        Ok(b) => b,
+        Err(p) => return p,
+    };
+    let subject = match fill(&plan.subject) {
+        Ok(s) => s,
+        Err(p) => return p,
+    };
+    Prepared::Ready(Contact { address, subject, body, template_id, whatsapp: plan.whatsapp })
+}
+
+enum Lookup {
+    Text(String),
+    Bool(bool),
+}
+
+/// Runs a lookup with the recipient (and event) bound to whatever types the
+/// query's parameters have: `WHERE id = $1` on an integer column gets an integer.
+async fn query_one_value(db: &Client, sql: &str, recipient: &str, event: Option<&str>) -> Result<Option<Lookup>, Prepared> {
+    let statement = db.prepare(sql).await.map_err(|e| classify(e, sql))?;
+    let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+    for (i, ty) in statement.params().iter().enumerate() {
+        let text = match i {
+            0 => recipient,
+            1 => event.unwrap_or(""),
+            _ => return Err(Prepared::Fail(format!("lookup query takes at most $1 (recipient) and $2 (event): {sql}"))),
+        };
+        params.push(bind(ty, text).map_err(Prepared::Fail)?);
+    }
+    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
+    let row = db.query_opt(&statement, &refs).await.map_err(|e| classify(e, sql))?;
+    Ok(row.and_then(|r| {
+        let ty = r.columns().first()?.type_().clone();
+        if ty == Type::BOOL {
+            r.get::<_, Option<bool>>(0).map(Lookup::Bool)
+        } else {
+            r.try_get::<_, Option<String>>(0).ok().flatten().map(Lookup::Text)
+        }
+    }))
+}
+
+fn bind(ty: &Type, text: &str) -> Result<Box<dyn ToSql + Sync + Send>, String> {
+    let bad = || format!("recipient {text:?} does not fit the lookup parameter type {ty}: cast it, e.g. $1::text");
+    Ok(match *ty {
+        Type::INT2 => Box::new(text.parse::<i16>().map_err(|_| bad())?),
+        Type::INT4 => Box::new(text.parse::<i32>().map_err(|_| bad())?),
+        Type::INT8 => Box::new(text.parse::<i64>().map_err(|_| bad())?),
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => Box::new(text.to_string()),
+        _ => return Err(bad()),
+    })
+}
+
+fn classify(e: tokio_postgres::Error, sql: &str) -> Prepared {
+    if crate::ledger::db_error_is_retryable(&e) {
+        Prepared::Retry(format!("contact lookup: {e}"))
+    } else {
+        Prepared::Fail(format!("contact lookup failed ({e}): fix the channel's query: {sql}"))
+    }
+}

@@ -1,0 +1,104 @@
+//! Brevo transactional e-mail: `POST /v3/smtp/email` with the `api-key` header
+//! (https://developers.brevo.com/reference/sendtransacemail). A template id per
+//! event with the payload as `params`, or a subject and text built from the payload.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::json;
+
+use super::http::{retry_after, transport_error, truncate, MAX_REASON_BODY};
+use super::{Accepted, OutboundMessage, ProviderError};
+use crate::config::Secret;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrevoConfig {
+    pub api_key: Secret,
+    pub sender_email: String,
+    #[serde(default)]
+    pub sender_name: Option<String>,
+    /// Default `https://api.brevo.com`.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
+#[derive(Clone, Debug)]
+pub struct Brevo {
+    http: reqwest::Client,
+    url: String,
+    api_key: Secret,
+    sender: serde_json::Value,
+    timeout: Duration,
+}
+
+impl Brevo {
+    pub fn new(cfg: &BrevoConfig, http: reqwest::Client) -> Brevo {
+        let base = cfg.base_url.as_deref().unwrap_or("https://api.brevo.com").trim_end_matches('/');
+        let mut sender = json!({"email": cfg.sender_email});
+        if let Some(name) = &cfg.sender_name {
+            sender["name"] = json!(name);
+        }
+        Brevo {
+            http,
+            url: format!("{base}/v3/smtp/email"),
+            api_key: cfg.api_key.clone(),
+            sender,
+            timeout: Duration::from_millis(cfg.timeout_ms),
+        }
+    }
+
+    pub async fn send(&self, m: &OutboundMessage) -> Result<Accepted, ProviderError> {
+        let Some(contact) = &m.contact else {
+            return Err(ProviderError::Permanent { reason: "brevo: no address for this delivery".into() });
+        };
+        let mut body = json!({
+            "sender": self.sender,
+            "to": [{"email": contact.address}],
+            // Brevo keys idempotency on this header within its retention window.
+            "headers": {"X-Outbox-Relay-Key": m.idempotency_key},
+        });
+        match contact.template_id {
+            Some(id) => {
+                body["templateId"] = json!(id);
+                body["params"] = m.payload.clone();
+            }
+            None => {
+                body["subject"] = json!(contact.subject);
+                body["textContent"] = json!(contact.body);
+            }
+        }
+        let response = self
+            .http
+            .post(&self.url)
+            .timeout(self.timeout)
+            .header("api-key", self.api_key.expose())
+            .header("accept", "application/json")
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| transport_error("brevo", e, self.timeout))?;
+        let status = response.status();
+        let wait = retry_after(response.headers());
+        let text = response.text().await.unwrap_or_default();
+        if status.is_success() {
+            let id = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v.get("messageId").and_then(|i| i.as_str()).map(str::to_string));
+            return Ok(Accepted { provider_message_id: id });
+        }
+        let reason = format!("brevo answered {}: {}", status.as_u16(), truncate(&text, MAX_REASON_BODY));
+        Err(match status.as_u16() {
+            401 | 403 => ProviderError::Unauthorized { reason },
+            429 | 500..=599 => ProviderError::Retryable { reason, retry_after: wait },
+            // 400 invalid_parameter / missing_parameter, unknown template: the same request fails again.
+            _ => ProviderError::Permanent { reason },
+        })
+    }
+}
