@@ -20,6 +20,7 @@ pub mod preflight;
 pub mod providers;
 pub mod routing;
 pub mod setup;
+pub mod smtp_sink;
 pub mod source;
 pub mod status;
 pub mod telemetry;

@@ -8,3 +8,5 @@ mod fake_http;
 pub mod fake_pusher;
 pub mod pg;
 pub mod relay;
+pub mod fake_brevo;
+pub mod fake_twilio;

@@ -1,0 +1,199 @@
+//! A minimal SMTP server that keeps what it receives: the demo's mailbox and
+//! the tests' fake mail server. It speaks enough of RFC 5321 for a real client
+//! (lettre) — EHLO/HELO, MAIL, RCPT, DATA with dot-unstuffing, RSET, NOOP,
+//! QUIT — and can be told to refuse recipients (550) or defer (451).
+
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// One message as the sink received it.
+#[derive(Clone, Debug)]
+pub struct ReceivedMail {
+    pub from: String,
+    pub to: Vec<String>,
+    /// Headers and body, CRLF line ends, dot-unstuffed.
+    pub data: String,
+}
+
+impl ReceivedMail {
+    /// A header's value (first occurrence, unfolded).
+    pub fn header(&self, name: &str) -> Option<String> {
+        let head = self.data.split("\r\n\r\n").next()?;
+        let mut value: Option<String> = None;
+        for line in head.split("\r\n") {
+            if let Some(v) = &mut value {
+                if line.starts_with([' ', '\t']) {
+                    v.push_str(line.trim_start());
+                    continue;
+                }
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case(name) {
+                    value = Some(v.trim().to_string());
+                }
+            }
+        }
+        value
+    }
+
+    pub fn body(&self) -> &str {
+        self.data.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("")
+    }
+}
+
+#[derive(Default)]
+struct State {
+    mails: Vec<ReceivedMail>,
+    /// Recipients refused with 550 (mailbox unavailable), consumed one by one.
+    reject_next: usize,
+    /// Transactions answered 451 (try again later), consumed one by one.
+    defer_next: usize,
+}
+
+/// Stops serving when dropped.
+pub struct SmtpSink {
+    port: u16,
+    state: Arc<Mutex<State>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl SmtpSink {
+    /// Listens on 127.0.0.1 on a free port.
+    pub async fn start() -> std::io::Result<SmtpSink> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let state = Arc::new(Mutex::new(State::default()));
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let _ = session(socket, state).await;
+                });
+            }
+        });
+        Ok(SmtpSink { port, state, task })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `smtp://127.0.0.1:PORT`, for `[providers.smtp] url`.
+    pub fn url(&self) -> String {
+        format!("smtp://127.0.0.1:{}", self.port)
+    }
+
+    pub fn mails(&self) -> Vec<ReceivedMail> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).mails.clone()
+    }
+
+    pub fn reject_next_recipients(&self, n: usize) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).reject_next += n;
+    }
+
+    pub fn defer_next(&self, n: usize) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).defer_next += n;
+    }
+}
+
+async fn session(socket: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result<()> {
+    let (read, mut write) = socket.into_split();
+    let mut lines = BufReader::new(read);
+    write.write_all(b"220 outbox-relay sink ESMTP ready\r\n").await?;
+    let (mut from, mut to): (Option<String>, Vec<String>) = (None, Vec::new());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if lines.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        let command = line.trim_end().to_string();
+        let verb = command.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
+        let reply: String = match verb.as_str() {
+            "EHLO" => "250-outbox-relay sink\r\n250-8BITMIME\r\n250 SMTPUTF8".into(),
+            "HELO" => "250 outbox-relay sink".into(),
+            "MAIL" => {
+                let defer = {
+                    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+                    let d = s.defer_next > 0;
+                    s.defer_next = s.defer_next.saturating_sub(1);
+                    d
+                };
+                if defer {
+                    "451 4.3.0 try again later".into()
+                } else {
+                    from = Some(angle(&command));
+                    to.clear();
+                    "250 2.1.0 ok".into()
+                }
+            }
+            "RCPT" if from.is_some() => {
+                let reject = {
+                    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+                    let r = s.reject_next > 0;
+                    s.reject_next = s.reject_next.saturating_sub(1);
+                    r
+                };
+                if reject {
+                    "550 5.1.1 mailbox unavailable".into()
+                } else {
+                    to.push(angle(&command));
+                    "250 2.1.5 ok".into()
+                }
+            }
+            "DATA" if from.is_some() && !to.is_empty() => {
+                write.write_all(b"354 end data with <CR><LF>.<CR><LF>\r\n").await?;
+                let mut data = String::new();
+                loop {
+                    line.clear();
+                    if lines.read_line(&mut line).await? == 0 {
+                        return Ok(());
+                    }
+                    let l = line.trim_end_matches(['\r', '\n']);
+                    if l == "." {
+                        break;
+                    }
+                    // Dot-stuffing (RFC 5321 §4.5.2): a leading "." was doubled by the client.
+                    data.push_str(l.strip_prefix('.').unwrap_or(l));
+                    data.push_str("\r\n");
+                }
+                let mail = ReceivedMail { from: from.take().unwrap_or_default(), to: std::mem::take(&mut to), data };
+                state.lock().unwrap_or_else(|p| p.into_inner()).mails.push(mail);
+                "250 2.0.0 queued".into()
+            }
+            "RCPT" | "DATA" => "503 5.5.1 bad sequence of commands".into(),
+            "RSET" => {
+                from = None;
+                to.clear();
+                "250 2.0.0 ok".into()
+            }
+            "NOOP" => "250 2.0.0 ok".into(),
+            "QUIT" => {
+                write.write_all(b"221 2.0.0 bye\r\n").await?;
+                return Ok(());
+            }
+            _ => "502 5.5.2 command not implemented".into(),
+        };
+        write.write_all(reply.as_bytes()).await?;
+        write.write_all(b"\r\n").await?;
+    }
+}
+
+/// `MAIL FROM:<a@b> SIZE=10` → `a@b`.
+fn angle(command: &str) -> String {
+    match (command.find('<'), command.find('>')) {
+        (Some(a), Some(b)) if b > a => command[a + 1..b].to_string(),
+        _ => command.split(':').nth(1).unwrap_or("").trim().to_string(),
+    }
+}
