@@ -68,7 +68,10 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
     if let Some(addr) = cfg.metrics.socket_addr()? {
         let listener = telemetry::bind(addr).await.map_err(|source| RunError::MetricsListen { addr: addr.to_string(), source })?;
         info!(%addr, "serving /metrics, /healthz, /readyz");
-        let app = telemetry::router(metrics, health.clone());
+        let mut app = telemetry::router(metrics, health.clone());
+        if let Some(hooks) = crate::webhooks::router(&cfg) {
+            app = app.merge(hooks);
+        }
         let stop = stop.clone();
         tokio::spawn(async move {
             if let Err(e) = telemetry::serve(listener, app, stop).await {

@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 use crate::config::Config;
 use crate::dispatch::reconnect_delay;
 use crate::ledger::{self, Ledger, LedgerError};
-use crate::routing::{NewDelivery, Router};
+use crate::routing::{Disposition, NewDelivery, Router};
 use crate::source::replication::{ReplicationError, ReplicationEvent, ReplicationStream};
 use crate::source::Lsn;
 use crate::telemetry::{metric, Health};
@@ -250,9 +250,13 @@ fn count_recorded(deliveries: &[NewDelivery]) {
     let mut counts: HashMap<(&str, &'static str), u64> = HashMap::new();
     for d in deliveries {
         *counts.entry((d.channel.as_str(), d.disposition.status())).or_default() += 1;
-        if let Some(reason) = d.disposition.reason() {
-            warn!(key = %d.idempotency_key, table = %d.source_table, pk = %d.source_pk, channel = %d.channel,
-                status = d.disposition.status(), reason, "delivery recorded without sending");
+        // A bad row is worth a warning; a channel switched off on purpose is not.
+        match &d.disposition {
+            Disposition::Failed(reason) => warn!(key = %d.idempotency_key, table = %d.source_table,
+                pk = %d.source_pk, channel = %d.channel, status = "failed", reason, "delivery recorded without sending"),
+            Disposition::Skipped(reason) => info!(key = %d.idempotency_key, table = %d.source_table,
+                pk = %d.source_pk, channel = %d.channel, status = "skipped", reason, "delivery recorded without sending"),
+            Disposition::Pending => {}
         }
     }
     for ((channel, status), n) in counts {

@@ -54,6 +54,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../sql/migrations/001_ledger.sql")),
     (2, include_str!("../sql/migrations/002_discarded.sql")),
     (3, include_str!("../sql/migrations/003_listen.sql")),
+    (4, include_str!("../sql/migrations/004_webhooks.sql")),
 ];
 
 /// The migrations' SQL with the schema name filled in (it is a validated identifier).

@@ -24,6 +24,7 @@ pub mod smtp_sink;
 pub mod source;
 pub mod status;
 pub mod telemetry;
+pub mod webhooks;
 
 /// Resolves once a shutdown flag turns true (or its sender is gone). The
 /// watch guard is dropped here, so callers can hold this across `.await`.

@@ -39,6 +39,8 @@ fn brevo(fake: &FakeBrevo, key: &str) -> Brevo {
         sender_name: Some("Alerts".into()),
         base_url: Some(fake.base_url()),
         timeout_ms: 2000,
+        webhook_token: None,
+        webhook_basic: None,
     };
     Brevo::new(&cfg, http_client())
 }

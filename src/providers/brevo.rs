@@ -23,6 +23,12 @@ pub struct BrevoConfig {
     pub base_url: Option<String>,
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// `/webhooks/brevo` accepts `Authorization: Bearer <token>` or `?token=<token>`.
+    #[serde(default)]
+    pub webhook_token: Option<Secret>,
+    /// ...or HTTP Basic `user:password`.
+    #[serde(default)]
+    pub webhook_basic: Option<Secret>,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -61,8 +67,9 @@ impl Brevo {
         let mut body = json!({
             "sender": self.sender,
             "to": [{"email": contact.address}],
-            // Brevo keys idempotency on this header within its retention window.
-            "headers": {"X-Outbox-Relay-Key": m.idempotency_key},
+            // Brevo sends a repeated idempotencyKey only once (within its TTL, 15-30 min) and
+            // wants a UUID: https://developers.brevo.com/docs/heterogenous-versions-batch-emails
+            "headers": {"idempotencyKey": idempotency_uuid(&m.idempotency_key)},
         });
         match contact.template_id {
             Some(id) => {
@@ -101,4 +108,14 @@ impl Brevo {
             _ => ProviderError::Permanent { reason },
         })
     }
+}
+
+/// The ledger's key as the UUID Brevo asks for: the same delivery always maps to
+/// the same UUID, so a re-send after a crash is dropped by Brevo.
+pub fn idempotency_uuid(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(key.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_random_bytes(bytes).into_uuid().to_string()
 }

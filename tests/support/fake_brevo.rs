@@ -5,6 +5,8 @@
 //! - `sender.email`, a non-empty `to` with e-mail addresses;
 //! - either a known `templateId` or `subject` plus `textContent`/`htmlContent`
 //!   (400 `invalid_parameter` / `missing_parameter` otherwise).
+//! - `headers.idempotencyKey`, when given, a UUID; a repeated key is accepted
+//!   again but sent only once (https://developers.brevo.com/docs/heterogenous-versions-batch-emails).
 //! Accepted mails answer 201 `{"messageId": "<...>"}`.
 
 use std::collections::BTreeSet;
@@ -24,6 +26,8 @@ use super::fake_http::{serve, with_retry_after, Conn, Faults, Injected};
 #[derive(Default)]
 struct Record {
     accepted: Vec<Value>,
+    /// idempotencyKey -> the messageId first answered for it.
+    seen: std::collections::HashMap<String, String>,
     rejections: Vec<(u16, String)>,
 }
 
@@ -129,8 +133,18 @@ async fn send(
             }
         }
     }
+    let key = mail["headers"]["idempotencyKey"].as_str().map(str::to_string);
+    if key.as_deref().is_some_and(|k| uuid::Uuid::parse_str(k).is_err()) {
+        return refuse(&shared, StatusCode::BAD_REQUEST, "invalid_parameter", "idempotencyKey must be a UUID");
+    }
     let mut record = shared.record.lock().unwrap();
+    if let Some(id) = key.as_ref().and_then(|k| record.seen.get(k)) {
+        return (StatusCode::CREATED, Json(json!({"messageId": id}))).into_response();
+    }
     record.accepted.push(mail);
     let id = format!("<{}.{}@smtp-relay.mailin.fr>", record.accepted.len(), std::process::id());
+    if let Some(k) = key {
+        record.seen.insert(k, id.clone());
+    }
     (StatusCode::CREATED, Json(json!({"messageId": id}))).into_response()
 }

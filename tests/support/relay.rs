@@ -41,6 +41,8 @@ pub struct Env {
     pub extra: String,
     /// Extra keys inside `[channels.in_app]` (fallback, max_attempts, ...).
     pub channel_extra: String,
+    /// Extra keys inside the outbox route (`only = ...`).
+    pub route_extra: String,
     pub dir: tempfile::TempDir,
 }
 
@@ -74,6 +76,15 @@ impl Env {
     }
 
     pub async fn with_mode(mode: Mode, prefix: &str, channel_extra: &str, extra: &str) -> Env {
+        Env::build(mode, prefix, "", channel_extra, extra).await
+    }
+
+    /// `route_extra` goes inside the outbox route; `extra` as in [`Env::with_mode`].
+    pub async fn with_route(mode: Mode, prefix: &str, route_extra: &str, extra: &str) -> Env {
+        Env::build(mode, prefix, route_extra, "", extra).await
+    }
+
+    async fn build(mode: Mode, prefix: &str, route_extra: &str, channel_extra: &str, extra: &str) -> Env {
         let db = fresh_db(prefix).await;
         let pusher = FakePusher::start("123", "key", "secret");
         let env = Env {
@@ -83,6 +94,7 @@ impl Env {
             pusher,
             extra: extra.to_string(),
             channel_extra: channel_extra.to_string(),
+            route_extra: route_extra.to_string(),
             dir: tempfile::tempdir().unwrap(),
         };
         let cfg = env.config();
@@ -114,6 +126,7 @@ event_column = "event_type"
 channels_column = "channels"
 channels = ["in_app"]
 payload_column = "payload"
+{route_extra}
 
 [channels.in_app]
 provider = "pusher"
@@ -146,6 +159,7 @@ circuit_open_ms = 500
             pusher = self.pusher.base_url(),
             extra = self.extra,
             channel_extra = self.channel_extra,
+            route_extra = self.route_extra,
             mode = self.mode.as_str(),
         )
     }
@@ -155,19 +169,35 @@ circuit_open_ms = 500
     }
 
     pub fn start_in_process(&self) -> InProcess {
+        self.run_in_process(self.config())
+    }
+
+    /// In-process, serving /metrics and /webhooks on `port`.
+    pub fn start_in_process_on(&self, port: u16) -> InProcess {
+        let toml = self.config_toml(&format!("127.0.0.1:{port}"));
+        self.run_in_process(Config::from_toml(&toml).expect("test config is valid"))
+    }
+
+    fn run_in_process(&self, cfg: Config) -> InProcess {
         let (stop, rx) = watch::channel(false);
-        let handle = tokio::spawn(outbox_relay::app::run(self.config(), rx));
+        let handle = tokio::spawn(outbox_relay::app::run(cfg, rx));
         InProcess { stop, handle }
     }
 
     /// The real binary, with its own /metrics on `metrics_port`.
     pub fn spawn_binary(&self, metrics_port: u16) -> Child {
+        self.spawn_binary_env(metrics_port, &[])
+    }
+
+    /// The real binary with extra environment (`OUTBOX_RELAY__...` overrides).
+    pub fn spawn_binary_env(&self, metrics_port: u16, envs: &[(&str, &str)]) -> Child {
         let path = self.dir.path().join("relay.toml");
         std::fs::write(&path, self.config_toml(&format!("127.0.0.1:{metrics_port}"))).unwrap();
         Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
             .args(["--config", path.to_str().unwrap(), "run"])
             .env("RUST_LOG", "warn")
             .env_remove("DATABASE_URL")
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -202,12 +232,12 @@ circuit_open_ms = 500
         rows.iter().map(|r| (r.get(0), r.get(1))).collect()
     }
 
-    /// Waits until `n` ledger rows are settled (sent, failed, dead or skipped).
+    /// Waits until `n` ledger rows are settled (sent or later, failed, dead or skipped).
     pub async fn wait_settled(&self, n: i64, timeout: Duration) -> BTreeMap<String, i64> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let s = self.statuses().await;
-            let settled: i64 = ["sent", "failed", "dead", "skipped"].iter().filter_map(|k| s.get(*k)).sum();
+            let settled: i64 = ["sent", "delivered", "read", "bounced", "failed", "dead", "skipped"].iter().filter_map(|k| s.get(*k)).sum();
             if settled >= n {
                 return s;
             }
