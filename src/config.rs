@@ -256,10 +256,23 @@ pub struct ChannelConfig {
     /// E-mail subject, same placeholders. Default: the payload's `title`, else the event.
     #[serde(default)]
     pub subject: Option<String>,
+    /// Per-event text (`texts.order_shipped = { subject = "...", body = "..." }`),
+    /// ahead of `subject`/`body`: one channel serves events that read differently.
+    #[serde(default)]
+    pub texts: BTreeMap<String, EventText>,
     /// Twilio: send over WhatsApp (`whatsapp:` addresses). Default: true for a
     /// channel named `whatsapp`, false otherwise.
     #[serde(default)]
     pub whatsapp: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EventText {
+    #[serde(default)]
+    pub subject: Option<String>,
+    #[serde(default)]
+    pub body: Option<String>,
 }
 
 impl ChannelConfig {

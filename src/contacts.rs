@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
 
-use crate::config::ChannelConfig;
+use crate::config::{ChannelConfig, EventText};
 use crate::providers::template::{default_text, render};
 use crate::providers::Contact;
 
@@ -24,6 +24,7 @@ pub struct ContactPlan {
     pub require_template: bool,
     pub body: Option<String>,
     pub subject: Option<String>,
+    pub texts: BTreeMap<String, EventText>,
     pub whatsapp: bool,
 }
 
@@ -37,6 +38,7 @@ impl ContactPlan {
             require_template: ch.require_template,
             body: ch.body.clone(),
             subject: ch.subject.clone(),
+            texts: ch.texts.clone(),
             whatsapp: ch.is_whatsapp(name),
         })
     }
@@ -72,15 +74,16 @@ pub async fn prepare(db: &Client, plan: &ContactPlan, recipient: Option<&str>, e
     if template_id.is_none() && plan.require_template {
         return Prepared::Fail(format!("no template for event {event:?} in this channel's templates"));
     }
-    let fill = |template: &Option<String>| match template {
+    let fill = |template: Option<&String>| match template {
         Some(t) => render(t, payload).map_err(|e| Prepared::Fail(e.to_string())),
         None => Ok(default_text(event, payload)),
     };
-    let body = match fill(&plan.body) {
+    let text = plan.texts.get(event);
+    let body = match fill(text.and_then(|t| t.body.as_ref()).or(plan.body.as_ref())) {
         Ok(b) => b,
         Err(p) => return p,
     };
-    let subject = match fill(&plan.subject) {
+    let subject = match fill(text.and_then(|t| t.subject.as_ref()).or(plan.subject.as_ref())) {
         Ok(s) => s,
         Err(p) => return p,
     };

@@ -1,8 +1,9 @@
 //! `outbox-relay demo`: the whole relay on a fresh machine, no accounts.
 //!
 //! A throwaway PostgreSQL with wal_level=logical, the Django tables of the
-//! fixture, `setup`, the relay with the `log` provider, a few notifications
-//! inserted (and one rolled back) and each delivery shown as it arrives.
+//! fixture, `setup`, the relay with the `log` provider for in-app and a local
+//! SMTP sink for e-mail, a few notifications inserted (and one rolled back),
+//! each delivery shown as it arrives and each e-mail as the sink received it.
 
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::embedded_pg::{self, EmbeddedPg, DJANGO_FIXTURE};
+use crate::smtp_sink::SmtpSink;
 
 const DEMO_CONFIG: &str = r#"
 [source]
@@ -21,8 +23,9 @@ publication = "outbox_relay"
 table = "public.operators_notificationoperateur"
 recipient_column = "user_id"
 event = "notification_created"
-channels = ["in_app"]
+channels = ["in_app", "email"]
 payload_columns = ["id", "kind", "title", "level", "url", "created_at"]
+only = { email = { level = "critical" } }     # e-mail for critical notifications only
 
 [[routes]]
 table = "public.operators_outboxevent"
@@ -35,6 +38,17 @@ payload_column = "payload"
 [channels.in_app]
 provider = "log"
 channel_name = "private-user-{recipient}"
+
+[channels.email]
+provider = "smtp"
+address_query = "SELECT email FROM auth_user WHERE id = $1 AND is_active"
+subject = "[{level}] {title}"
+body = "{title}\n\nhttps://app.example.com{url}"
+texts.order_shipped = { subject = "Commande {order} expédiée", body = "Votre commande {order} est partie avec {carrier}." }
+
+[providers.smtp]
+url = "__SMTP__"
+from = "Alerts <alerts@example.com>"
 
 [metrics]
 listen = ""
@@ -71,7 +85,9 @@ pub async fn run() -> Result<(), DemoError> {
     client.batch_execute(DJANGO_FIXTURE).await?;
     say("loaded the Django tables (auth_user, operators_notificationoperateur, operators_outboxevent)");
 
-    let cfg = Config::from_toml(&DEMO_CONFIG.replace("__URL__", &url))?;
+    let sink = SmtpSink::start().await.map_err(|e| DemoError::Other(format!("starting the SMTP sink: {e}")))?;
+    say(&format!("a local SMTP sink stands in for the mail server: {}", sink.url()));
+    let cfg = Config::from_toml(&DEMO_CONFIG.replace("__URL__", &url).replace("__SMTP__", &sink.url()))?;
     crate::setup::apply(&mut client, &cfg).await?;
     say("setup: publication and logical slot created; this is the SQL a DBA would run:");
     for line in crate::setup::script(&cfg).lines().filter(|l| !l.starts_with("--") && !l.is_empty()) {
@@ -100,7 +116,7 @@ pub async fn run() -> Result<(), DemoError> {
     client
         .batch_execute(
             "INSERT INTO operators_outboxevent (event_type, recipient_id, channels, payload)
-             VALUES ('order_shipped', 4, '{in_app}', '{\"order\": 1042, \"carrier\": \"Colissimo\"}')",
+             VALUES ('order_shipped', 4, '{in_app,email}', '{\"order\": 1042, \"carrier\": \"Colissimo\"}')",
         )
         .await?;
     // Separate call: inside one multi-statement string, BEGIN would pull the insert above into its transaction.
@@ -120,7 +136,8 @@ pub async fn run() -> Result<(), DemoError> {
             .query_one("SELECT count(*) FROM outbox_relay.deliveries WHERE status = 'sent'", &[])
             .await?
             .get(0);
-        if sent >= 4 || tokio::time::Instant::now() > deadline {
+        // Four in-app, the critical notification's e-mail, the order's e-mail.
+        if sent >= 6 || tokio::time::Instant::now() > deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -150,6 +167,16 @@ pub async fn run() -> Result<(), DemoError> {
         );
     }
     println!("    (the rolled-back insert has no row: it never reached the relay)");
+
+    let mails = sink.mails();
+    say(&format!("the local SMTP sink received {} e-mail(s)", mails.len()));
+    for mail in &mails {
+        println!("    From: {}  To: {}", mail.from, mail.to.join(", "));
+        println!("    Subject: {}", mail.subject());
+        for line in mail.text().lines().filter(|l| !l.trim().is_empty()) {
+            println!("    | {line}");
+        }
+    }
 
     say("stopping the relay (as on SIGTERM) and the throwaway PostgreSQL");
     let _ = stop_tx.send(true);

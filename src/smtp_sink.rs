@@ -43,6 +43,82 @@ impl ReceivedMail {
     pub fn body(&self) -> &str {
         self.data.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("")
     }
+
+    /// The subject as a reader sees it (RFC 2047 encoded words decoded).
+    pub fn subject(&self) -> String {
+        decode_words(&self.header("Subject").unwrap_or_default())
+    }
+
+    /// The body as a reader sees it: quoted-printable or base64 transfer encoding undone.
+    pub fn text(&self) -> String {
+        let encoding = self.header("Content-Transfer-Encoding").unwrap_or_default().to_ascii_lowercase();
+        let bytes = match encoding.as_str() {
+            "quoted-printable" => quoted_printable(self.body(), false),
+            "base64" => {
+                use base64::Engine;
+                let compact: String = self.body().split_whitespace().collect();
+                base64::engine::general_purpose::STANDARD.decode(compact).unwrap_or_default()
+            }
+            _ => self.body().as_bytes().to_vec(),
+        };
+        String::from_utf8_lossy(&bytes).replace("\r\n", "\n")
+    }
+}
+
+/// `=XX` escapes and `=` soft line breaks; in a header's Q encoding `_` is a space.
+fn quoted_printable(s: &str, q_word: bool) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'=' if b[i + 1..].starts_with(b"\r\n") => i += 3,
+            b'=' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(v) => out.push(v),
+                    Err(_) => out.extend_from_slice(&b[i..i + 3]),
+                }
+                i += 3;
+            }
+            b'_' if q_word => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Decodes `=?charset?B|Q?text?=` words; whitespace between two words is dropped (RFC 2047 §6.2).
+fn decode_words(v: &str) -> String {
+    use base64::Engine;
+    let mut out = Vec::new();
+    let mut rest = v;
+    let mut after_word = false;
+    while let Some(start) = rest.find("=?") {
+        let (plain, tail) = rest.split_at(start);
+        let mut parts = tail[2..].splitn(3, '?');
+        let word = match (parts.next(), parts.next(), parts.next()) {
+            (Some(_charset), Some(enc), Some(more)) => more.find("?=").map(|end| (enc, &more[..end], &more[end + 2..])),
+            _ => None,
+        };
+        let Some((enc, text, after)) = word else { break };
+        if !(after_word && plain.trim().is_empty()) {
+            out.extend_from_slice(plain.as_bytes());
+        }
+        match enc {
+            "b" | "B" => out.extend(base64::engine::general_purpose::STANDARD.decode(text).unwrap_or_default()),
+            _ => out.extend(quoted_printable(text, true)),
+        }
+        rest = after;
+        after_word = true;
+    }
+    out.extend_from_slice(rest.as_bytes());
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[derive(Default)]
@@ -195,5 +271,28 @@ fn angle(command: &str) -> String {
     match (command.find('<'), command.find('>')) {
         (Some(a), Some(b)) if b > a => command[a + 1..b].to_string(),
         _ => command.split(':').nth(1).unwrap_or("").trim().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mail(head: &str, body: &str) -> ReceivedMail {
+        ReceivedMail { from: String::new(), to: vec![], data: format!("{head}\r\n\r\n{body}") }
+    }
+
+    #[test]
+    fn subjects_and_bodies_read_as_written() {
+        let m = mail(
+            "Subject: Commande 1042 =?utf-8?b?ZXhww6lkacOpZQ==?=\r\n =?utf-8?q?_=F0=9F=93=A6?=\r\nContent-Transfer-Encoding: quoted-printable",
+            "Nouvelle session ouverte =F0=9F=94=90, une ligne tr=\r\ns longue",
+        );
+        assert_eq!(m.subject(), "Commande 1042 expédiée 📦");
+        assert_eq!(m.text(), "Nouvelle session ouverte 🔐, une ligne trs longue");
+        let plain = mail("Subject: =?bad", "x=3");
+        assert_eq!((plain.subject(), plain.text()), ("=?bad".to_string(), "x=3".to_string()));
+        let b64 = mail("Content-Transfer-Encoding: base64", "w6lj\r\naMOp");
+        assert_eq!(b64.text(), "éché");
     }
 }

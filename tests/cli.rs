@@ -156,3 +156,22 @@ async fn listen_mode_setup_installs_triggers_and_status_shows_the_watermark() {
     assert_eq!(v["mode"], "listen");
     assert_eq!(v["change_log_unread"], 1, "the insert waits in the change log: {v}");
 }
+
+/// The README's first command: a throwaway PostgreSQL, the Django tables, in-app
+/// deliveries on stdout and e-mail into a local SMTP sink, all without an account.
+#[test]
+fn demo_runs_end_to_end_on_a_fresh_machine() {
+    let o = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .arg("demo")
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("running outbox-relay demo");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}\n{}", stderr(&o));
+    assert_eq!(out.lines().filter(|l| l.starts_with("{\"provider\":\"log\"")).count(), 4, "four in-app deliveries: {out}");
+    assert!(!out.contains("rolled back\""), "the rolled-back insert is never delivered");
+    assert!(out.contains("the local SMTP sink received 2 e-mail(s)"), "{out}");
+    assert!(out.contains("To: operator3@example.com") && out.contains("Subject: [critical] Nouvelle session ouverte 🔐"), "{out}");
+    assert!(out.contains("Subject: Commande 1042 expédiée") && out.contains("| Votre commande 1042 est partie avec Colissimo."), "{out}");
+}

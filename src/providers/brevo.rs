@@ -119,3 +119,17 @@ pub fn idempotency_uuid(key: &str) -> String {
     bytes.copy_from_slice(&digest[..16]);
     uuid::Builder::from_random_bytes(bytes).into_uuid().to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::idempotency_uuid;
+
+    #[test]
+    fn idempotency_key_maps_to_one_stable_uuid() {
+        let a = idempotency_uuid("or1-3daad20ba81cd204336f2424af73d6a2");
+        assert_eq!(a, idempotency_uuid("or1-3daad20ba81cd204336f2424af73d6a2"), "same delivery, same key");
+        assert_ne!(a, idempotency_uuid("or1-ee7bb8b94ec09beef0ec1553bee9a878"));
+        let parsed = uuid::Uuid::parse_str(&a).expect("a UUID, as Brevo requires");
+        assert_eq!(parsed.get_version_num(), 4);
+    }
+}
