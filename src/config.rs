@@ -312,12 +312,12 @@ impl ProviderKind {
         match self {
             ProviderKind::Pusher => LimitConfig { concurrency: 16, per_second: 0.0 },
             ProviderKind::Ably => LimitConfig { concurrency: 16, per_second: 0.0 },
-            // Brevo: transactional e-mail API rate limits depend on the plan; a
-            // conservative pace that stays under the documented defaults.
-            ProviderKind::Brevo => LimitConfig { concurrency: 8, per_second: 10.0 },
+            // Brevo's general tier: POST /v3/smtp/email 1,000 RPS and 3,600,000 RPH, i.e. 1,000/s sustained.
+            ProviderKind::Brevo => LimitConfig { concurrency: 32, per_second: 1000.0 },
             ProviderKind::Smtp => LimitConfig { concurrency: 4, per_second: 0.0 },
-            // Twilio queues messages per sender; API concurrency is capped per account.
-            ProviderKind::Twilio => LimitConfig { concurrency: 8, per_second: 10.0 },
+            // Twilio answers 20429 past its REST concurrency and queues messages beyond the
+            // senders' throughput; 10/s keeps a backlog in the ledger, not in Twilio's queue.
+            ProviderKind::Twilio => LimitConfig { concurrency: 16, per_second: 10.0 },
             ProviderKind::Log => LimitConfig { concurrency: 4, per_second: 0.0 },
         }
     }
@@ -673,6 +673,9 @@ mod tests {
         assert_eq!(cfg.source.slot, "outbox_relay");
         assert_eq!(cfg.providers.pusher.as_ref().unwrap().endpoint(), "https://api-eu.pusher.com");
         assert_eq!(cfg.routes[1].channels_column.as_deref(), Some("channels"));
+        assert_eq!(cfg.channels["email"].templates["order_shipped"], 14);
+        assert!(cfg.channels["whatsapp"].is_whatsapp("whatsapp") && !cfg.channels["sms"].is_whatsapp("sms"));
+        assert_eq!(cfg.providers.twilio.as_ref().unwrap().from.as_deref(), Some("+33700000000"));
     }
 
     #[test]

@@ -406,11 +406,15 @@ impl Dispatcher {
         let now = Utc::now();
         chunk
             .iter()
-            .zip(results)
-            .map(|(c, result)| {
+            .zip(messages.iter().zip(results))
+            .map(|(c, (message, result))| {
                 let outcome = match result {
                     Ok(accepted) => Outcome::Sent { provider, message_id: accepted.provider_message_id },
                     Err(e) => {
+                        let e = match &message.contact {
+                            Some(contact) => e.without_address(&contact.address),
+                            None => e,
+                        };
                         let age = (now - c.committed_at).to_std().unwrap_or_default();
                         let limits = Limits { max_attempts: plan.max_attempts, max_age: plan.max_age };
                         decide(&e, provider, c.attempts as u32, age, &limits, &self.backoff)

@@ -50,9 +50,14 @@ async fn brevo_sends_templates_with_params_and_plain_mails_with_subject() {
     let fake = FakeBrevo::start("xkeysib-test", &[12]);
     let client = brevo(&fake, "xkeysib-test");
     let ok = client.send(&message("jane@example.com", Some(12), false)).await.unwrap();
-    assert!(ok.provider_message_id.unwrap().starts_with('<'), "messageId recorded");
-    client.send(&message("jane@example.com", None, false)).await.unwrap();
+    assert!(ok.provider_message_id.as_deref().unwrap().starts_with('<'), "messageId recorded");
+    let again = client.send(&message("jane@example.com", Some(12), false)).await.unwrap();
+    assert_eq!(again.provider_message_id, ok.provider_message_id, "a re-send carries the same idempotencyKey");
+    let mut plain = message("jane@example.com", None, false);
+    plain.idempotency_key = "or1-fedcba9876543210".into();
+    client.send(&plain).await.unwrap();
     let sent = fake.accepted();
+    assert_eq!(sent.len(), 2, "Brevo sent the repeated key once");
     assert_eq!(sent[0]["templateId"], 12);
     assert_eq!(sent[0]["params"]["order"], 1042);
     assert_eq!(sent[0]["to"][0]["email"], "jane@example.com");

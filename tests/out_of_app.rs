@@ -222,7 +222,9 @@ async fn consent_preferences_and_a_disabled_channel_skip_with_their_reason() {
     outbox(&client, "order_shipped", 3, 1, ALL_FOUR, "").await; // vetoed e-mail
     outbox(&client, "password_changed", 3, 2, ALL_FOUR, "").await; // no template: plain mail
     outbox(&client, "order_shipped", 10, 3, ALL_FOUR, "").await; // opted in to everything
-    let statuses = env.wait_settled(12, Duration::from_secs(30)).await;
+    twilio.mark_invalid(&phone(20)); // Twilio answers 21211, quoting the number
+    outbox(&client, "order_shipped", 20, 4, "{whatsapp}", "").await;
+    let statuses = env.wait_settled(13, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap();
     sigterm(&child);
@@ -239,6 +241,11 @@ async fn consent_preferences_and_a_disabled_channel_skip_with_their_reason() {
     }
     assert_eq!(row("whatsapp", "3", "order_shipped"), skipped("no address or no consent"));
     assert_eq!(row("whatsapp", "10", "order_shipped").0, "sent");
+    let (status, error) = row("whatsapp", "20", "order_shipped");
+    let error = error.unwrap();
+    assert_eq!(status, "failed", "21211 is permanent");
+    assert!(error.contains("21211") && error.contains("+336*****020"), "masked, still tells numbers apart: {error}");
+    assert!(!error.contains(&phone(20)), "no number in clear in the ledger: {error}");
     assert_eq!(statuses.get("skipped"), Some(&6), "{statuses:?}");
 
     let mails = brevo.accepted();

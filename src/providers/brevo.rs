@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::http::{retry_after, transport_error, truncate, MAX_REASON_BODY};
+use super::http::{brevo_reset, retry_after, transport_error, truncate, MAX_REASON_BODY};
 use super::{Accepted, OutboundMessage, ProviderError};
 use crate::config::Secret;
 
@@ -92,7 +92,7 @@ impl Brevo {
             .await
             .map_err(|e| transport_error("brevo", e, self.timeout))?;
         let status = response.status();
-        let wait = retry_after(response.headers());
+        let wait = retry_after(response.headers()).or_else(|| brevo_reset(response.headers()));
         let text = response.text().await.unwrap_or_default();
         if status.is_success() {
             let id = serde_json::from_str::<serde_json::Value>(&text)

@@ -20,6 +20,13 @@ pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     parse_retry_after(value, Utc::now())
 }
 
+/// Brevo sends no `Retry-After` on 429 but `x-sib-ratelimit-reset`, the seconds
+/// until its window resets (https://developers.brevo.com/docs/limit-headers).
+pub(crate) fn brevo_reset(headers: &HeaderMap) -> Option<Duration> {
+    let secs = headers.get("x-sib-ratelimit-reset")?.to_str().ok()?.trim().parse::<f64>().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
+}
+
 pub(crate) fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
     let value = value.trim();
     if let Ok(secs) = value.parse::<u64>() {

@@ -87,6 +87,22 @@ impl ProviderError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, ProviderError::Retryable { .. })
     }
+
+    /// The same error with `address` masked wherever the provider echoed it
+    /// (Twilio's 21211 message quotes the number): the reason goes to the
+    /// ledger and the logs, which must not hold contact details.
+    pub fn without_address(self, address: &str) -> ProviderError {
+        let bare = address.strip_prefix("whatsapp:").unwrap_or(address);
+        if bare.is_empty() {
+            return self;
+        }
+        let hide = |r: String| r.replace(bare, &template::mask_address(bare));
+        match self {
+            ProviderError::Retryable { reason, retry_after } => ProviderError::Retryable { reason: hide(reason), retry_after },
+            ProviderError::Permanent { reason } => ProviderError::Permanent { reason: hide(reason) },
+            ProviderError::Unauthorized { reason } => ProviderError::Unauthorized { reason: hide(reason) },
+        }
+    }
 }
 
 /// The provider clients, built once from config and shared by dispatch workers.

@@ -100,6 +100,18 @@ async fn send(
         }
         Injected::Fail(status, retry_after) => {
             let body = Json(json!({"code": "error", "message": "injected failure"})).into_response();
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                // Brevo's 429 carries no Retry-After, only its rate-limit headers
+                // (https://developers.brevo.com/docs/limit-headers).
+                let mut resp = (status, body).into_response();
+                let h = resp.headers_mut();
+                h.insert("x-sib-ratelimit-limit", "1000".parse().unwrap());
+                h.insert("x-sib-ratelimit-remaining", "0".parse().unwrap());
+                if let Some(reset) = retry_after.and_then(|r| r.parse().ok()) {
+                    h.insert("x-sib-ratelimit-reset", reset);
+                }
+                return resp;
+            }
             return with_retry_after(status, retry_after, body);
         }
         Injected::None => {}

@@ -204,7 +204,9 @@ async fn create(
     }
     let number = to.strip_prefix("whatsapp:").unwrap_or(&to);
     if !e164(number) || shared.invalid.lock().unwrap().iter().any(|n| n == number) {
-        return refuse(&shared, StatusCode::BAD_REQUEST, 21211, "Invalid 'To' Phone Number");
+        // Twilio quotes the number back in this message.
+        let message = format!("The 'To' number {to} is not a valid phone number.");
+        return refuse(&shared, StatusCode::BAD_REQUEST, 21211, &message);
     }
     let mut record = shared.record.lock().unwrap();
     let sid = format!("SM{:032x}", record.accepted.len() as u128 + 1 + ((std::process::id() as u128) << 64));
