@@ -147,8 +147,11 @@ async fn apply(h: &Hooks, provider: &'static str, message_id: &str, status: &str
     );
     match client.execute(&sql, &[&status, &error, &provider, &message_id, &from]).await {
         Ok(n) => {
+            // 0 rows: an unknown message (sent by another system on the same account) or a
+            // report older than the row's status. Acknowledged either way, or the provider retries.
+            let outcome = if n == 0 { "unmatched" } else { status };
             info!(provider, status, rows = n, "delivery report");
-            metrics::counter!(WEBHOOKS, "provider" => provider, "outcome" => status.to_string()).increment(1);
+            metrics::counter!(WEBHOOKS, "provider" => provider, "outcome" => outcome.to_string()).increment(1);
             StatusCode::NO_CONTENT
         }
         // A 5xx makes the provider retry the callback later.
