@@ -95,6 +95,19 @@ fn sum(metrics: &str, name: &str, label: &str) -> f64 {
         .sum()
 }
 
+/// Status, last error and provider message id of a recipient's one delivery on `channel`.
+async fn delivery(client: &tokio_postgres::Client, channel: &str, user: &str) -> (String, Option<String>, Option<String>) {
+    let r = client
+        .query_one(
+            "SELECT status, last_error, provider_message_id FROM outbox_relay.deliveries
+             WHERE channel = $1 AND recipient = $2",
+            &[&channel, &user],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
 fn order_of_body(body: &str) -> i32 {
     body.trim_start_matches("Commande ").parse().unwrap_or_else(|_| panic!("unexpected body {body:?}"))
 }
@@ -304,14 +317,8 @@ async fn status_webhooks_move_the_ledger_and_refuse_forgeries() {
     let status_of = |channel: &'static str, user: &'static str| {
         let client = &client;
         async move {
-            client
-                .query_one(
-                    "SELECT status, last_error FROM outbox_relay.deliveries WHERE channel = $1 AND recipient = $2",
-                    &[&channel, &user],
-                )
-                .await
-                .map(|r| (r.get::<_, String>(0), r.get::<_, Option<String>>(1)))
-                .unwrap()
+            let (status, error, _) = delivery(client, channel, user).await;
+            (status, error)
         }
     };
     let messages = twilio.messages();
@@ -344,16 +351,7 @@ async fn status_webhooks_move_the_ledger_and_refuse_forgeries() {
     // Brevo: the configured token, as a Bearer header or ?token=.
     let message_id = |user: &'static str| {
         let client = &client;
-        async move {
-            client
-                .query_one(
-                    "SELECT provider_message_id FROM outbox_relay.deliveries WHERE channel = 'email' AND recipient = $1",
-                    &[&user],
-                )
-                .await
-                .unwrap()
-                .get::<_, String>(0)
-        }
+        async move { delivery(client, "email", user).await.2.expect("Brevo's messageId is recorded") }
     };
     let hook = |auth: Option<&'static str>, query: &'static str, body: serde_json::Value| {
         let mut request = reqwest::Client::new().post(format!("http://127.0.0.1:{port}/webhooks/brevo{query}")).json(&body);

@@ -9,10 +9,10 @@ use support::relay::{Mode, free_port, insert_notifications, scrape_counter, sigt
 
 crate::both_modes!(relay_reconnects_after_an_immediate_postgres_restart);
 /// The two modes' runs restart the same cluster: one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn relay_reconnects_after_an_immediate_postgres_restart(mode: Mode) {
-    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _one_at_a_time = SERIAL.lock().await;
     let env = Env::in_mode(mode, "pgrestart").await;
     let port = free_port();
     let mut child = env.spawn_binary(port);

@@ -24,9 +24,9 @@ pub fn render(template: &str, payload: &Value) -> Result<String, TemplateError> 
             rest = &tail[2..];
             continue;
         }
-        if tail.starts_with('}') {
+        if let Some(after) = tail.strip_prefix('}') {
             out.push('}');
-            rest = &tail[1..];
+            rest = after;
             continue;
         }
         let end = tail.find('}').ok_or_else(|| TemplateError::Unclosed(template.to_string()))?;

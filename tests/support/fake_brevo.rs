@@ -7,6 +7,7 @@
 //!   (400 `invalid_parameter` / `missing_parameter` otherwise).
 //! - `headers.idempotencyKey`, when given, a UUID; a repeated key is accepted
 //!   again but sent only once (https://developers.brevo.com/docs/heterogenous-versions-batch-emails).
+//!
 //! Accepted mails answer 201 `{"messageId": "<...>"}`.
 
 use std::collections::BTreeSet;

@@ -5,6 +5,7 @@
 //! - `To` in E.164 (400, error 21211), `Body` present (21602);
 //! - `From` or `MessagingServiceSid` (21603), `whatsapp:` on both or neither;
 //! - the account in the path matching the credentials (20003).
+//!
 //! Accepted messages answer 201 with a `sid` (`SM` + 32 hex digits).
 
 use std::collections::HashMap;
