@@ -18,8 +18,8 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::fake_pusher::FakePusher;
 use outbox_relay::embedded_pg::{self, EmbeddedPg, DJANGO_FIXTURE};
+use support::fake_pusher::FakePusher;
 
 /// The relay child, killed if the bench panics (it would otherwise outlive the cluster).
 struct Relay(std::process::Child);
@@ -119,7 +119,9 @@ async fn backlog_memory(client: &tokio_postgres::Client, pusher: &FakePusher, re
     println!("\n| measure | value |\n|---|---|");
     println!("| backlog | {n} rows recorded with Pusher down, in {ingest_secs:.1} s |");
     println!("| relay peak RSS with the whole backlog in the ledger | {rss_backlog:.1} MiB |");
-    println!("| then 45 s after Pusher recovers (circuit probe after ≤ 30 s) | {sent} sent, peak RSS {rss_drain:.1} MiB |");
+    println!(
+        "| then 45 s after Pusher recovers (circuit probe after ≤ 30 s) | {sent} sent, peak RSS {rss_drain:.1} MiB |"
+    );
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {
@@ -209,7 +211,8 @@ async fn main() {
     eprintln!("throughput: {rows} rows, {throughput:.0} deliveries/s ({secs:.2} s; inserts {insert_secs:.2} s)");
 
     // 2. Latency at a steady rate of single-row transactions.
-    let before: i64 = client.query_one("SELECT coalesce(max(id), 0) FROM outbox_relay.deliveries", &[]).await.unwrap().get(0);
+    let before: i64 =
+        client.query_one("SELECT coalesce(max(id), 0) FROM outbox_relay.deliveries", &[]).await.unwrap().get(0);
     let total = (rate * seconds) as i64;
     let mut tasks = tokio::task::JoinSet::new();
     let writers = 4u64;

@@ -19,10 +19,10 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::config::{Config, SourceMode};
-use crate::source::listen::{ListenError, ListenSource};
 use crate::dispatch::Dispatcher;
 use crate::ingest::{Ingest, IngestError};
 use crate::ledger::{self, Ledger, LedgerError};
+use crate::source::listen::{ListenError, ListenSource};
 use crate::telemetry::{self, metric, Health};
 
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
@@ -66,7 +66,8 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
     let mut tasks = JoinSet::new();
 
     if let Some(addr) = cfg.metrics.socket_addr()? {
-        let listener = telemetry::bind(addr).await.map_err(|source| RunError::MetricsListen { addr: addr.to_string(), source })?;
+        let listener =
+            telemetry::bind(addr).await.map_err(|source| RunError::MetricsListen { addr: addr.to_string(), source })?;
         info!(%addr, "serving /metrics, /healthz, /readyz");
         let mut app = telemetry::router(metrics, health.clone());
         if let Some(hooks) = crate::webhooks::router(&cfg) {
@@ -156,7 +157,8 @@ async fn housekeeping(cfg: Arc<Config>, health: Arc<Health>, mut stop: watch::Re
         if let Some(l) = &ledger {
             if !heartbeat.is_zero() && last_beat.elapsed() >= heartbeat {
                 last_beat = tokio::time::Instant::now();
-                let beat = l.client().execute("SELECT pg_logical_emit_message(false, 'outbox_relay_heartbeat', '')", &[]);
+                let beat =
+                    l.client().execute("SELECT pg_logical_emit_message(false, 'outbox_relay_heartbeat', '')", &[]);
                 if let Err(e) = beat.await {
                     warn!(error = %e, "heartbeat failed (needs EXECUTE on pg_logical_emit_message)");
                 }

@@ -12,7 +12,11 @@ use crate::config::{Config, ConfigError};
 use crate::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
-#[command(name = "outbox-relay", version, about = "Delivers Django outbox rows to notification providers, exactly once.")]
+#[command(
+    name = "outbox-relay",
+    version,
+    about = "Delivers Django outbox rows to notification providers, exactly once."
+)]
 pub struct Cli {
     /// Configuration file (TOML).
     #[arg(long, global = true, env = "OUTBOX_RELAY_CONFIG", default_value = "relay.toml")]
@@ -107,7 +111,8 @@ pub async fn main(cli: Cli) -> Result<(), Failure> {
     let asked_json = std::env::args().any(|a| a.starts_with("--log-format"));
     let format = if matches!(cli.command, Command::Demo) && !asked_json { LogFormat::Text } else { cli.log_format };
     crate::telemetry::init_logging(format);
-    let explicit = std::env::var_os("OUTBOX_RELAY_CONFIG").is_some() || cli.config.as_path() != std::path::Path::new("relay.toml");
+    let explicit =
+        std::env::var_os("OUTBOX_RELAY_CONFIG").is_some() || cli.config.as_path() != std::path::Path::new("relay.toml");
     let load = || Config::load(&cli.config, explicit);
     match cli.command {
         Command::Demo => crate::demo::run().await.map_err(Failure::other),
@@ -214,7 +219,10 @@ pub fn parse_since(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
 
 async fn connect(cfg: &Config) -> Result<tokio_postgres::Client, Failure> {
     crate::ledger::connect(&cfg.source.database_url).await.map_err(|e| {
-        Failure::user(format!("{e} (check source.database_url or DATABASE_URL: {})", crate::config::redact_url(&cfg.source.database_url)))
+        Failure::user(format!(
+            "{e} (check source.database_url or DATABASE_URL: {})",
+            crate::config::redact_url(&cfg.source.database_url)
+        ))
     })
 }
 
@@ -222,7 +230,8 @@ async fn connect(cfg: &Config) -> Result<tokio_postgres::Client, Failure> {
 pub fn signal_shutdown() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}

@@ -545,10 +545,7 @@ impl Config {
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
         }
         builder = builder.add_source(
-            config::Environment::with_prefix("OUTBOX_RELAY")
-                .prefix_separator("__")
-                .separator("__")
-                .try_parsing(true),
+            config::Environment::with_prefix("OUTBOX_RELAY").prefix_separator("__").separator("__").try_parsing(true),
         );
         if let Ok(url) = std::env::var("DATABASE_URL") {
             builder = builder
@@ -638,7 +635,9 @@ impl Config {
                 ));
             }
             if ch.fallback.is_some_and(|f| f.needs_address() != ch.provider.needs_address()) {
-                return bad(format!("channels.{name}.fallback must reach people the same way as the provider (address or app channel)"));
+                return bad(format!(
+                    "channels.{name}.fallback must reach people the same way as the provider (address or app channel)"
+                ));
             }
             if ch.fallback == Some(ch.provider) {
                 return bad(format!("channels.{name}.fallback is the channel's own provider: name another one"));

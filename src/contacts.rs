@@ -56,7 +56,13 @@ pub enum Prepared {
     Retry(String),
 }
 
-pub async fn prepare(db: &Client, plan: &ContactPlan, recipient: Option<&str>, event: &str, payload: &Value) -> Prepared {
+pub async fn prepare(
+    db: &Client,
+    plan: &ContactPlan,
+    recipient: Option<&str>,
+    event: &str,
+    payload: &Value,
+) -> Prepared {
     let Some(recipient) = recipient else { return Prepared::Fail("the delivery has no recipient".into()) };
     if let Some(sql) = &plan.preferences_query {
         match query_one_value(db, sql, recipient, Some(event)).await {
@@ -97,14 +103,21 @@ enum Lookup {
 
 /// Runs a lookup with the recipient (and event) bound to whatever types the
 /// query's parameters have: `WHERE id = $1` on an integer column gets an integer.
-async fn query_one_value(db: &Client, sql: &str, recipient: &str, event: Option<&str>) -> Result<Option<Lookup>, Prepared> {
+async fn query_one_value(
+    db: &Client,
+    sql: &str,
+    recipient: &str,
+    event: Option<&str>,
+) -> Result<Option<Lookup>, Prepared> {
     let statement = db.prepare(sql).await.map_err(|e| classify(e, sql))?;
     let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
     for (i, ty) in statement.params().iter().enumerate() {
         let text = match i {
             0 => recipient,
             1 => event.unwrap_or(""),
-            _ => return Err(Prepared::Fail(format!("lookup query takes at most $1 (recipient) and $2 (event): {sql}"))),
+            _ => {
+                return Err(Prepared::Fail(format!("lookup query takes at most $1 (recipient) and $2 (event): {sql}")))
+            }
         };
         params.push(bind(ty, text).map_err(Prepared::Fail)?);
     }

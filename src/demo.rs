@@ -76,9 +76,7 @@ fn say(s: &str) {
 
 pub async fn run() -> Result<(), DemoError> {
     say("starting a throwaway PostgreSQL (initdb, wal_level=logical)");
-    let pg = tokio::task::spawn_blocking(EmbeddedPg::start)
-        .await
-        .map_err(|e| DemoError::Other(e.to_string()))??;
+    let pg = tokio::task::spawn_blocking(EmbeddedPg::start).await.map_err(|e| DemoError::Other(e.to_string()))??;
     let url = pg.create_database("app").await?;
     println!("    {url}");
     let mut client = embedded_pg::connect(&url).await?;

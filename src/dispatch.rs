@@ -17,14 +17,15 @@ use tokio::sync::{watch, Notify};
 use tokio_postgres::Client;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, ProviderKind};
-use crate::ledger::{Claimed, Ledger, LedgerError, Outcome};
-use crate::contacts::{self, ContactPlan, Prepared};
-use crate::providers::{
-    ably::Ably, brevo::Brevo, log::Log, pusher::Pusher, smtp::Smtp, twilio::Twilio, OutboundMessage, Provider, ProviderError,
-};
 use crate::circuit::{Admission, Circuit};
+use crate::config::{Config, ProviderKind};
+use crate::contacts::{self, ContactPlan, Prepared};
+use crate::ledger::{Claimed, Ledger, LedgerError, Outcome};
 use crate::limits::Pacer;
+use crate::providers::{
+    ably::Ably, brevo::Brevo, log::Log, pusher::Pusher, smtp::Smtp, twilio::Twilio, OutboundMessage, Provider,
+    ProviderError,
+};
 use crate::telemetry::metric;
 
 /// Outcomes by ledger id.
@@ -450,10 +451,9 @@ pub fn decide(
         ProviderError::Retryable { reason, .. } if attempts >= limits.max_attempts => {
             Outcome::Dead { provider, error: format!("gave up after {attempts} attempts: {reason}") }
         }
-        ProviderError::Retryable { reason, .. } if age >= limits.max_age => Outcome::Dead {
-            provider,
-            error: format!("gave up after {} s (max_age): {reason}", age.as_secs()),
-        },
+        ProviderError::Retryable { reason, .. } if age >= limits.max_age => {
+            Outcome::Dead { provider, error: format!("gave up after {} s (max_age): {reason}", age.as_secs()) }
+        }
         ProviderError::Retryable { reason, retry_after } => {
             let delay = backoff.delay(attempts).max(retry_after.unwrap_or_default());
             Outcome::Retry { provider, error: reason.clone(), delay }

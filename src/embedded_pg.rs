@@ -69,18 +69,10 @@ pub enum EmbeddedPgError {
     },
 
     #[error("`{command}` failed ({status}): {output}")]
-    Command {
-        command: String,
-        status: String,
-        output: String,
-    },
+    Command { command: String, status: String, output: String },
 
     #[error("PostgreSQL did not start: {reason}\n--- last lines of {log} ---\n{log_tail}")]
-    StartFailed {
-        reason: String,
-        log: String,
-        log_tail: String,
-    },
+    StartFailed { reason: String, log: String, log_tail: String },
 
     #[error("invalid database name {0:?}: use 1 to 63 characters among a-z, 0-9 and _")]
     InvalidDatabaseName(String),
@@ -105,18 +97,13 @@ impl Binaries {
     fn find() -> Result<Binaries, EmbeddedPgError> {
         if let Some(dir) = std::env::var_os("PG_BIN") {
             let dir = PathBuf::from(dir);
-            let found = Binaries {
-                initdb: dir.join("initdb"),
-                postgres: dir.join("postgres"),
-            };
+            let found = Binaries { initdb: dir.join("initdb"), postgres: dir.join("postgres") };
             // An explicit PG_BIN that is wrong is an error, not a reason to silently pick another
             // version.
             return if found.initdb.is_file() && found.postgres.is_file() {
                 Ok(found)
             } else {
-                Err(EmbeddedPgError::BinariesNotFound {
-                    searched: format!("PG_BIN={}", dir.display()),
-                })
+                Err(EmbeddedPgError::BinariesNotFound { searched: format!("PG_BIN={}", dir.display()) })
             };
         }
 
@@ -125,11 +112,8 @@ impl Binaries {
         }
 
         let on_path = |name: &str| {
-            std::env::var_os("PATH").and_then(|paths| {
-                std::env::split_paths(&paths)
-                    .map(|p| p.join(name))
-                    .find(|p| p.is_file())
-            })
+            std::env::var_os("PATH")
+                .and_then(|paths| std::env::split_paths(&paths).map(|p| p.join(name)).find(|p| p.is_file()))
         };
         match (on_path("initdb"), on_path("postgres")) {
             (Some(initdb), Some(postgres)) => Ok(Binaries { initdb, postgres }),
@@ -144,11 +128,9 @@ impl Binaries {
         let mut best: Option<(Vec<u32>, PathBuf)> = None;
         for entry in fs::read_dir(root).ok()?.flatten() {
             let name = entry.file_name();
-            let Some(version) = name.to_str().and_then(|v| {
-                v.split('.')
-                    .map(|n| n.parse::<u32>().ok())
-                    .collect::<Option<Vec<_>>>()
-            }) else {
+            let Some(version) =
+                name.to_str().and_then(|v| v.split('.').map(|n| n.parse::<u32>().ok()).collect::<Option<Vec<_>>>())
+            else {
                 continue;
             };
             let bin = entry.path().join("bin");
@@ -163,10 +145,7 @@ impl Binaries {
                 best = Some((version, bin));
             }
         }
-        best.map(|(_, bin)| Binaries {
-            initdb: bin.join("initdb"),
-            postgres: bin.join("postgres"),
-        })
+        best.map(|(_, bin)| Binaries { initdb: bin.join("initdb"), postgres: bin.join("postgres") })
     }
 }
 
@@ -178,15 +157,7 @@ fn postgres_user() -> Result<(u32, u32), EmbeddedPgError> {
     let mut result: *mut libc::passwd = std::ptr::null_mut();
     // SAFETY: every pointer refers to live, correctly sized memory owned by this frame; the
     // reentrant variant is used because tests call this from several threads.
-    let rc = unsafe {
-        libc::getpwnam_r(
-            name.as_ptr(),
-            &mut pwd,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        )
-    };
+    let rc = unsafe { libc::getpwnam_r(name.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
     if rc != 0 || result.is_null() {
         return Err(EmbeddedPgError::NoPostgresUser);
     }
@@ -197,10 +168,7 @@ fn postgres_user() -> Result<(u32, u32), EmbeddedPgError> {
 /// retries in [`EmbeddedPg::start`].
 fn free_port() -> Result<u16, EmbeddedPgError> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(io_err("binding 127.0.0.1:0"))?;
-    let port = listener
-        .local_addr()
-        .map_err(io_err("reading the probe socket's port"))?
-        .port();
+    let port = listener.local_addr().map_err(io_err("reading the probe socket's port"))?.port();
     Ok(port)
 }
 
@@ -226,10 +194,7 @@ pub struct EmbeddedPg {
 
 impl std::fmt::Debug for EmbeddedPg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmbeddedPg")
-            .field("port", &self.port)
-            .field("data_dir", &self.data)
-            .finish_non_exhaustive()
+        f.debug_struct("EmbeddedPg").field("port", &self.port).field("data_dir", &self.data).finish_non_exhaustive()
     }
 }
 
@@ -239,31 +204,18 @@ impl EmbeddedPg {
     pub fn start() -> Result<EmbeddedPg, EmbeddedPgError> {
         let bins = Binaries::find()?;
         // SAFETY: geteuid has no preconditions and cannot fail.
-        let run_as = if unsafe { libc::geteuid() } == 0 {
-            Some(postgres_user()?)
-        } else {
-            None
-        };
+        let run_as = if unsafe { libc::geteuid() } == 0 { Some(postgres_user()?) } else { None };
 
         // As root the server runs as `postgres`, which must be able to reach the directory: /tmp
         // is world-traversable whereas $TMPDIR might sit under /root.
-        let base = if run_as.is_some() {
-            PathBuf::from("/tmp")
-        } else {
-            std::env::temp_dir()
-        };
+        let base = if run_as.is_some() { PathBuf::from("/tmp") } else { std::env::temp_dir() };
         let dir = tempfile::Builder::new()
             .prefix("outbox-relay-pg-")
             .tempdir_in(&base)
-            .map_err(io_err(format!(
-                "creating a temporary directory in {}",
-                base.display()
-            )))?;
+            .map_err(io_err(format!("creating a temporary directory in {}", base.display())))?;
         if let Some((uid, gid)) = run_as {
-            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).map_err(io_err(format!(
-                "giving {} to the postgres user",
-                dir.path().display()
-            )))?;
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
+                .map_err(io_err(format!("giving {} to the postgres user", dir.path().display())))?;
         }
 
         let mut pg = EmbeddedPg {
@@ -404,15 +356,7 @@ impl EmbeddedPg {
     fn tool(&self, program: &Path) -> Command {
         let mut cmd = Command::new(program);
         // The environment must not steer the tools to another cluster or port.
-        for var in [
-            "PGDATA",
-            "PGPORT",
-            "PGHOST",
-            "PGHOSTADDR",
-            "PGUSER",
-            "PGDATABASE",
-            "PGOPTIONS",
-        ] {
+        for var in ["PGDATA", "PGPORT", "PGHOST", "PGHOSTADDR", "PGUSER", "PGDATABASE", "PGOPTIONS"] {
             cmd.env_remove(var);
         }
         // A working directory the postgres user can enter (ours may be /root).
@@ -426,9 +370,7 @@ impl EmbeddedPg {
 
     fn run(&self, mut cmd: Command) -> Result<(), EmbeddedPgError> {
         let described = format!("{cmd:?}");
-        let out = cmd
-            .output()
-            .map_err(io_err(format!("running {described}")))?;
+        let out = cmd.output().map_err(io_err(format!("running {described}")))?;
         if out.status.success() {
             return Ok(());
         }
@@ -457,8 +399,7 @@ impl EmbeddedPg {
             .append(true)
             .open(self.data.join("postgresql.conf"))
             .map_err(io_err("opening postgresql.conf"))?;
-        conf.write_all(b"\ninclude_if_exists = 'embedded.conf'\n")
-            .map_err(io_err("appending to postgresql.conf"))?;
+        conf.write_all(b"\ninclude_if_exists = 'embedded.conf'\n").map_err(io_err("appending to postgresql.conf"))?;
         Ok(())
     }
 
@@ -482,8 +423,7 @@ impl EmbeddedPg {
              shared_buffers = '128MB'\n\
              max_connections = 200\n"
         );
-        fs::write(self.data.join("embedded.conf"), settings)
-            .map_err(io_err("writing embedded.conf"))
+        fs::write(self.data.join("embedded.conf"), settings).map_err(io_err("writing embedded.conf"))
     }
 
     fn start_on_free_port(&mut self) -> Result<(), EmbeddedPgError> {
@@ -517,17 +457,12 @@ impl EmbeddedPg {
             .append(true)
             .open(&self.log)
             .map_err(|e| fail(io_err("opening the server log")(e)))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| fail(io_err("opening the server log")(e)))?;
+        let log2 = log.try_clone().map_err(|e| fail(io_err("opening the server log")(e)))?;
 
         let mut cmd = self.tool(&self.bins.postgres);
         cmd.arg("-D").arg(&self.data).stdout(log).stderr(log2);
-        let mut child = cmd.spawn().map_err(|e| {
-            fail(io_err(format!("running {}", self.bins.postgres.display()))(
-                e,
-            ))
-        })?;
+        let mut child =
+            cmd.spawn().map_err(|e| fail(io_err(format!("running {}", self.bins.postgres.display()))(e)))?;
 
         let deadline = Instant::now() + START_TIMEOUT;
         let reason = loop {
@@ -624,17 +559,13 @@ pub async fn connect(url: &str) -> Result<tokio_postgres::Client, EmbeddedPgErro
 pub async fn create_database_at(admin_url: &str, name: &str) -> Result<(), EmbeddedPgError> {
     let valid = !name.is_empty()
         && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
     if !valid {
         return Err(EmbeddedPgError::InvalidDatabaseName(name.to_string()));
     }
     let client = connect(admin_url).await?;
     // CREATE DATABASE cannot take a bind parameter; the name was validated above.
-    client
-        .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-        .await?;
+    client.batch_execute(&format!("CREATE DATABASE \"{name}\"")).await?;
     Ok(())
 }
 

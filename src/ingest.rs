@@ -260,7 +260,8 @@ fn count_recorded(deliveries: &[NewDelivery]) {
         }
     }
     for ((channel, status), n) in counts {
-        metrics::counter!(metric::DELIVERIES_RECORDED, "channel" => channel.to_string(), "status" => status).increment(n);
+        metrics::counter!(metric::DELIVERIES_RECORDED, "channel" => channel.to_string(), "status" => status)
+            .increment(n);
     }
 }
 

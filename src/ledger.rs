@@ -32,7 +32,8 @@ impl LedgerError {
         match self {
             LedgerError::Db(e) | LedgerError::Connect(e) => db_error_is_retryable(e),
         }
-    }}
+    }
+}
 
 /// Connection trouble, server restarts and serialization conflicts pass;
 /// anything else (missing privilege, missing schema) needs a human.
@@ -131,18 +132,37 @@ pub struct Claimed {
 /// What became of a claimed delivery.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
-    Sent { provider: &'static str, message_id: Option<String> },
+    Sent {
+        provider: &'static str,
+        message_id: Option<String>,
+    },
     /// Back to `pending`, due again after `delay`.
-    Retry { provider: &'static str, error: String, delay: Duration },
+    Retry {
+        provider: &'static str,
+        error: String,
+        delay: Duration,
+    },
     /// Refused for good.
-    Failed { provider: &'static str, error: String },
+    Failed {
+        provider: &'static str,
+        error: String,
+    },
     /// Retryable, but out of attempts.
-    Dead { provider: &'static str, error: String },
+    Dead {
+        provider: &'static str,
+        error: String,
+    },
     /// Deliberately not sent (no address, no consent, preference): never retried.
-    Skipped { provider: &'static str, reason: String },
+    Skipped {
+        provider: &'static str,
+        reason: String,
+    },
     /// Not tried (the provider's circuit is open): back to `pending` after
     /// `delay`, and the claim's attempt is given back.
-    Defer { error: String, delay: Duration },
+    Defer {
+        error: String,
+        delay: Duration,
+    },
 }
 
 impl Outcome {
@@ -274,8 +294,10 @@ impl Ledger {
             return Ok(());
         }
         let n = outcomes.len();
-        let (mut ids, mut statuses, mut providers) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        let (mut msg_ids, mut errors, mut delays) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut ids, mut statuses, mut providers) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut msg_ids, mut errors, mut delays) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
         for (id, o) in outcomes {
             ids.push(*id);
             let (status, provider, msg, err, delay): (&str, Option<&str>, Option<&str>, Option<&str>, f64) = match o {
@@ -504,7 +526,16 @@ pub async fn insert_deliveries(
             .execute(
                 &sql,
                 &[
-                    &cols[0], &cols[1], &cols[2], &cols[3], &cols[4], &cols[5], &recipients, &errors, &payloads, &lsns,
+                    &cols[0],
+                    &cols[1],
+                    &cols[2],
+                    &cols[3],
+                    &cols[4],
+                    &cols[5],
+                    &recipients,
+                    &errors,
+                    &payloads,
+                    &lsns,
                     &times,
                 ],
             )

@@ -41,9 +41,8 @@ impl Bucket {
 impl Pacer {
     /// `per_second = 0` means no rate limit.
     pub fn new(concurrency: usize, per_second: f64) -> Pacer {
-        let bucket = (per_second > 0.0).then(|| {
-            Mutex::new(Bucket { per_second, tokens: per_second.max(1.0), last: Instant::now() })
-        });
+        let bucket = (per_second > 0.0)
+            .then(|| Mutex::new(Bucket { per_second, tokens: per_second.max(1.0), last: Instant::now() }));
         Pacer { calls: Semaphore::new(concurrency.max(1)), bucket }
     }
 

@@ -51,7 +51,8 @@ pub async fn check(client: &Client, cfg: &Config) -> Result<(), PreflightError> 
             )),
             Some(_) => {}
         }
-        let published = client.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&src.publication]).await?;
+        let published =
+            client.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&src.publication]).await?;
         if published.is_none() {
             problems.push(format!("publication {:?} does not exist: run `outbox-relay setup`", src.publication));
         } else {
@@ -108,7 +109,9 @@ pub async fn check(client: &Client, cfg: &Config) -> Result<(), PreflightError> 
             .map(|r| r.get(0))
             .collect();
         if columns.is_empty() {
-            problems.push(format!("routed table {qualified} does not exist: fix routes[].table or run Django's migrations"));
+            problems.push(format!(
+                "routed table {qualified} does not exist: fix routes[].table or run Django's migrations"
+            ));
             continue;
         }
         for col in route.columns() {
@@ -121,7 +124,8 @@ pub async fn check(client: &Client, cfg: &Config) -> Result<(), PreflightError> 
             .await?
             .get(0);
         if !can_read {
-            problems.push(format!("the relay's role cannot SELECT {qualified}: GRANT SELECT ON {qualified} TO <role>;"));
+            problems
+                .push(format!("the relay's role cannot SELECT {qualified}: GRANT SELECT ON {qualified} TO <role>;"));
         }
     }
     if problems.is_empty() {

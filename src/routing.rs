@@ -193,7 +193,11 @@ impl Router {
                 Ok(Value::Text(t)) => match parse_text_array(t) {
                     Some(list) if list.iter().all(Option::is_some) => {
                         let list: Vec<String> = list.into_iter().flatten().collect();
-                        if list.is_empty() { route.channels.clone() } else { list }
+                        if list.is_empty() {
+                            route.channels.clone()
+                        } else {
+                            list
+                        }
                     }
                     _ => return Err(fail.with(format!("column {col} is not a text array: {}", clip(t)))),
                 },
@@ -257,7 +261,9 @@ impl Router {
             .drain(..)
             .map(|ch| {
                 let disposition = match self.channels.get(&ch) {
-                    None => Disposition::Failed(format!("unknown channel {ch:?}: no [channels.{ch}] in the relay config")),
+                    None => {
+                        Disposition::Failed(format!("unknown channel {ch:?}: no [channels.{ch}] in the relay config"))
+                    }
                     Some(false) => Disposition::Skipped("disabled".into()),
                     Some(true) => Disposition::Pending,
                 };
@@ -529,10 +535,7 @@ mod tests {
         Arc::new(Table {
             schema: "public".into(),
             name: name.into(),
-            columns: cols
-                .iter()
-                .map(|(n, t, k)| Column { name: n.to_string(), type_oid: *t, is_key: *k })
-                .collect(),
+            columns: cols.iter().map(|(n, t, k)| Column { name: n.to_string(), type_oid: *t, is_key: *k }).collect(),
         })
     }
 
@@ -542,8 +545,10 @@ mod tests {
 
     fn cfg() -> Config {
         // The README's channels, with SMS switched off.
-        let text = crate::config::README_EXAMPLE
-            .replace("[channels.sms]\nprovider = \"twilio\"\n", "[channels.sms]\nprovider = \"twilio\"\nenabled = false\n");
+        let text = crate::config::README_EXAMPLE.replace(
+            "[channels.sms]\nprovider = \"twilio\"\n",
+            "[channels.sms]\nprovider = \"twilio\"\nenabled = false\n",
+        );
         Config::from_toml(&text).unwrap()
     }
 
@@ -589,8 +594,15 @@ mod tests {
     fn notification_row_goes_to_in_app_with_allow_listed_typed_payload() {
         let out = route(
             vec![
-                t("7"), t("3"), t("order_ready"), t("Commande prête 🎉"), t("secret body"), t("info"),
-                t("/orders/9"), t("f"), t("2026-11-24 17:35:00.5+01"),
+                t("7"),
+                t("3"),
+                t("order_ready"),
+                t("Commande prête 🎉"),
+                t("secret body"),
+                t("info"),
+                t("/orders/9"),
+                t("f"),
+                t("2026-11-24 17:35:00.5+01"),
             ],
             notif_table(),
             Operation::Insert,

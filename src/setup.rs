@@ -97,7 +97,8 @@ pub fn statements(cfg: &Config) -> Vec<Statement> {
     if src.mode == SourceMode::Listen {
         let schema = &cfg.relay.schema;
         out.push(Statement {
-            why: "The relay schema: ledger, change log and the capture() trigger function (as `outbox-relay migrate`).".into(),
+            why: "The relay schema: ledger, change log and the capture() trigger function (as `outbox-relay migrate`)."
+                .into(),
             sql: crate::ledger::migration_sql(schema).into_iter().map(|(_, sql)| sql).collect::<Vec<_>>().join("\n"),
             migrations: true,
         });
@@ -124,7 +125,10 @@ pub fn statements(cfg: &Config) -> Vec<Statement> {
                 lit = quote_literal(role)
             ),
         ));
-        out.push(step("The relay reads the routed tables and nothing else.", format!("GRANT SELECT ON {table_list} TO {r}")));
+        out.push(step(
+            "The relay reads the routed tables and nothing else.",
+            format!("GRANT SELECT ON {table_list} TO {r}"),
+        ));
         out.push(step(
             "The relay's own schema (ledger, offset), owned by the relay's role.",
             format!(
@@ -179,10 +183,13 @@ mod tests {
         let mut cfg = Config::from_toml(crate::config::README_EXAMPLE).unwrap();
         cfg.source.role = Some("relay".into());
         let sql = script(&cfg);
-        assert!(sql.contains(
-            "CREATE PUBLICATION \"outbox_relay\" FOR TABLE \"public\".\"operators_notificationoperateur\", \
+        assert!(
+            sql.contains(
+                "CREATE PUBLICATION \"outbox_relay\" FOR TABLE \"public\".\"operators_notificationoperateur\", \
              \"public\".\"operators_outboxevent\" WITH (publish = 'insert')"
-        ), "{sql}");
+            ),
+            "{sql}"
+        );
         assert!(sql.contains("pg_create_logical_replication_slot('outbox_relay', 'pgoutput')"));
         assert!(sql.contains("CREATE ROLE \"relay\" LOGIN REPLICATION"));
         assert!(sql.contains("GRANT SELECT ON"));

@@ -45,7 +45,12 @@ pub async fn gather(client: Client, cfg: &Config) -> Result<Status, LedgerError>
             &[&cfg.source.slot],
         )
         .await?
-        .map(|r| SlotStatus { name: r.get(0), active: r.get(1), confirmed_flush_lsn: r.get(2), retained_wal_bytes: r.get(3) });
+        .map(|r| SlotStatus {
+            name: r.get(0),
+            active: r.get(1),
+            confirmed_flush_lsn: r.get(2),
+            retained_wal_bytes: r.get(3),
+        });
     let listen = cfg.source.mode == crate::config::SourceMode::Listen;
     let (watermark, change_log_unread) = if listen {
         let row = client

@@ -74,17 +74,35 @@ fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(metric::ROWS_INGESTED, "Row changes read from committed transactions on routed tables.");
     describe_counter!(metric::DELIVERIES_RECORDED, "Deliveries written to the ledger, by channel and initial status.");
-    describe_counter!(metric::DELIVERIES, "Delivery attempts by channel, provider and outcome (sent, retry, failed, dead).");
-    describe_histogram!(metric::COMMIT_TO_ACCEPTED, Unit::Seconds, "From the source transaction's commit to the provider's acceptance.");
+    describe_counter!(
+        metric::DELIVERIES,
+        "Delivery attempts by channel, provider and outcome (sent, retry, failed, dead)."
+    );
+    describe_histogram!(
+        metric::COMMIT_TO_ACCEPTED,
+        Unit::Seconds,
+        "From the source transaction's commit to the provider's acceptance."
+    );
     describe_gauge!(metric::REPLICATION_LAG, Unit::Bytes, "Server WAL end minus the offset confirmed to the slot.");
     describe_gauge!(metric::CONFIRMED_LSN, "Offset last confirmed to PostgreSQL, as a number.");
-    describe_counter!(metric::RESENDS_AFTER_RESTART, "Deliveries in flight at a crash, sent again after restart (possible duplicates).");
+    describe_counter!(
+        metric::RESENDS_AFTER_RESTART,
+        "Deliveries in flight at a crash, sent again after restart (possible duplicates)."
+    );
     describe_counter!(metric::PROVIDER_UNAUTHORIZED, "Provider calls refused for bad credentials: needs a human.");
-    describe_histogram!(metric::LEDGER_FLUSH, Unit::Seconds, "Time to write one ingestion batch and its offset to the ledger.");
+    describe_histogram!(
+        metric::LEDGER_FLUSH,
+        Unit::Seconds,
+        "Time to write one ingestion batch and its offset to the ledger."
+    );
     describe_counter!(metric::SOURCE_RECONNECTS, "Times the source connection was lost and re-established.");
     describe_gauge!(metric::BACKLOG, "Deliveries pending or in flight in the ledger.");
     describe_gauge!(metric::DEAD_LETTERS, "Dead deliveries waiting for an operator, by channel.");
-    describe_gauge!(metric::RETAINED_WAL, Unit::Bytes, "WAL the slot keeps on the server (current WAL minus restart_lsn).");
+    describe_gauge!(
+        metric::RETAINED_WAL,
+        Unit::Bytes,
+        "WAL the slot keeps on the server (current WAL minus restart_lsn)."
+    );
 }
 
 /// Readiness, set by the parts that can lose their connection.

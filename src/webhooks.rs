@@ -103,7 +103,8 @@ async fn brevo_event(
 ) -> StatusCode {
     let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
     let token_ok = h.brevo_token.as_deref().is_some_and(|t| {
-        constant_eq(auth.strip_prefix("Bearer ").unwrap_or(""), t) || query.get("token").is_some_and(|q| constant_eq(q, t))
+        constant_eq(auth.strip_prefix("Bearer ").unwrap_or(""), t)
+            || query.get("token").is_some_and(|q| constant_eq(q, t))
     });
     let basic_ok = h.brevo_basic.as_deref().is_some_and(|b| {
         let expected = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(b));

@@ -162,7 +162,10 @@ async fn smtp_550_is_permanent_and_451_retryable() {
     let sink = SmtpSink::start().await.unwrap();
     let client = smtp(&sink);
     sink.reject_next_recipients(1);
-    assert!(matches!(client.send(&message("gone@example.com", None, false)).await, Err(ProviderError::Permanent { .. })));
+    assert!(matches!(
+        client.send(&message("gone@example.com", None, false)).await,
+        Err(ProviderError::Permanent { .. })
+    ));
     sink.defer_next(1);
     assert!(client.send(&message("jane@example.com", None, false)).await.unwrap_err().is_retryable());
     client.send(&message("jane@example.com", None, false)).await.unwrap();

@@ -144,7 +144,11 @@ async fn listen_mode_setup_installs_triggers_and_status_shows_the_watermark() {
         .unwrap()
         .get(0);
     assert_eq!(triggers, 1, "one routed table, one trigger, even after two runs");
-    let slots: i64 = client.query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[]).await.unwrap().get(0);
+    let slots: i64 = client
+        .query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(slots, 0, "listen mode needs no slot");
     client
         .batch_execute("INSERT INTO operators_notificationoperateur (user_id, kind, title) VALUES (1, 'k', 't')")
@@ -169,9 +173,20 @@ fn demo_runs_end_to_end_on_a_fresh_machine() {
         .expect("running outbox-relay demo");
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{out}\n{}", stderr(&o));
-    assert_eq!(out.lines().filter(|l| l.starts_with("{\"provider\":\"log\"")).count(), 4, "four in-app deliveries: {out}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("{\"provider\":\"log\"")).count(),
+        4,
+        "four in-app deliveries: {out}"
+    );
     assert!(!out.contains("rolled back\""), "the rolled-back insert is never delivered");
     assert!(out.contains("the local SMTP sink received 2 e-mail(s)"), "{out}");
-    assert!(out.contains("To: operator3@example.com") && out.contains("Subject: [critical] Nouvelle session ouverte 🔐"), "{out}");
-    assert!(out.contains("Subject: Commande 1042 expédiée") && out.contains("| Votre commande 1042 est partie avec Colissimo."), "{out}");
+    assert!(
+        out.contains("To: operator3@example.com") && out.contains("Subject: [critical] Nouvelle session ouverte 🔐"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Subject: Commande 1042 expédiée")
+            && out.contains("| Votre commande 1042 est partie avec Colissimo."),
+        "{out}"
+    );
 }

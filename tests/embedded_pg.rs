@@ -8,22 +8,13 @@ mod pg;
 use outbox_relay::embedded_pg::EmbeddedPg;
 
 async fn count(client: &tokio_postgres::Client, table: &str) -> i64 {
-    client
-        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-        .await
-        .expect("count query")
-        .get(0)
+    client.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.expect("count query").get(0)
 }
 
 #[tokio::test]
 async fn cluster_has_logical_wal_level() {
     let db = pg::fresh_db("wal_level").await;
-    let row = db
-        .client()
-        .await
-        .query_one("SHOW wal_level", &[])
-        .await
-        .expect("SHOW wal_level");
+    let row = db.client().await.query_one("SHOW wal_level", &[]).await.expect("SHOW wal_level");
     assert_eq!(row.get::<_, String>(0), "logical");
 }
 
@@ -52,16 +43,10 @@ async fn pgoutput_slot_decodes_committed_insert() {
         )
         .await
         .expect("read changes from slot");
-    let kinds: Vec<u8> = rows
-        .iter()
-        .filter_map(|r| r.get::<_, Vec<u8>>(0).first().copied())
-        .collect();
+    let kinds: Vec<u8> = rows.iter().filter_map(|r| r.get::<_, Vec<u8>>(0).first().copied()).collect();
     assert_eq!(kinds, b"BRIC".to_vec(), "pgoutput message types");
 
-    client
-        .batch_execute("SELECT pg_drop_replication_slot('relay_slot')")
-        .await
-        .expect("drop slot");
+    client.batch_execute("SELECT pg_drop_replication_slot('relay_slot')").await.expect("drop slot");
 }
 
 #[tokio::test]
@@ -73,10 +58,7 @@ async fn fresh_db_loads_the_django_fixture() {
     assert_eq!(count(&client, "operators_notificationoperateur").await, 0);
     assert_eq!(count(&client, "operators_outboxevent").await, 0);
     let name: String = client
-        .query_one(
-            "SELECT first_name FROM auth_user WHERE username = 'operator3'",
-            &[],
-        )
+        .query_one("SELECT first_name FROM auth_user WHERE username = 'operator3'", &[])
         .await
         .expect("operator3")
         .get(0);
@@ -92,16 +74,10 @@ async fn fresh_dbs_are_independent() {
 
     let ca = a.client().await;
     let cb = b.client().await;
-    ca.batch_execute("INSERT INTO auth_user (username) VALUES ('only_in_a')")
-        .await
-        .expect("insert into a");
+    ca.batch_execute("INSERT INTO auth_user (username) VALUES ('only_in_a')").await.expect("insert into a");
     assert_eq!(count(&ca, "auth_user").await, 21);
     assert_eq!(count(&cb, "auth_user").await, 20);
-    let current: String = cb
-        .query_one("SELECT current_database()", &[])
-        .await
-        .expect("current_database")
-        .get(0);
+    let current: String = cb.query_one("SELECT current_database()", &[]).await.expect("current_database").get(0);
     assert_eq!(current, b.name);
 }
 
@@ -109,17 +85,12 @@ async fn fresh_dbs_are_independent() {
 /// connections.
 #[tokio::test]
 async fn restart_immediate_keeps_committed_data_and_port() {
-    let own = tokio::task::spawn_blocking(EmbeddedPg::start)
-        .await
-        .expect("join")
-        .expect("start cluster");
+    let own = tokio::task::spawn_blocking(EmbeddedPg::start).await.expect("join").expect("start cluster");
     let port = own.port();
     let url = own.create_database("crash").await.expect("create database");
     assert_eq!(url, format!("postgres://postgres@127.0.0.1:{port}/crash"));
 
-    let client = outbox_relay::embedded_pg::connect(&url)
-        .await
-        .expect("connect");
+    let client = outbox_relay::embedded_pg::connect(&url).await.expect("connect");
     client
         .batch_execute(
             "CREATE TABLE ledger (id int PRIMARY KEY, state text NOT NULL);
@@ -133,14 +104,9 @@ async fn restart_immediate_keeps_committed_data_and_port() {
 
     // The old connection died with the server; a new one on the same URL sees the committed row.
     assert!(client.query_one("SELECT 1", &[]).await.is_err());
-    let client = outbox_relay::embedded_pg::connect(&url)
-        .await
-        .expect("reconnect");
-    let state: String = client
-        .query_one("SELECT state FROM ledger WHERE id = 1", &[])
-        .await
-        .expect("row after crash")
-        .get(0);
+    let client = outbox_relay::embedded_pg::connect(&url).await.expect("reconnect");
+    let state: String =
+        client.query_one("SELECT state FROM ledger WHERE id = 1", &[]).await.expect("row after crash").get(0);
     assert_eq!(state, "delivered");
 
     // The log records crash recovery, i.e. this really was an unclean stop.
@@ -154,27 +120,15 @@ async fn restart_immediate_keeps_committed_data_and_port() {
 /// Dropping the handle stops the server and deletes its directory.
 #[tokio::test]
 async fn drop_stops_server_and_removes_directory() {
-    let own = tokio::task::spawn_blocking(EmbeddedPg::start)
-        .await
-        .expect("join")
-        .expect("start cluster");
+    let own = tokio::task::spawn_blocking(EmbeddedPg::start).await.expect("join").expect("start cluster");
     let url = own.url("postgres");
-    let dir = own
-        .data_dir()
-        .parent()
-        .expect("data dir has a parent")
-        .to_path_buf();
-    outbox_relay::embedded_pg::connect(&url)
-        .await
-        .expect("server is up");
+    let dir = own.data_dir().parent().expect("data dir has a parent").to_path_buf();
+    outbox_relay::embedded_pg::connect(&url).await.expect("server is up");
     assert!(dir.exists());
 
     drop(own);
     assert!(!dir.exists(), "{} should be removed", dir.display());
-    assert!(
-        outbox_relay::embedded_pg::connect(&url).await.is_err(),
-        "server should be stopped"
-    );
+    assert!(outbox_relay::embedded_pg::connect(&url).await.is_err(), "server should be stopped");
 }
 
 #[test]

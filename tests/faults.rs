@@ -87,11 +87,8 @@ async fn retries_past_their_limit_go_dead_and_can_be_retried_by_hand() {
     let ids = insert_notifications(&client, 5, 5).await;
     let s = env.wait_settled(5, Duration::from_secs(30)).await;
     assert_eq!(s.get("dead"), Some(&5), "max_attempts = 6 exhausted: {s:?}");
-    let error: String = client
-        .query_one("SELECT last_error FROM outbox_relay.deliveries LIMIT 1", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let error: String =
+        client.query_one("SELECT last_error FROM outbox_relay.deliveries LIMIT 1", &[]).await.unwrap().get(0);
     assert!(error.contains("gave up after 6 attempts"), "{error}");
 
     env.pusher.recover();

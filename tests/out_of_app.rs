@@ -60,7 +60,14 @@ fn phone(user: i32) -> String {
 }
 
 /// Inserts one outbox row; the payload's `order` identifies it at the fakes.
-async fn outbox(client: &tokio_postgres::Client, event: &str, user: i32, order: i32, channels: &str, extra: &str) -> i64 {
+async fn outbox(
+    client: &tokio_postgres::Client,
+    event: &str,
+    user: i32,
+    order: i32,
+    channels: &str,
+    extra: &str,
+) -> i64 {
     let payload: serde_json::Value =
         serde_json::from_str(&format!(r#"{{"title": "Commande {order}", "order": {order}{extra}}}"#)).unwrap();
     client
@@ -96,7 +103,11 @@ fn sum(metrics: &str, name: &str, label: &str) -> f64 {
 }
 
 /// Status, last error and provider message id of a recipient's one delivery on `channel`.
-async fn delivery(client: &tokio_postgres::Client, channel: &str, user: &str) -> (String, Option<String>, Option<String>) {
+async fn delivery(
+    client: &tokio_postgres::Client,
+    channel: &str,
+    user: &str,
+) -> (String, Option<String>, Option<String>) {
     let r = client
         .query_one(
             "SELECT status, last_error, provider_message_id FROM outbox_relay.deliveries
@@ -246,7 +257,10 @@ async fn consent_preferences_and_a_disabled_channel_skip_with_their_reason() {
     let l = ledger(&env).await;
     let row = |ch: &str, user: &str, event: &str| l[&(ch.to_string(), user.to_string(), event.to_string())].clone();
     let skipped = |reason: &str| ("skipped".to_string(), Some(reason.to_string()));
-    assert_eq!(row("email", "3", "order_shipped"), skipped("preference: the user does not want this event on this channel"));
+    assert_eq!(
+        row("email", "3", "order_shipped"),
+        skipped("preference: the user does not want this event on this channel")
+    );
     assert_eq!(row("email", "3", "password_changed").0, "sent");
     assert_eq!(row("email", "10", "order_shipped").0, "sent");
     for (user, event) in [("3", "order_shipped"), ("3", "password_changed"), ("10", "order_shipped")] {
@@ -264,7 +278,10 @@ async fn consent_preferences_and_a_disabled_channel_skip_with_their_reason() {
     let mails = brevo.accepted();
     assert_eq!(mails.len(), 2);
     let plain = mails.iter().find(|m| m["templateId"].is_null()).expect("the untemplated event");
-    assert!(plain["subject"].as_str().unwrap().contains("password_changed") || plain["subject"].as_str().unwrap().contains("Commande 2"));
+    assert!(
+        plain["subject"].as_str().unwrap().contains("password_changed")
+            || plain["subject"].as_str().unwrap().contains("Commande 2")
+    );
     assert_eq!(twilio.messages().len(), 1, "only the WhatsApp message to user 10");
     assert!(twilio.messages()[0].to.starts_with("whatsapp:"));
     // Skips are counted: per channel, at dispatch (no consent, preference) and at ingest (disabled).
@@ -354,7 +371,8 @@ async fn status_webhooks_move_the_ledger_and_refuse_forgeries() {
         async move { delivery(client, "email", user).await.2.expect("Brevo's messageId is recorded") }
     };
     let hook = |auth: Option<&'static str>, query: &'static str, body: serde_json::Value| {
-        let mut request = reqwest::Client::new().post(format!("http://127.0.0.1:{port}/webhooks/brevo{query}")).json(&body);
+        let mut request =
+            reqwest::Client::new().post(format!("http://127.0.0.1:{port}/webhooks/brevo{query}")).json(&body);
         if let Some(a) = auth {
             request = request.header("Authorization", a);
         }

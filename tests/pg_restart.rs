@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::relay::{Mode, free_port, insert_notifications, scrape_counter, sigterm, Env};
+use support::relay::{free_port, insert_notifications, scrape_counter, sigterm, Env, Mode};
 
 crate::both_modes!(relay_reconnects_after_an_immediate_postgres_restart);
 /// The two modes' runs restart the same cluster: one at a time.
@@ -36,8 +36,12 @@ async fn relay_reconnects_after_an_immediate_postgres_restart(mode: Mode) {
     let counts = env.pusher_counts();
     let lost: Vec<_> = ids.iter().filter(|id| !counts.contains_key(id)).collect();
     let duplicates: usize = counts.values().map(|n| n - 1).sum();
-    eprintln!("pg restart: rows {}, delivered {}, duplicates {duplicates}, counted re-sends {resends}, lost {}",
-        ids.len(), counts.len(), lost.len());
+    eprintln!(
+        "pg restart: rows {}, delivered {}, duplicates {duplicates}, counted re-sends {resends}, lost {}",
+        ids.len(),
+        counts.len(),
+        lost.len()
+    );
     assert!(reconnects >= 1.0, "the relay noticed and reconnected by itself");
     assert!(lost.is_empty(), "lost across the restart: {lost:?}");
     assert!(duplicates as f64 <= resends, "{duplicates} duplicates, {resends} counted re-sends");

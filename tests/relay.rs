@@ -5,8 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::relay::{Mode, free_port, insert_notifications, scrape_counter, sigterm, Env};
-
+use support::relay::{free_port, insert_notifications, scrape_counter, sigterm, Env, Mode};
 
 crate::both_modes!(every_committed_insert_is_delivered_once_and_nothing_else);
 async fn every_committed_insert_is_delivered_once_and_nothing_else(mode: Mode) {
@@ -28,7 +27,10 @@ async fn every_committed_insert_is_delivered_once_and_nothing_else(mode: Mode) {
         .await
         .unwrap();
     // Updates and deletes are not in `operations`: nobody is notified.
-    client.batch_execute(&format!("UPDATE operators_notificationoperateur SET is_read = true WHERE id = {}", ids[0])).await.unwrap();
+    client
+        .batch_execute(&format!("UPDATE operators_notificationoperateur SET is_read = true WHERE id = {}", ids[0]))
+        .await
+        .unwrap();
     client.batch_execute(&format!("DELETE FROM operators_notificationoperateur WHERE id = {}", ids[1])).await.unwrap();
     // One multi-statement transaction; the LSN read inside it precedes its commit record.
     let before_commit: String = {
@@ -72,15 +74,15 @@ async fn every_committed_insert_is_delivered_once_and_nothing_else(mode: Mode) {
 
     // The slot's confirmed position has moved past the last commit.
     if mode == Mode::Logical {
-    let confirmed_past: bool = client
-        .query_one(
-            "SELECT confirmed_flush_lsn > $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
-            &[&before_commit, &env.slot],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(confirmed_past, "confirmed_flush_lsn must pass the delivered commit");
+        let confirmed_past: bool = client
+            .query_one(
+                "SELECT confirmed_flush_lsn > $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+                &[&before_commit, &env.slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(confirmed_past, "confirmed_flush_lsn must pass the delivered commit");
     }
     relay.stop().await;
 }
@@ -192,8 +194,12 @@ async fn kill_9_at_random_moments_loses_nothing_and_counts_every_resend(mode: Mo
     let counts = env.pusher_counts();
     let lost: Vec<_> = ids.iter().filter(|id| !counts.contains_key(id)).collect();
     let duplicates: usize = counts.values().map(|n| n - 1).sum();
-    eprintln!("kill -9 x4: rows {}, delivered {}, duplicates {duplicates}, counted re-sends {resends}, lost {}",
-        ids.len(), counts.len(), lost.len());
+    eprintln!(
+        "kill -9 x4: rows {}, delivered {}, duplicates {duplicates}, counted re-sends {resends}, lost {}",
+        ids.len(),
+        counts.len(),
+        lost.len()
+    );
     assert!(lost.is_empty(), "lost after kill -9: {lost:?}");
     assert!(
         duplicates as f64 <= resends,
@@ -246,7 +252,10 @@ async fn a_slow_provider_never_stalls_the_stream(mode: Mode) {
         if recorded == 300 && (confirmed || mode == Mode::Listen) {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "ingestion stalled behind a slow provider ({recorded} recorded)");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ingestion stalled behind a slow provider ({recorded} recorded)"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     env.pusher.set_delay(Duration::ZERO);
@@ -298,7 +307,10 @@ async fn bad_rows_are_recorded_failed_and_the_rows_around_them_flow(mode: Mode) 
         .unwrap();
     env.wait_settled(7, Duration::from_secs(30)).await;
     let rows = client
-        .query("SELECT event, status, coalesce(last_error, '') FROM outbox_relay.deliveries ORDER BY source_pk::int", &[])
+        .query(
+            "SELECT event, status, coalesce(last_error, '') FROM outbox_relay.deliveries ORDER BY source_pk::int",
+            &[],
+        )
         .await
         .unwrap();
     let got: Vec<(String, String, String)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
@@ -375,12 +387,18 @@ async fn out_of_order_commit_around_a_poll(mode: Mode) {
     let second = env.db.client().await;
     first.batch_execute("BEGIN").await.unwrap();
     let early: i64 = first
-        .query_one("INSERT INTO operators_notificationoperateur (user_id, kind, title) VALUES (1, 'k', 'early') RETURNING id", &[])
+        .query_one(
+            "INSERT INTO operators_notificationoperateur (user_id, kind, title) VALUES (1, 'k', 'early') RETURNING id",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
     let late: i64 = second
-        .query_one("INSERT INTO operators_notificationoperateur (user_id, kind, title) VALUES (2, 'k', 'late') RETURNING id", &[])
+        .query_one(
+            "INSERT INTO operators_notificationoperateur (user_id, kind, title) VALUES (2, 'k', 'late') RETURNING id",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);

@@ -98,7 +98,9 @@ impl ProviderError {
         }
         let hide = |r: String| r.replace(bare, &template::mask_address(bare));
         match self {
-            ProviderError::Retryable { reason, retry_after } => ProviderError::Retryable { reason: hide(reason), retry_after },
+            ProviderError::Retryable { reason, retry_after } => {
+                ProviderError::Retryable { reason: hide(reason), retry_after }
+            }
             ProviderError::Permanent { reason } => ProviderError::Permanent { reason: hide(reason) },
             ProviderError::Unauthorized { reason } => ProviderError::Unauthorized { reason: hide(reason) },
         }

@@ -75,7 +75,9 @@ impl Twilio {
         let number = contact.address.trim();
         if !is_e164(number) {
             // Twilio would refuse it (21211); say so without a call.
-            return Err(ProviderError::Permanent { reason: "recipient number is not in E.164 form (+ and 8-15 digits)".into() });
+            return Err(ProviderError::Permanent {
+                reason: "recipient number is not in E.164 form (+ and 8-15 digits)".into(),
+            });
         }
         let mut form: Vec<(&str, String)> = vec![("Body", contact.body.clone())];
         if contact.whatsapp {

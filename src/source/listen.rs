@@ -161,17 +161,22 @@ impl ListenSource {
     }
 
     /// One read of the change log behind the watermark; returns rows read.
-    async fn poll_once(&self, client: &mut Client, tables: &mut HashMap<String, Arc<Table>>) -> Result<usize, ListenError> {
+    async fn poll_once(
+        &self,
+        client: &mut Client,
+        tables: &mut HashMap<String, Arc<Table>>,
+    ) -> Result<usize, ListenError> {
         let schema = &self.cfg.relay.schema;
         let name = &self.cfg.source.slot;
         let tx = client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).start().await?;
         // First statement: it takes the snapshot the rest of the transaction sees.
-        let horizon: i64 = tx
-            .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint", &[])
-            .await?
-            .get(0);
+        let horizon: i64 =
+            tx.query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint", &[]).await?.get(0);
         let from: i64 = tx
-            .query_opt(&format!("SELECT watermark::text::bigint FROM {schema}.listen_progress WHERE name = $1"), &[name])
+            .query_opt(
+                &format!("SELECT watermark::text::bigint FROM {schema}.listen_progress WHERE name = $1"),
+                &[name],
+            )
             .await?
             .map(|r| r.get(0))
             .unwrap_or(0);
@@ -239,7 +244,11 @@ impl ListenSource {
         Ok(read)
     }
 
-    async fn whole_transaction(&self, tx: &tokio_postgres::Transaction<'_>, xid: u64) -> Result<Vec<Change>, ListenError> {
+    async fn whole_transaction(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        xid: u64,
+    ) -> Result<Vec<Change>, ListenError> {
         let schema = &self.cfg.relay.schema;
         let rows = tx
             .query(
@@ -362,9 +371,6 @@ async fn describe(tx: &tokio_postgres::Transaction<'_>, qualified: &str) -> Resu
     Ok(Table {
         schema: schema.to_string(),
         name: name.to_string(),
-        columns: rows
-            .iter()
-            .map(|r| Column { name: r.get(0), type_oid: r.get(1), is_key: r.get(2) })
-            .collect(),
+        columns: rows.iter().map(|r| Column { name: r.get(0), type_oid: r.get(1), is_key: r.get(2) }).collect(),
     })
 }

@@ -42,11 +42,7 @@ pub enum DecodeError {
     #[error("pgoutput: change for relation id {0} that no Relation message described")]
     UnknownRelation(u32),
     #[error("pgoutput: row for {table} has {got} columns, its Relation message has {expected}")]
-    ColumnCountMismatch {
-        table: String,
-        expected: usize,
-        got: usize,
-    },
+    ColumnCountMismatch { table: String, expected: usize, got: usize },
     #[error("pgoutput: {0} outside a transaction")]
     OutsideTransaction(&'static str),
     #[error("pgoutput: Begin of xid {xid} while xid {open} is still open")]
@@ -197,33 +193,21 @@ impl<'a> Reader<'a> {
 
     /// A NUL-terminated string.
     fn cstr(&mut self, what: &'static str) -> Result<String, DecodeError> {
-        let end = self
-            .buf
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or(DecodeError::UnexpectedEof { what })?;
+        let end = self.buf.iter().position(|&b| b == 0).ok_or(DecodeError::UnexpectedEof { what })?;
         let bytes = self.take(end, what)?;
         self.take(1, what)?;
-        std::str::from_utf8(bytes)
-            .map(str::to_owned)
-            .map_err(|_| DecodeError::InvalidUtf8 { what })
+        std::str::from_utf8(bytes).map(str::to_owned).map_err(|_| DecodeError::InvalidUtf8 { what })
     }
 
     /// A length field that must not be negative.
     fn len_i32(&mut self, what: &'static str) -> Result<usize, DecodeError> {
         let len = self.i32(what)?;
-        usize::try_from(len).map_err(|_| DecodeError::NegativeLength {
-            what,
-            len: len.into(),
-        })
+        usize::try_from(len).map_err(|_| DecodeError::NegativeLength { what, len: len.into() })
     }
 
     fn len_i16(&mut self, what: &'static str) -> Result<usize, DecodeError> {
         let len = self.i16(what)?;
-        usize::try_from(len).map_err(|_| DecodeError::NegativeLength {
-            what,
-            len: len.into(),
-        })
+        usize::try_from(len).map_err(|_| DecodeError::NegativeLength { what, len: len.into() })
     }
 
     fn finish(self) -> Result<(), DecodeError> {
@@ -254,10 +238,7 @@ pub fn decode(buf: &[u8]) -> Result<PgOutputMessage, DecodeError> {
                 commit_time: r.timestamp("Commit timestamp")?,
             }
         }
-        b'O' => PgOutputMessage::Origin {
-            commit_lsn: r.lsn("Origin commit LSN")?,
-            name: r.cstr("Origin name")?,
-        },
+        b'O' => PgOutputMessage::Origin { commit_lsn: r.lsn("Origin commit LSN")?, name: r.cstr("Origin name")? },
         b'R' => decode_relation(&mut r)?,
         b'Y' => PgOutputMessage::Type {
             type_oid: r.u32("Type OID")?,
@@ -267,10 +248,7 @@ pub fn decode(buf: &[u8]) -> Result<PgOutputMessage, DecodeError> {
         b'I' => {
             let rel_id = r.u32("Insert relation id")?;
             expect_marker(&mut r, b"N", "'N' before Insert tuple")?;
-            PgOutputMessage::Insert {
-                rel_id,
-                new: decode_tuple(&mut r)?,
-            }
+            PgOutputMessage::Insert { rel_id, new: decode_tuple(&mut r)? }
         }
         b'U' => {
             let rel_id = r.u32("Update relation id")?;
@@ -278,11 +256,7 @@ pub fn decode(buf: &[u8]) -> Result<PgOutputMessage, DecodeError> {
             let (old, marker) = match marker {
                 b'K' | b'O' => {
                     let values = decode_tuple(&mut r)?;
-                    let old = if marker == b'K' {
-                        OldTuple::Key(values)
-                    } else {
-                        OldTuple::Full(values)
-                    };
+                    let old = if marker == b'K' { OldTuple::Key(values) } else { OldTuple::Full(values) };
                     (Some(old), r.u8("Update new tuple marker")?)
                 }
                 other => (None, other),
@@ -293,21 +267,13 @@ pub fn decode(buf: &[u8]) -> Result<PgOutputMessage, DecodeError> {
                     found: marker as char,
                 });
             }
-            PgOutputMessage::Update {
-                rel_id,
-                old,
-                new: decode_tuple(&mut r)?,
-            }
+            PgOutputMessage::Update { rel_id, old, new: decode_tuple(&mut r)? }
         }
         b'D' => {
             let rel_id = r.u32("Delete relation id")?;
             let marker = expect_marker(&mut r, b"KO", "'K' or 'O' before Delete tuple")?;
             let values = decode_tuple(&mut r)?;
-            let old = if marker == b'K' {
-                OldTuple::Key(values)
-            } else {
-                OldTuple::Full(values)
-            };
+            let old = if marker == b'K' { OldTuple::Key(values) } else { OldTuple::Full(values) };
             PgOutputMessage::Delete { rel_id, old }
         }
         b'T' => {
@@ -319,11 +285,7 @@ pub fn decode(buf: &[u8]) -> Result<PgOutputMessage, DecodeError> {
             for _ in 0..n {
                 rel_ids.push(r.u32("Truncate relation id")?);
             }
-            PgOutputMessage::Truncate {
-                rel_ids,
-                cascade: options & 1 != 0,
-                restart_identity: options & 2 != 0,
-            }
+            PgOutputMessage::Truncate { rel_ids, cascade: options & 1 != 0, restart_identity: options & 2 != 0 }
         }
         b'M' => {
             let flags = r.u8("Message flags")?;
@@ -331,11 +293,7 @@ pub fn decode(buf: &[u8]) -> Result<PgOutputMessage, DecodeError> {
             let prefix = r.cstr("Message prefix")?;
             let len = r.len_i32("Message content length")?;
             r.take(len, "Message content")?;
-            PgOutputMessage::Message {
-                transactional: flags & 1 != 0,
-                lsn,
-                prefix,
-            }
+            PgOutputMessage::Message { transactional: flags & 1 != 0, lsn, prefix }
         }
         other => return Err(DecodeError::UnknownMessage(other as char)),
     };
@@ -343,19 +301,12 @@ pub fn decode(buf: &[u8]) -> Result<PgOutputMessage, DecodeError> {
     Ok(msg)
 }
 
-fn expect_marker(
-    r: &mut Reader<'_>,
-    allowed: &[u8],
-    expected: &'static str,
-) -> Result<u8, DecodeError> {
+fn expect_marker(r: &mut Reader<'_>, allowed: &[u8], expected: &'static str) -> Result<u8, DecodeError> {
     let found = r.u8(expected)?;
     if allowed.contains(&found) {
         Ok(found)
     } else {
-        Err(DecodeError::UnexpectedMarker {
-            expected,
-            found: found as char,
-        })
+        Err(DecodeError::UnexpectedMarker { expected, found: found as char })
     }
 }
 
@@ -375,21 +326,9 @@ fn decode_relation(r: &mut Reader<'_>) -> Result<PgOutputMessage, DecodeError> {
         let name = r.cstr("column name")?;
         let type_oid = r.u32("column type OID")?;
         r.i32("column type modifier")?;
-        columns.push(Column {
-            name,
-            type_oid,
-            is_key: flags & 1 != 0,
-        });
+        columns.push(Column { name, type_oid, is_key: flags & 1 != 0 });
     }
-    Ok(PgOutputMessage::Relation {
-        rel_id,
-        replica_identity,
-        table: Table {
-            schema,
-            name,
-            columns,
-        },
-    })
+    Ok(PgOutputMessage::Relation { rel_id, replica_identity, table: Table { schema, name, columns } })
 }
 
 fn decode_tuple(r: &mut Reader<'_>) -> Result<Vec<Value>, DecodeError> {
@@ -403,8 +342,7 @@ fn decode_tuple(r: &mut Reader<'_>) -> Result<Vec<Value>, DecodeError> {
             b't' => {
                 let len = r.len_i32("text value length")?;
                 let bytes = r.take(len, "text value")?;
-                let text = std::str::from_utf8(bytes)
-                    .map_err(|_| DecodeError::InvalidUtf8 { what: "text value" })?;
+                let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8 { what: "text value" })?;
                 Value::Text(text.to_owned())
             }
             b'b' => return Err(DecodeError::BinaryValue { column }),
@@ -467,34 +405,15 @@ impl TxAssembler {
     /// `changes`): confirming its `end_lsn` lets the slot advance.
     pub fn push(&mut self, msg: PgOutputMessage) -> Result<Option<CommittedTx>, DecodeError> {
         match msg {
-            PgOutputMessage::Begin {
-                xid,
-                commit_time,
-                final_lsn,
-            } => {
+            PgOutputMessage::Begin { xid, commit_time, final_lsn } => {
                 if let Some(open) = &self.open {
-                    return Err(DecodeError::NestedBegin {
-                        xid,
-                        open: open.xid,
-                    });
+                    return Err(DecodeError::NestedBegin { xid, open: open.xid });
                 }
-                self.open = Some(OpenTx {
-                    xid,
-                    commit_lsn: final_lsn,
-                    commit_time,
-                    changes: Vec::new(),
-                });
+                self.open = Some(OpenTx { xid, commit_lsn: final_lsn, commit_time, changes: Vec::new() });
                 Ok(None)
             }
-            PgOutputMessage::Commit {
-                commit_lsn,
-                end_lsn,
-                commit_time,
-            } => {
-                let open = self
-                    .open
-                    .take()
-                    .ok_or(DecodeError::OutsideTransaction("Commit"))?;
+            PgOutputMessage::Commit { commit_lsn, end_lsn, commit_time } => {
+                let open = self.open.take().ok_or(DecodeError::OutsideTransaction("Commit"))?;
                 Ok(Some(CommittedTx {
                     end_lsn,
                     commit_lsn,
@@ -543,9 +462,7 @@ impl TxAssembler {
                 tracing::info!(relations = ?rel_ids, "TRUNCATE on a published table ignored");
                 Ok(None)
             }
-            PgOutputMessage::Origin { .. }
-            | PgOutputMessage::Type { .. }
-            | PgOutputMessage::Message { .. } => Ok(None),
+            PgOutputMessage::Origin { .. } | PgOutputMessage::Type { .. } | PgOutputMessage::Message { .. } => Ok(None),
         }
     }
 
@@ -569,10 +486,7 @@ impl TxAssembler {
         values: Vec<Value>,
         what: &'static str,
     ) -> Result<(), DecodeError> {
-        let table = self
-            .relations
-            .get(&rel_id)
-            .ok_or(DecodeError::UnknownRelation(rel_id))?;
+        let table = self.relations.get(&rel_id).ok_or(DecodeError::UnknownRelation(rel_id))?;
         if values.len() != table.columns.len() {
             return Err(DecodeError::ColumnCountMismatch {
                 table: table.qualified_name(),
@@ -581,10 +495,7 @@ impl TxAssembler {
             });
         }
         let table = Arc::clone(table);
-        let open = self
-            .open
-            .as_mut()
-            .ok_or(DecodeError::OutsideTransaction(what))?;
+        let open = self.open.as_mut().ok_or(DecodeError::OutsideTransaction(what))?;
         open.changes.push(RowChange { table, op, values });
         Ok(())
     }
@@ -671,18 +582,8 @@ pub(crate) mod tests {
     }
 
     /// Relation with columns (flags, name, type oid).
-    pub(crate) fn relation(
-        rel_id: i32,
-        schema: &str,
-        name: &str,
-        cols: &[(u8, &str, i32)],
-    ) -> Vec<u8> {
-        let mut m = Msg::new(b'R')
-            .i32(rel_id)
-            .str(schema)
-            .str(name)
-            .u8(b'd')
-            .i16(cols.len() as i16);
+    pub(crate) fn relation(rel_id: i32, schema: &str, name: &str, cols: &[(u8, &str, i32)]) -> Vec<u8> {
+        let mut m = Msg::new(b'R').i32(rel_id).str(schema).str(name).u8(b'd').i16(cols.len() as i16);
         for (flags, col, oid) in cols {
             m = m.u8(*flags).str(col).i32(*oid).i32(-1);
         }
@@ -706,10 +607,7 @@ pub(crate) mod tests {
 
     #[test]
     fn timestamps_count_from_2000() {
-        assert_eq!(
-            pg_timestamp(0).unwrap().to_rfc3339(),
-            "2000-01-01T00:00:00+00:00"
-        );
+        assert_eq!(pg_timestamp(0).unwrap().to_rfc3339(), "2000-01-01T00:00:00+00:00");
         let t = pg_timestamp(TS).unwrap();
         assert_eq!(t.to_rfc3339(), "2024-01-02T03:04:05.123456+00:00");
         assert_eq!(to_pg_timestamp(t), TS);
@@ -741,62 +639,24 @@ pub(crate) mod tests {
     #[test]
     fn decodes_origin_type_message_truncate() {
         let m = decode(&Msg::new(b'O').i64(42).str("node_a").0).unwrap();
-        assert_eq!(
-            m,
-            PgOutputMessage::Origin {
-                commit_lsn: Lsn(42),
-                name: "node_a".into()
-            }
-        );
+        assert_eq!(m, PgOutputMessage::Origin { commit_lsn: Lsn(42), name: "node_a".into() });
 
         let m = decode(&Msg::new(b'Y').i32(16500).str("public").str("mood").0).unwrap();
-        assert_eq!(
-            m,
-            PgOutputMessage::Type {
-                type_oid: 16500,
-                schema: "public".into(),
-                name: "mood".into()
-            }
-        );
+        assert_eq!(m, PgOutputMessage::Type { type_oid: 16500, schema: "public".into(), name: "mood".into() });
 
         let mut raw = Msg::new(b'M').u8(1).i64(99).str("app").i32(3).0;
         raw.extend_from_slice(b"\x00\xff\x01");
         let m = decode(&raw).unwrap();
-        assert_eq!(
-            m,
-            PgOutputMessage::Message {
-                transactional: true,
-                lsn: Lsn(99),
-                prefix: "app".into()
-            }
-        );
+        assert_eq!(m, PgOutputMessage::Message { transactional: true, lsn: Lsn(99), prefix: "app".into() });
 
         let m = decode(&Msg::new(b'T').i32(2).u8(3).i32(16384).i32(16390).0).unwrap();
-        assert_eq!(
-            m,
-            PgOutputMessage::Truncate {
-                rel_ids: vec![16384, 16390],
-                cascade: true,
-                restart_identity: true
-            }
-        );
+        assert_eq!(m, PgOutputMessage::Truncate { rel_ids: vec![16384, 16390], cascade: true, restart_identity: true });
     }
 
     #[test]
     fn decodes_relation_with_key_flags() {
-        let m = decode(&relation(
-            16384,
-            "public",
-            "notifications_outbox",
-            &outbox_cols(),
-        ))
-        .unwrap();
-        let PgOutputMessage::Relation {
-            rel_id,
-            replica_identity,
-            table,
-        } = m
-        else {
+        let m = decode(&relation(16384, "public", "notifications_outbox", &outbox_cols())).unwrap();
+        let PgOutputMessage::Relation { rel_id, replica_identity, table } = m else {
             panic!("not a relation: {m:?}");
         };
         assert_eq!(rel_id, 16384);
@@ -805,21 +665,9 @@ pub(crate) mod tests {
         assert_eq!(
             table.columns,
             vec![
-                Column {
-                    name: "id".into(),
-                    type_oid: 20,
-                    is_key: true
-                },
-                Column {
-                    name: "body".into(),
-                    type_oid: 25,
-                    is_key: false
-                },
-                Column {
-                    name: "user_id".into(),
-                    type_oid: 23,
-                    is_key: false
-                },
+                Column { name: "id".into(), type_oid: 20, is_key: true },
+                Column { name: "body".into(), type_oid: 25, is_key: false },
+                Column { name: "user_id".into(), type_oid: 23, is_key: false },
             ]
         );
     }
@@ -827,31 +675,18 @@ pub(crate) mod tests {
     #[test]
     fn empty_namespace_means_pg_catalog() {
         let m = decode(&relation(1, "", "pg_thing", &[(0, "a", 25)])).unwrap();
-        let PgOutputMessage::Relation { table, .. } = m else {
-            panic!()
-        };
+        let PgOutputMessage::Relation { table, .. } = m else { panic!() };
         assert_eq!(table.schema, "pg_catalog");
     }
 
     #[test]
     fn decodes_insert_with_null_and_multibyte_text() {
-        let raw = Msg::new(b'I')
-            .i32(16384)
-            .u8(b'N')
-            .i16(3)
-            .text("7")
-            .text("héllo → 世界 🎉")
-            .u8(b'n')
-            .0;
+        let raw = Msg::new(b'I').i32(16384).u8(b'N').i16(3).text("7").text("héllo → 世界 🎉").u8(b'n').0;
         assert_eq!(
             decode(&raw).unwrap(),
             PgOutputMessage::Insert {
                 rel_id: 16384,
-                new: vec![
-                    Value::Text("7".into()),
-                    Value::Text("héllo → 世界 🎉".into()),
-                    Value::Null,
-                ],
+                new: vec![Value::Text("7".into()), Value::Text("héllo → 世界 🎉".into()), Value::Null,],
             }
         );
     }
@@ -862,11 +697,7 @@ pub(crate) mod tests {
         let plain = new(Msg::new(b'U').i32(5)).0;
         assert_eq!(
             decode(&plain).unwrap(),
-            PgOutputMessage::Update {
-                rel_id: 5,
-                old: None,
-                new: vec![Value::Text("1".into()), Value::Unchanged],
-            }
+            PgOutputMessage::Update { rel_id: 5, old: None, new: vec![Value::Text("1".into()), Value::Unchanged] }
         );
 
         let keyed = new(Msg::new(b'U').i32(5).u8(b'K').i16(2).text("0").u8(b'n')).0;
@@ -884,10 +715,7 @@ pub(crate) mod tests {
             decode(&full).unwrap(),
             PgOutputMessage::Update {
                 rel_id: 5,
-                old: Some(OldTuple::Full(vec![
-                    Value::Text("0".into()),
-                    Value::Text("big".into())
-                ])),
+                old: Some(OldTuple::Full(vec![Value::Text("0".into()), Value::Text("big".into())])),
                 new: vec![Value::Text("1".into()), Value::Unchanged],
             }
         );
@@ -898,36 +726,20 @@ pub(crate) mod tests {
         let raw = Msg::new(b'D').i32(9).u8(b'K').i16(2).text("3").u8(b'n').0;
         assert_eq!(
             decode(&raw).unwrap(),
-            PgOutputMessage::Delete {
-                rel_id: 9,
-                old: OldTuple::Key(vec![Value::Text("3".into()), Value::Null]),
-            }
+            PgOutputMessage::Delete { rel_id: 9, old: OldTuple::Key(vec![Value::Text("3".into()), Value::Null]) }
         );
         let raw = Msg::new(b'D').i32(9).u8(b'O').i16(1).text("3").0;
         assert_eq!(
             decode(&raw).unwrap(),
-            PgOutputMessage::Delete {
-                rel_id: 9,
-                old: OldTuple::Full(vec![Value::Text("3".into())])
-            }
+            PgOutputMessage::Delete { rel_id: 9, old: OldTuple::Full(vec![Value::Text("3".into())]) }
         );
         let raw = Msg::new(b'D').i32(9).u8(b'N').i16(1).text("3").0;
-        assert!(matches!(
-            decode(&raw),
-            Err(DecodeError::UnexpectedMarker { .. })
-        ));
+        assert!(matches!(decode(&raw), Err(DecodeError::UnexpectedMarker { .. })));
     }
 
     #[test]
     fn binary_values_are_refused() {
-        let raw = Msg::new(b'I')
-            .i32(1)
-            .u8(b'N')
-            .i16(1)
-            .u8(b'b')
-            .i32(1)
-            .u8(7)
-            .0;
+        let raw = Msg::new(b'I').i32(1).u8(b'N').i16(1).u8(b'b').i32(1).u8(7).0;
         assert_eq!(decode(&raw), Err(DecodeError::BinaryValue { column: 0 }));
     }
 
@@ -935,25 +747,13 @@ pub(crate) mod tests {
     fn invalid_utf8_text_is_an_error() {
         let mut raw = Msg::new(b'I').i32(1).u8(b'N').i16(1).u8(b't').i32(2).0;
         raw.extend_from_slice(&[0xc3, 0x28]);
-        assert_eq!(
-            decode(&raw),
-            Err(DecodeError::InvalidUtf8 { what: "text value" })
-        );
+        assert_eq!(decode(&raw), Err(DecodeError::InvalidUtf8 { what: "text value" }));
     }
 
     #[test]
     fn every_truncation_of_valid_messages_is_an_error_not_a_panic() {
-        let full_update = Msg::new(b'U')
-            .i32(5)
-            .u8(b'O')
-            .i16(2)
-            .text("0")
-            .text("é")
-            .u8(b'N')
-            .i16(2)
-            .text("1")
-            .u8(b'u')
-            .0;
+        let full_update =
+            Msg::new(b'U').i32(5).u8(b'O').i16(2).text("0").text("é").u8(b'N').i16(2).text("1").u8(b'u').0;
         let mut message = Msg::new(b'M').u8(0).i64(1).str("p").i32(2).0;
         message.extend_from_slice(b"ab");
         let samples = [
@@ -969,15 +769,9 @@ pub(crate) mod tests {
             message,
         ];
         for sample in &samples {
-            assert!(
-                decode(sample).is_ok(),
-                "sample must decode whole: {sample:?}"
-            );
+            assert!(decode(sample).is_ok(), "sample must decode whole: {sample:?}");
             for cut in 0..sample.len() {
-                assert!(
-                    decode(&sample[..cut]).is_err(),
-                    "prefix of {cut} bytes of {sample:?} decoded"
-                );
+                assert!(decode(&sample[..cut]).is_err(), "prefix of {cut} bytes of {sample:?} decoded");
             }
             let mut longer = sample.clone();
             longer.push(0);
@@ -991,32 +785,14 @@ pub(crate) mod tests {
         assert_eq!(decode(b"Zzz"), Err(DecodeError::UnknownMessage('Z')));
         // Negative lengths and counts.
         let raw = Msg::new(b'I').i32(1).u8(b'N').i16(-1).0;
-        assert!(matches!(
-            decode(&raw),
-            Err(DecodeError::NegativeLength { .. })
-        ));
+        assert!(matches!(decode(&raw), Err(DecodeError::NegativeLength { .. })));
         let raw = Msg::new(b'I').i32(1).u8(b'N').i16(1).u8(b't').i32(-5).0;
-        assert!(matches!(
-            decode(&raw),
-            Err(DecodeError::NegativeLength { .. })
-        ));
+        assert!(matches!(decode(&raw), Err(DecodeError::NegativeLength { .. })));
         // A huge claimed length with nothing behind it.
-        let raw = Msg::new(b'I')
-            .i32(1)
-            .u8(b'N')
-            .i16(1)
-            .u8(b't')
-            .i32(i32::MAX)
-            .0;
-        assert!(matches!(
-            decode(&raw),
-            Err(DecodeError::UnexpectedEof { .. })
-        ));
+        let raw = Msg::new(b'I').i32(1).u8(b'N').i16(1).u8(b't').i32(i32::MAX).0;
+        assert!(matches!(decode(&raw), Err(DecodeError::UnexpectedEof { .. })));
         let raw = Msg::new(b'T').i32(i32::MAX).u8(0).0;
-        assert!(matches!(
-            decode(&raw),
-            Err(DecodeError::UnexpectedEof { .. })
-        ));
+        assert!(matches!(decode(&raw), Err(DecodeError::UnexpectedEof { .. })));
         let raw = Msg::new(b'I').i32(1).u8(b'N').i16(1).u8(b'x').0;
         assert_eq!(decode(&raw), Err(DecodeError::UnknownColumnKind('x')));
         // A pseudo-random byte soup of every tag: only errors or values, no panic.
@@ -1052,51 +828,24 @@ pub(crate) mod tests {
                 begin(0x200, TS, 900),
                 relation(16384, "public", "outbox", &outbox_cols()),
                 insert_text(16384, &["1", "hi", "42"]),
-                Msg::new(b'U')
-                    .i32(16384)
-                    .u8(b'N')
-                    .i16(3)
-                    .text("1")
-                    .text("bye")
-                    .u8(b'n')
-                    .0,
-                Msg::new(b'D')
-                    .i32(16384)
-                    .u8(b'K')
-                    .i16(3)
-                    .text("1")
-                    .u8(b'n')
-                    .u8(b'n')
-                    .0,
+                Msg::new(b'U').i32(16384).u8(b'N').i16(3).text("1").text("bye").u8(b'n').0,
+                Msg::new(b'D').i32(16384).u8(b'K').i16(3).text("1").u8(b'n').u8(b'n').0,
                 commit(0x200, 0x230, TS),
             ],
         )
         .unwrap();
         assert_eq!(txs.len(), 1);
         let tx = &txs[0];
-        assert_eq!(
-            (tx.commit_lsn, tx.end_lsn, tx.xid),
-            (Lsn(0x200), Lsn(0x230), 900)
-        );
+        assert_eq!((tx.commit_lsn, tx.end_lsn, tx.xid), (Lsn(0x200), Lsn(0x230), 900));
         assert_eq!(tx.commit_time, pg_timestamp(TS).unwrap());
         let ops: Vec<_> = tx.changes.iter().map(|c| c.op).collect();
-        assert_eq!(
-            ops,
-            [Operation::Insert, Operation::Update, Operation::Delete]
-        );
+        assert_eq!(ops, [Operation::Insert, Operation::Update, Operation::Delete]);
         assert_eq!(tx.changes[0].table.qualified_name(), "public.outbox");
         assert_eq!(
             tx.changes[0].values,
-            vec![
-                Value::Text("1".into()),
-                Value::Text("hi".into()),
-                Value::Text("42".into())
-            ]
+            vec![Value::Text("1".into()), Value::Text("hi".into()), Value::Text("42".into())]
         );
-        assert_eq!(
-            tx.changes[2].values,
-            vec![Value::Text("1".into()), Value::Null, Value::Null]
-        );
+        assert_eq!(tx.changes[2].values, vec![Value::Text("1".into()), Value::Null, Value::Null]);
         // Shared shape, not copies.
         assert!(Arc::ptr_eq(&tx.changes[0].table, &tx.changes[2].table));
     }
@@ -1120,12 +869,7 @@ pub(crate) mod tests {
                 begin(0x10, TS, 1),
                 insert_text(7, &["1", "a"]),
                 // ALTER TABLE ... ADD COLUMN, ALTER ... RENAME: the server re-sends.
-                relation(
-                    7,
-                    "public",
-                    "outbox2",
-                    &[(1, "id", 20), (0, "body", 25), (0, "extra", 16)],
-                ),
+                relation(7, "public", "outbox2", &[(1, "id", 20), (0, "body", 25), (0, "extra", 16)]),
                 insert_text(7, &["2", "b", "t"]),
                 commit(0x10, 0x20, TS),
             ],
@@ -1138,16 +882,8 @@ pub(crate) mod tests {
         assert_eq!(changes[1].table.columns[2].name, "extra");
         assert_eq!(asm.relation(7).unwrap().name, "outbox2");
         // A row shaped like the old relation no longer fits.
-        let err =
-            push_all(&mut asm, &[begin(0x30, TS, 2), insert_text(7, &["3", "c"])]).unwrap_err();
-        assert!(matches!(
-            err,
-            DecodeError::ColumnCountMismatch {
-                expected: 3,
-                got: 2,
-                ..
-            }
-        ));
+        let err = push_all(&mut asm, &[begin(0x30, TS, 2), insert_text(7, &["3", "c"])]).unwrap_err();
+        assert!(matches!(err, DecodeError::ColumnCountMismatch { expected: 3, got: 2, .. }));
     }
 
     #[test]
@@ -1165,10 +901,7 @@ pub(crate) mod tests {
             push_all(&mut asm, &[rel.clone(), insert_text(1, &["1"])]).unwrap_err(),
             DecodeError::OutsideTransaction("Insert")
         );
-        assert_eq!(
-            push_all(&mut asm, &[commit(1, 2, TS)]).unwrap_err(),
-            DecodeError::OutsideTransaction("Commit")
-        );
+        assert_eq!(push_all(&mut asm, &[commit(1, 2, TS)]).unwrap_err(), DecodeError::OutsideTransaction("Commit"));
         assert_eq!(
             push_all(&mut asm, &[begin(1, TS, 5), begin(2, TS, 6)]).unwrap_err(),
             DecodeError::NestedBegin { xid: 6, open: 5 }
@@ -1180,36 +913,15 @@ pub(crate) mod tests {
         let mut asm = TxAssembler::new();
         let cols = [(1, "id", 20), (0, "body", 25)];
         let keyed_update = Msg::new(b'U').i32(1).u8(b'N').i16(2).text("1").u8(b'u').0;
-        let full_update = Msg::new(b'U')
-            .i32(1)
-            .u8(b'O')
-            .i16(2)
-            .text("1")
-            .text("long body")
-            .u8(b'N')
-            .i16(2)
-            .text("1")
-            .u8(b'u')
-            .0;
+        let full_update =
+            Msg::new(b'U').i32(1).u8(b'O').i16(2).text("1").text("long body").u8(b'N').i16(2).text("1").u8(b'u').0;
         let txs = push_all(
             &mut asm,
-            &[
-                relation(1, "public", "t", &cols),
-                begin(1, TS, 1),
-                keyed_update,
-                full_update,
-                commit(1, 2, TS),
-            ],
+            &[relation(1, "public", "t", &cols), begin(1, TS, 1), keyed_update, full_update, commit(1, 2, TS)],
         )
         .unwrap();
-        assert_eq!(
-            txs[0].changes[0].values,
-            vec![Value::Text("1".into()), Value::Unchanged]
-        );
-        assert_eq!(
-            txs[0].changes[1].values,
-            vec![Value::Text("1".into()), Value::Text("long body".into())]
-        );
+        assert_eq!(txs[0].changes[0].values, vec![Value::Text("1".into()), Value::Unchanged]);
+        assert_eq!(txs[0].changes[1].values, vec![Value::Text("1".into()), Value::Text("long body".into())]);
     }
 
     #[test]

@@ -70,9 +70,7 @@ impl ReplicationError {
     /// Whether reconnecting (after a backoff) may succeed without a human.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ReplicationError::Connect { .. }
-            | ReplicationError::Io(_)
-            | ReplicationError::Closed(_) => true,
+            ReplicationError::Connect { .. } | ReplicationError::Io(_) | ReplicationError::Closed(_) => true,
             ReplicationError::Server(e) => e.is_retryable(),
             ReplicationError::Auth(_)
             | ReplicationError::Config(_)
@@ -150,9 +148,7 @@ impl ServerError {
                 "create the slot on the source database \
                  (SELECT pg_create_logical_replication_slot('<slot>', 'pgoutput')) or fix source.slot"
             }
-            "55000" if msg.contains("wal_level") => {
-                "set wal_level = logical in postgresql.conf and restart PostgreSQL"
-            }
+            "55000" if msg.contains("wal_level") => "set wal_level = logical in postgresql.conf and restart PostgreSQL",
             "55000" => {
                 "the slot cannot serve this connection: it must be a logical slot using pgoutput, \
                  created in the database named in source.database_url"
@@ -178,11 +174,7 @@ impl ServerError {
 
 impl fmt::Display for ServerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "PostgreSQL {}: {} (SQLSTATE {})",
-            self.severity, self.message, self.code
-        )?;
+        write!(f, "PostgreSQL {}: {} (SQLSTATE {})", self.severity, self.message, self.code)?;
         if let Some(detail) = &self.detail {
             write!(f, "; detail: {detail}")?;
         }
@@ -235,11 +227,7 @@ struct Conn {
 
 impl Conn {
     fn new(socket: Box<dyn Socket>) -> Self {
-        Conn {
-            socket,
-            rbuf: BytesMut::with_capacity(64 * 1024),
-            wbuf: BytesMut::with_capacity(1024),
-        }
+        Conn { socket, rbuf: BytesMut::with_capacity(64 * 1024), wbuf: BytesMut::with_capacity(1024) }
     }
 
     /// The next whole message. Cancel-safe: the only await is `read_buf`,
@@ -266,9 +254,7 @@ impl Conn {
                 self.rbuf.reserve(64 * 1024);
             }
             if self.socket.read_buf(&mut self.rbuf).await? == 0 {
-                return Err(ReplicationError::Closed(
-                    "connection closed (end of file)".into(),
-                ));
+                return Err(ReplicationError::Closed("connection closed (end of file)".into()));
             }
         }
     }
@@ -314,16 +300,10 @@ fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-fn start_replication_command(
-    slot: &str,
-    publication: &str,
-    start: Lsn,
-) -> Result<String, ReplicationError> {
+fn start_replication_command(slot: &str, publication: &str, start: Lsn) -> Result<String, ReplicationError> {
     for (what, name) in [("slot", slot), ("publication", publication)] {
         if name.is_empty() || name.contains('\0') {
-            return Err(ReplicationError::Config(format!(
-                "{what} name {name:?} is empty or contains NUL"
-            )));
+            return Err(ReplicationError::Config(format!("{what} name {name:?} is empty or contains NUL")));
         }
     }
     // publication_names is a string holding a comma-separated identifier list:
@@ -397,8 +377,9 @@ impl ReplicationStream {
         let mut conn = Conn::new(socket);
         let user = match config.get_user() {
             Some(u) => u.to_owned(),
-            None => std::env::var("USER")
-                .map_err(|_| ReplicationError::Config("no user in source.database_url".into()))?,
+            None => {
+                std::env::var("USER").map_err(|_| ReplicationError::Config("no user in source.database_url".into()))?
+            }
         };
         let dbname = config.get_dbname().unwrap_or(&user).to_owned();
         let application_name = config.get_application_name().unwrap_or("outbox-relay");
@@ -450,12 +431,7 @@ impl ReplicationStream {
             }
         }
         tracing::info!(%start, "logical replication started");
-        Ok(ReplicationStream {
-            conn,
-            assembler: TxAssembler::new(),
-            server_wal_end: start,
-            sent_flush: start,
-        })
+        Ok(ReplicationStream { conn, assembler: TxAssembler::new(), server_wal_end: start, sent_flush: start })
     }
 
     /// Next complete committed transaction or keepalive.
@@ -470,9 +446,7 @@ impl ReplicationStream {
             let body = match msg {
                 Incoming::Msg(Message::CopyData(body)) => body,
                 Incoming::Msg(Message::CopyDone) => {
-                    return Err(ReplicationError::Closed(
-                        "the server ended the stream (CopyDone)".into(),
-                    ))
+                    return Err(ReplicationError::Closed("the server ended the stream (CopyDone)".into()))
                 }
                 Incoming::Msg(Message::CommandComplete(_) | Message::ReadyForQuery(_)) => {
                     return Err(ReplicationError::Closed(
@@ -502,16 +476,10 @@ impl ReplicationStream {
                         return Err(ReplicationError::Protocol("short keepalive message".into()));
                     };
                     self.server_wal_end = self.server_wal_end.max(Lsn(wal_end));
-                    return Ok(ReplicationEvent::Keepalive {
-                        wal_end: Lsn(wal_end),
-                        reply_requested: reply != 0,
-                    });
+                    return Ok(ReplicationEvent::Keepalive { wal_end: Lsn(wal_end), reply_requested: reply != 0 });
                 }
                 Some(&other) => {
-                    return Err(ReplicationError::Protocol(format!(
-                        "unknown replication message {:?}",
-                        other as char
-                    )))
+                    return Err(ReplicationError::Protocol(format!("unknown replication message {:?}", other as char)))
                 }
                 None => return Err(ReplicationError::Protocol("empty CopyData".into())),
             }
@@ -528,16 +496,10 @@ impl ReplicationStream {
     /// without that the slot would hold their WAL forever.
     ///
     /// Not cancel-safe: a dropped call may leave a partial message behind.
-    pub async fn send_status(
-        &mut self,
-        flushed: Lsn,
-        reply_requested: bool,
-    ) -> Result<(), ReplicationError> {
+    pub async fn send_status(&mut self, flushed: Lsn, reply_requested: bool) -> Result<(), ReplicationError> {
         self.sent_flush = self.sent_flush.max(flushed);
         let body = status_update(self.sent_flush, reply_requested);
-        frontend::CopyData::new(body)
-            .map_err(protocol)?
-            .write(&mut self.conn.wbuf);
+        frontend::CopyData::new(body).map_err(protocol)?.write(&mut self.conn.wbuf);
         self.conn.flush().await
     }
 
@@ -606,17 +568,11 @@ async fn connect(config: &tokio_postgres::Config) -> Result<Box<dyn Socket>, Rep
     let ports = config.get_ports();
     let count = hosts.len().max(addrs.len());
     if count == 0 {
-        return Err(ReplicationError::Config(
-            "no host in source.database_url".into(),
-        ));
+        return Err(ReplicationError::Config("no host in source.database_url".into()));
     }
     let mut last = None;
     for i in 0..count {
-        let port = ports
-            .get(i)
-            .or_else(|| ports.first())
-            .copied()
-            .unwrap_or(5432);
+        let port = ports.get(i).or_else(|| ports.first()).copied().unwrap_or(5432);
         let result = match (addrs.get(i), hosts.get(i)) {
             (Some(ip), _) => connect_tcp(&ip.to_string(), port, config).await,
             (None, Some(Host::Tcp(host))) => connect_tcp(host, port, config).await,
@@ -649,14 +605,9 @@ async fn connect_tcp(
     let target = format!("{host}:{port}");
     let stream = with_timeout(config, tokio::net::TcpStream::connect((host, port)))
         .await
-        .map_err(|source| ReplicationError::Connect {
-            target: target.clone(),
-            source,
-        })?;
+        .map_err(|source| ReplicationError::Connect { target: target.clone(), source })?;
     // Status updates are tiny and latency matters more than packet count.
-    stream
-        .set_nodelay(true)
-        .map_err(|source| ReplicationError::Connect { target, source })?;
+    stream.set_nodelay(true).map_err(|source| ReplicationError::Connect { target, source })?;
     Ok(Box::new(stream))
 }
 
@@ -672,16 +623,10 @@ async fn with_timeout<T>(
     }
 }
 
-async fn authenticate(
-    conn: &mut Conn,
-    config: &tokio_postgres::Config,
-    user: &str,
-) -> Result<(), ReplicationError> {
+async fn authenticate(conn: &mut Conn, config: &tokio_postgres::Config, user: &str) -> Result<(), ReplicationError> {
     let password = || {
         config.get_password().ok_or_else(|| {
-            ReplicationError::Auth(
-                "the server asks for a password and source.database_url has none".into(),
-            )
+            ReplicationError::Auth("the server asks for a password and source.database_url has none".into())
         })
     };
     loop {
@@ -690,9 +635,7 @@ async fn authenticate(
             Incoming::Msg(Message::AuthenticationOk) => {
                 if config.get_channel_binding() == ChannelBinding::Require {
                     // Channel binding needs TLS, which this client does not do.
-                    return Err(ReplicationError::Config(
-                        "channel_binding=require cannot be met without TLS".into(),
-                    ));
+                    return Err(ReplicationError::Config("channel_binding=require cannot be met without TLS".into()));
                 }
                 return Ok(());
             }
@@ -701,11 +644,7 @@ async fn authenticate(
                 conn.flush().await?;
             }
             Incoming::Msg(Message::AuthenticationMd5Password(body)) => {
-                let hash = postgres_protocol::authentication::md5_hash(
-                    user.as_bytes(),
-                    password()?,
-                    body.salt(),
-                );
+                let hash = postgres_protocol::authentication::md5_hash(user.as_bytes(), password()?, body.salt());
                 frontend::password_message(hash.as_bytes(), &mut conn.wbuf).map_err(protocol)?;
                 conn.flush().await?;
             }
@@ -731,11 +670,13 @@ async fn authenticate(
                 | Message::AuthenticationKerberosV5
                 | Message::AuthenticationSspi
                 | Message::AuthenticationScmCredential,
-            ) => return Err(ReplicationError::Auth(
-                "the server asks for GSSAPI/Kerberos/SSPI, which this client does not support; \
+            ) => {
+                return Err(ReplicationError::Auth(
+                    "the server asks for GSSAPI/Kerberos/SSPI, which this client does not support; \
                      use scram-sha-256 or md5 in pg_hba.conf"
-                    .into(),
-            )),
+                        .into(),
+                ))
+            }
             other => return Err(unexpected(tag, &other, "during authentication")),
         }
     }
@@ -744,16 +685,13 @@ async fn authenticate(
 /// SCRAM-SHA-256 without channel binding (no TLS to bind to).
 async fn scram(conn: &mut Conn, password: &[u8]) -> Result<(), ReplicationError> {
     let mut scram = ScramSha256::new(password, sasl::ChannelBinding::unsupported());
-    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, scram.message(), &mut conn.wbuf)
-        .map_err(protocol)?;
+    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, scram.message(), &mut conn.wbuf).map_err(protocol)?;
     conn.flush().await?;
 
     let (tag, msg) = conn.read().await?;
     match msg {
         Incoming::Msg(Message::AuthenticationSaslContinue(body)) => {
-            scram
-                .update(body.data())
-                .map_err(|e| ReplicationError::Auth(format!("SCRAM exchange: {e}")))?;
+            scram.update(body.data()).map_err(|e| ReplicationError::Auth(format!("SCRAM exchange: {e}")))?;
         }
         other => return Err(unexpected(tag, &other, "during SCRAM authentication")),
     }
@@ -762,13 +700,9 @@ async fn scram(conn: &mut Conn, password: &[u8]) -> Result<(), ReplicationError>
 
     let (tag, msg) = conn.read().await?;
     match msg {
-        Incoming::Msg(Message::AuthenticationSaslFinal(body)) => {
-            scram.finish(body.data()).map_err(|e| {
-                ReplicationError::Auth(format!(
-                    "the server did not prove it knows the password: {e}"
-                ))
-            })
-        }
+        Incoming::Msg(Message::AuthenticationSaslFinal(body)) => scram
+            .finish(body.data())
+            .map_err(|e| ReplicationError::Auth(format!("the server did not prove it knows the password: {e}"))),
         other => Err(unexpected(tag, &other, "during SCRAM authentication")),
     }
 }
@@ -783,68 +717,38 @@ mod tests {
 
     #[test]
     fn start_command_quotes_names() {
-        let cmd = start_replication_command("my\"slot", "pub'x\"y", "16/B374D848".parse().unwrap())
-            .unwrap();
+        let cmd = start_replication_command("my\"slot", "pub'x\"y", "16/B374D848".parse().unwrap()).unwrap();
         assert_eq!(
             cmd,
             "START_REPLICATION SLOT \"my\"\"slot\" LOGICAL 16/B374D848 \
              (proto_version '1', publication_names '\"pub''x\"\"y\"')"
         );
-        assert!(matches!(
-            start_replication_command("a\0b", "p", Lsn(0)),
-            Err(ReplicationError::Config(_))
-        ));
-        assert!(matches!(
-            start_replication_command("s", "", Lsn(0)),
-            Err(ReplicationError::Config(_))
-        ));
+        assert!(matches!(start_replication_command("a\0b", "p", Lsn(0)), Err(ReplicationError::Config(_))));
+        assert!(matches!(start_replication_command("s", "", Lsn(0)), Err(ReplicationError::Config(_))));
     }
 
     fn server_error(code: &str, message: &str) -> ServerError {
-        ServerError {
-            severity: "ERROR".into(),
-            code: code.into(),
-            message: message.into(),
-            ..Default::default()
-        }
+        ServerError { severity: "ERROR".into(), code: code.into(), message: message.into(), ..Default::default() }
     }
 
     #[test]
     fn server_errors_are_classified() {
-        for code in [
-            "57P01", "57P02", "57P03", "08006", "53300", "58030", "XX000",
-        ] {
-            assert!(
-                server_error(code, "x").is_retryable(),
-                "{code} should be retryable"
-            );
+        for code in ["57P01", "57P02", "57P03", "08006", "53300", "58030", "XX000"] {
+            assert!(server_error(code, "x").is_retryable(), "{code} should be retryable");
         }
-        for code in [
-            "42704", "55000", "55006", "28P01", "28000", "42501", "3D000", "0A000", "57P04",
-        ] {
-            assert!(
-                !server_error(code, "x").is_retryable(),
-                "{code} should be permanent"
-            );
+        for code in ["42704", "55000", "55006", "28P01", "28000", "42501", "3D000", "0A000", "57P04"] {
+            assert!(!server_error(code, "x").is_retryable(), "{code} should be permanent");
         }
         let slot = server_error("42704", "replication slot \"s\" does not exist").to_string();
-        assert!(
-            slot.contains("SQLSTATE 42704") && slot.contains("pg_create_logical_replication_slot"),
-            "{slot}"
-        );
+        assert!(slot.contains("SQLSTATE 42704") && slot.contains("pg_create_logical_replication_slot"), "{slot}");
         let publication = server_error("42704", "publication \"p\" does not exist").to_string();
         assert!(publication.contains("CREATE PUBLICATION"), "{publication}");
-        let wal =
-            server_error("55000", "logical decoding requires wal_level >= logical").to_string();
+        let wal = server_error("55000", "logical decoding requires wal_level >= logical").to_string();
         assert!(wal.contains("wal_level = logical"), "{wal}");
-        assert!(
-            server_error("55006", "replication slot \"s\" is active for PID 7")
-                .to_string()
-                .contains("single relay")
-        );
-        assert!(server_error("28P01", "password authentication failed")
+        assert!(server_error("55006", "replication slot \"s\" is active for PID 7")
             .to_string()
-            .contains("pg_hba.conf"));
+            .contains("single relay"));
+        assert!(server_error("28P01", "password authentication failed").to_string().contains("pg_hba.conf"));
         assert!(ReplicationError::Server(server_error("57P01", "terminating")).is_retryable());
         assert!(ReplicationError::Closed("eof".into()).is_retryable());
         assert!(!ReplicationError::Decode(DecodeError::Empty).is_retryable());
@@ -864,12 +768,7 @@ mod tests {
 
         async fn send_error(&mut self, code: &str, message: &str) {
             let mut body = Vec::new();
-            for (t, v) in [
-                (b'S', "FATAL"),
-                (b'V', "FATAL"),
-                (b'C', code),
-                (b'M', message),
-            ] {
+            for (t, v) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', code), (b'M', message)] {
                 body.push(t);
                 body.extend_from_slice(v.as_bytes());
                 body.push(0);
@@ -883,10 +782,8 @@ mod tests {
             let mut body = vec![0; len - 4];
             self.0.read_exact(&mut body).await.unwrap();
             assert_eq!(&body[..4], &196_608i32.to_be_bytes(), "protocol 3.0");
-            let strings: Vec<String> = body[4..]
-                .split(|&b| b == 0)
-                .map(|s| String::from_utf8(s.to_vec()).unwrap())
-                .collect();
+            let strings: Vec<String> =
+                body[4..].split(|&b| b == 0).map(|s| String::from_utf8(s.to_vec()).unwrap()).collect();
             strings
                 .chunks(2)
                 .filter(|kv| kv.len() == 2 && !kv[0].is_empty())
@@ -932,28 +829,18 @@ mod tests {
         (Box::new(client), FakeServer(server))
     }
 
-    const COMMAND: &str =
-        "START_REPLICATION SLOT \"s\" LOGICAL 0/0 (proto_version '1', publication_names '\"p\"')";
+    const COMMAND: &str = "START_REPLICATION SLOT \"s\" LOGICAL 0/0 (proto_version '1', publication_names '\"p\"')";
 
     #[tokio::test]
     async fn md5_startup_then_streams_transactions_and_status() {
-        let config: tokio_postgres::Config =
-            "user=alice password=s3cret dbname=app".parse().unwrap();
+        let config: tokio_postgres::Config = "user=alice password=s3cret dbname=app".parse().unwrap();
         let (socket, mut server) = fake_pair();
         let server_side = async {
             let params = server.read_startup().await;
-            for expected in [
-                ("user", "alice"),
-                ("database", "app"),
-                ("replication", "database"),
-                ("client_encoding", "UTF8"),
-            ] {
-                assert!(
-                    params
-                        .iter()
-                        .any(|(k, v)| (k.as_str(), v.as_str()) == expected),
-                    "{expected:?} in {params:?}"
-                );
+            for expected in
+                [("user", "alice"), ("database", "app"), ("replication", "database"), ("client_encoding", "UTF8")]
+            {
+                assert!(params.iter().any(|(k, v)| (k.as_str(), v.as_str()) == expected), "{expected:?} in {params:?}");
             }
             let salt = [1u8, 2, 3, 4];
             let mut body = 5i32.to_be_bytes().to_vec();
@@ -974,19 +861,14 @@ mod tests {
             server.send(b'W', &[0, 0, 0]).await;
             server
         };
-        let (stream, mut server) = tokio::join!(
-            ReplicationStream::start_on(socket, &config, COMMAND, Lsn(0)),
-            server_side
-        );
+        let (stream, mut server) =
+            tokio::join!(ReplicationStream::start_on(socket, &config, COMMAND, Lsn(0)), server_side);
         let mut stream = stream.unwrap();
 
         server.keepalive(0x100, true).await;
         assert_eq!(
             stream.next_event().await.unwrap(),
-            ReplicationEvent::Keepalive {
-                wal_end: Lsn(0x100),
-                reply_requested: true
-            }
+            ReplicationEvent::Keepalive { wal_end: Lsn(0x100), reply_requested: true }
         );
 
         let rel = relation(16384, "public", "outbox", &[(1, "id", 20), (0, "body", 25)]);
@@ -998,16 +880,11 @@ mod tests {
         ] {
             server.xlog(end, &payload).await;
         }
-        let ReplicationEvent::Tx(tx) = stream.next_event().await.unwrap() else {
-            panic!("expected a transaction")
-        };
+        let ReplicationEvent::Tx(tx) = stream.next_event().await.unwrap() else { panic!("expected a transaction") };
         assert_eq!((tx.xid, tx.end_lsn), (7, Lsn(0x260)));
         assert_eq!(tx.changes.len(), 1);
         assert_eq!(tx.changes[0].op, Operation::Insert);
-        assert_eq!(
-            tx.changes[0].values,
-            vec![Value::Text("1".into()), Value::Text("hé".into())]
-        );
+        assert_eq!(tx.changes[0].values, vec![Value::Text("1".into()), Value::Text("hé".into())]);
         assert_eq!(stream.server_wal_end(), Lsn(0x260));
 
         // Status: 'd' wrapping 'r' + write/flush/apply + clock + reply flag
@@ -1026,12 +903,7 @@ mod tests {
         }
         assert_eq!(stream.confirmed(), Lsn(0x260));
 
-        server
-            .send_error(
-                "57P01",
-                "terminating connection due to administrator command",
-            )
-            .await;
+        server.send_error("57P01", "terminating connection due to administrator command").await;
         let err = stream.next_event().await.unwrap_err();
         assert!(err.is_retryable(), "{err}");
         assert_eq!(err.sqlstate(), Some("57P01"));
@@ -1045,14 +917,9 @@ mod tests {
             server.read_startup().await;
             server.ready().await;
             server.read().await;
-            server
-                .send_error("42704", "replication slot \"s\" does not exist")
-                .await;
+            server.send_error("42704", "replication slot \"s\" does not exist").await;
         };
-        let (result, ()) = tokio::join!(
-            ReplicationStream::start_on(socket, &config, COMMAND, Lsn(0)),
-            server_side
-        );
+        let (result, ()) = tokio::join!(ReplicationStream::start_on(socket, &config, COMMAND, Lsn(0)), server_side);
         let err = result.unwrap_err();
         assert!(!err.is_retryable());
         let text = err.to_string();
@@ -1072,37 +939,25 @@ mod tests {
             server.read_startup().await;
             server.send(b'R', &3i32.to_be_bytes()).await;
         };
-        let (result, ()) = tokio::join!(
-            ReplicationStream::start_on(socket, &config, COMMAND, Lsn(0)),
-            server_side
-        );
+        let (result, ()) = tokio::join!(ReplicationStream::start_on(socket, &config, COMMAND, Lsn(0)), server_side);
         assert!(matches!(result, Err(ReplicationError::Auth(_))));
     }
 
     #[tokio::test]
     async fn cleartext_password_and_server_auth_failure() {
-        let config: tokio_postgres::Config =
-            "user=alice password=wrong dbname=app".parse().unwrap();
+        let config: tokio_postgres::Config = "user=alice password=wrong dbname=app".parse().unwrap();
         let (socket, mut server) = fake_pair();
         let server_side = async {
             server.read_startup().await;
             server.send(b'R', &3i32.to_be_bytes()).await;
             assert_eq!(server.read().await, (b'p', b"wrong\0".to_vec()));
-            server
-                .send_error("28P01", "password authentication failed for user \"alice\"")
-                .await;
+            server.send_error("28P01", "password authentication failed for user \"alice\"").await;
         };
-        let (result, ()) = tokio::join!(
-            ReplicationStream::start_on(socket, &config, COMMAND, Lsn(0)),
-            server_side
-        );
+        let (result, ()) = tokio::join!(ReplicationStream::start_on(socket, &config, COMMAND, Lsn(0)), server_side);
         let err = result.unwrap_err();
         assert_eq!(err.sqlstate(), Some("28P01"));
         assert!(!err.is_retryable());
-        assert!(
-            !err.to_string().contains("wrong"),
-            "the password must not appear in errors"
-        );
+        assert!(!err.to_string().contains("wrong"), "the password must not appear in errors");
     }
 
     #[tokio::test]
@@ -1115,10 +970,7 @@ mod tests {
             server.read().await;
             server.send(b'W', &[0, 0, 0]).await;
         };
-        let (stream, ()) = tokio::join!(
-            ReplicationStream::start_on(socket, &config, COMMAND, Lsn(0)),
-            server_side
-        );
+        let (stream, ()) = tokio::join!(ReplicationStream::start_on(socket, &config, COMMAND, Lsn(0)), server_side);
         let mut stream = stream.unwrap();
 
         // A transaction whose bytes arrive in pieces, with the reader dropped
@@ -1142,10 +994,7 @@ mod tests {
         let (last, pieces) = chunks.split_last().unwrap();
         for chunk in pieces {
             server.0.write_all(chunk).await.unwrap();
-            assert!(
-                stream.next_event().now_or_never().is_none(),
-                "incomplete transaction yielded"
-            );
+            assert!(stream.next_event().now_or_never().is_none(), "incomplete transaction yielded");
         }
         server.0.write_all(last).await.unwrap();
         let ReplicationEvent::Tx(tx) = stream.next_event().now_or_never().unwrap().unwrap() else {
@@ -1155,10 +1004,7 @@ mod tests {
         assert_eq!(tx.changes[0].values, vec![Value::Text("1".into())]);
         assert_eq!(tx.changes[1].values, vec![Value::Text("2".into())]);
         assert_eq!(tx.end_lsn, Lsn(0x20));
-        assert!(
-            stream.next_event().now_or_never().is_none(),
-            "nothing left over"
-        );
+        assert!(stream.next_event().now_or_never().is_none(), "nothing left over");
     }
 
     /// Against a real server, when `REPL_TEST_DATABASE_URL` names one (a
@@ -1171,10 +1017,7 @@ mod tests {
             return;
         };
         let mut config: tokio_postgres::Config = url.parse().expect("REPL_TEST_DATABASE_URL");
-        let (client, connection) = config
-            .connect(tokio_postgres::NoTls)
-            .await
-            .expect("connect");
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await.expect("connect");
         tokio::spawn(connection);
         // Idle keepalives come at half of wal_sender_timeout: make that short
         // for this session only (the setting is per connection).
@@ -1195,18 +1038,10 @@ mod tests {
             .await
             .unwrap();
         for s in [&slot, &slot2] {
-            client
-                .execute(
-                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-                    &[s],
-                )
-                .await
-                .unwrap();
+            client.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[s]).await.unwrap();
         }
 
-        let mut stream = ReplicationStream::start(&config, &slot, &publication, Lsn(0))
-            .await
-            .unwrap();
+        let mut stream = ReplicationStream::start(&config, &slot, &publication, Lsn(0)).await.unwrap();
         client
             .batch_execute(&format!(
                 "BEGIN; INSERT INTO {table} (body) VALUES ('rolled back'); ROLLBACK;
@@ -1215,29 +1050,14 @@ mod tests {
             .await
             .unwrap();
         let tx = next_tx(&mut stream).await;
-        assert_eq!(
-            tx.changes.len(),
-            2,
-            "the rolled-back row must not appear: {tx:?}"
-        );
+        assert_eq!(tx.changes.len(), 2, "the rolled-back row must not appear: {tx:?}");
         let first = &tx.changes[0];
         assert_eq!(first.table.qualified_name(), format!("public.{table}"));
-        let key: Vec<_> = first
-            .table
-            .columns
-            .iter()
-            .map(|c| (c.name.as_str(), c.is_key))
-            .collect();
+        let key: Vec<_> = first.table.columns.iter().map(|c| (c.name.as_str(), c.is_key)).collect();
         assert_eq!(key, [("id", true), ("body", false), ("note", false)]);
         assert_eq!(first.op, Operation::Insert);
-        assert_eq!(
-            first.values[1..],
-            [Value::Text("héllo 世界 🎉".into()), Value::Null]
-        );
-        assert_eq!(
-            tx.changes[1].values[1..],
-            [Value::Text("second".into()), Value::Text("n".into())]
-        );
+        assert_eq!(first.values[1..], [Value::Text("héllo 世界 🎉".into()), Value::Null]);
+        assert_eq!(tx.changes[1].values[1..], [Value::Text("second".into()), Value::Text("n".into())]);
         assert!(stream.server_wal_end() >= tx.end_lsn);
 
         // Confirming moves the slot. A status asking for a reply is answered
@@ -1271,33 +1091,18 @@ mod tests {
         assert_eq!(asked, 2, "the server never asked for a reply");
 
         // The slot is busy: a second reader is refused for good.
-        let err = ReplicationStream::start(&config, &slot, &publication, Lsn(0))
-            .await
-            .unwrap_err();
+        let err = ReplicationStream::start(&config, &slot, &publication, Lsn(0)).await.unwrap_err();
         assert_eq!(err.sqlstate(), Some("55006"), "{err}");
         assert!(!err.is_retryable());
-        let err = ReplicationStream::start(&config, "repl_no_such_slot", &publication, Lsn(0))
-            .await
-            .unwrap_err();
+        let err = ReplicationStream::start(&config, "repl_no_such_slot", &publication, Lsn(0)).await.unwrap_err();
         assert_eq!(err.sqlstate(), Some("42704"), "{err}");
-        assert!(
-            !err.is_retryable()
-                && err
-                    .to_string()
-                    .contains("pg_create_logical_replication_slot"),
-            "{err}"
-        );
+        assert!(!err.is_retryable() && err.to_string().contains("pg_create_logical_replication_slot"), "{err}");
 
         // A clean close releases the slot at once; a new stream resumes after
         // the confirmed transaction.
         stream.close().await.unwrap();
-        let mut stream = ReplicationStream::start(&config, &slot, &publication, Lsn(0))
-            .await
-            .unwrap();
-        client
-            .batch_execute(&format!("INSERT INTO {table} (body) VALUES ('third')"))
-            .await
-            .unwrap();
+        let mut stream = ReplicationStream::start(&config, &slot, &publication, Lsn(0)).await.unwrap();
+        client.batch_execute(&format!("INSERT INTO {table} (body) VALUES ('third')")).await.unwrap();
         let tx2 = next_tx(&mut stream).await;
         assert!(tx2.commit_lsn > tx.end_lsn);
         assert_eq!(tx2.changes.len(), 1);
@@ -1305,13 +1110,8 @@ mod tests {
         stream.close().await.unwrap();
 
         // A missing publication surfaces at the first change, permanent.
-        let mut stream = ReplicationStream::start(&config, &slot2, "repl_no_such_pub", Lsn(0))
-            .await
-            .unwrap();
-        client
-            .batch_execute(&format!("INSERT INTO {table} (body) VALUES ('fourth')"))
-            .await
-            .unwrap();
+        let mut stream = ReplicationStream::start(&config, &slot2, "repl_no_such_pub", Lsn(0)).await.unwrap();
+        client.batch_execute(&format!("INSERT INTO {table} (body) VALUES ('fourth')")).await.unwrap();
         let err = loop {
             match stream.next_event().await {
                 Ok(_) => continue,
@@ -1319,40 +1119,26 @@ mod tests {
             }
         };
         assert_eq!(err.sqlstate(), Some("42704"), "{err}");
-        assert!(
-            !err.is_retryable() && err.to_string().contains("CREATE PUBLICATION"),
-            "{err}"
-        );
+        assert!(!err.is_retryable() && err.to_string().contains("CREATE PUBLICATION"), "{err}");
         drop(stream);
 
         for s in [&slot, &slot2] {
             // The walsender of a dropped connection may still hold the slot a moment.
             for _ in 0..100 {
-                if client
-                    .execute("SELECT pg_drop_replication_slot($1)", &[s])
-                    .await
-                    .is_ok()
-                {
+                if client.execute("SELECT pg_drop_replication_slot($1)", &[s]).await.is_ok() {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        client
-            .batch_execute(&format!(
-                "DROP PUBLICATION {publication}; DROP TABLE {table};"
-            ))
-            .await
-            .unwrap();
+        client.batch_execute(&format!("DROP PUBLICATION {publication}; DROP TABLE {table};")).await.unwrap();
     }
 
     async fn next_tx(stream: &mut ReplicationStream) -> CommittedTx {
         loop {
             match stream.next_event().await.unwrap() {
                 ReplicationEvent::Tx(tx) => return tx,
-                ReplicationEvent::Keepalive {
-                    reply_requested, ..
-                } => {
+                ReplicationEvent::Keepalive { reply_requested, .. } => {
                     if reply_requested {
                         let confirmed = stream.confirmed();
                         stream.send_status(confirmed, false).await.unwrap();
@@ -1364,20 +1150,14 @@ mod tests {
 
     async fn next_keepalive(stream: &mut ReplicationStream) -> (Lsn, bool) {
         match stream.next_event().await.unwrap() {
-            ReplicationEvent::Keepalive {
-                wal_end,
-                reply_requested,
-            } => (wal_end, reply_requested),
+            ReplicationEvent::Keepalive { wal_end, reply_requested } => (wal_end, reply_requested),
             ReplicationEvent::Tx(tx) => panic!("unexpected transaction {tx:?}"),
         }
     }
 
     async fn slot_confirmed(client: &tokio_postgres::Client, slot: &str) -> Lsn {
         let row = client
-            .query_one(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
+            .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
             .await
             .unwrap();
         row.get::<_, String>(0).parse().unwrap()

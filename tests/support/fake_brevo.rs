@@ -120,7 +120,10 @@ async fn send(
     if headers.get("api-key").and_then(|v| v.to_str().ok()) != Some(shared.api_key.as_str()) {
         return refuse(&shared, StatusCode::UNAUTHORIZED, "unauthorized", "Key not found");
     }
-    let json_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/json"));
+    let json_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
     let Ok(mail) = serde_json::from_slice::<Value>(&body) else {
         return refuse(&shared, StatusCode::BAD_REQUEST, "bad_request", "body is not JSON");
     };
@@ -136,13 +139,23 @@ async fn send(
     }
     match mail["templateId"].as_i64() {
         Some(id) if !shared.templates.contains(&id) => {
-            return refuse(&shared, StatusCode::BAD_REQUEST, "invalid_parameter", "Template ID must exist and be active");
+            return refuse(
+                &shared,
+                StatusCode::BAD_REQUEST,
+                "invalid_parameter",
+                "Template ID must exist and be active",
+            );
         }
         Some(_) => {}
         None => {
             let has_content = mail["textContent"].is_string() || mail["htmlContent"].is_string();
             if !mail["subject"].is_string() || !has_content {
-                return refuse(&shared, StatusCode::BAD_REQUEST, "missing_parameter", "subject and content are required");
+                return refuse(
+                    &shared,
+                    StatusCode::BAD_REQUEST,
+                    "missing_parameter",
+                    "subject and content are required",
+                );
             }
         }
     }

@@ -69,9 +69,8 @@ impl FakeTwilio {
             record: Mutex::new(Record::default()),
             invalid: Mutex::new(vec![]),
         });
-        let router = Router::new()
-            .route("/2010-04-01/Accounts/{sid}/Messages.json", post(create))
-            .with_state(shared.clone());
+        let router =
+            Router::new().route("/2010-04-01/Accounts/{sid}/Messages.json", post(create)).with_state(shared.clone());
         let (base_url, task) = serve(router);
         FakeTwilio { shared, base_url, task }
     }

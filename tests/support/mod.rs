@@ -4,9 +4,9 @@
 #![allow(dead_code)]
 
 pub mod fake_ably;
+pub mod fake_brevo;
 mod fake_http;
 pub mod fake_pusher;
+pub mod fake_twilio;
 pub mod pg;
 pub mod relay;
-pub mod fake_brevo;
-pub mod fake_twilio;

@@ -34,11 +34,9 @@ impl PgServer {
     pub fn port(&self) -> u16 {
         match (&self.embedded, &self.external) {
             (Some(pg), _) => pg.port(),
-            (None, Some(url)) => url
-                .parse::<tokio_postgres::Config>()
-                .ok()
-                .and_then(|c| c.get_ports().first().copied())
-                .unwrap_or(5432),
+            (None, Some(url)) => {
+                url.parse::<tokio_postgres::Config>().ok().and_then(|c| c.get_ports().first().copied()).unwrap_or(5432)
+            }
             (None, None) => unreachable!("PgServer is built with one of the two"),
         }
     }
@@ -89,9 +87,7 @@ pub fn with_dbname(url: &str, dbname: &str) -> String {
         None => (url, None),
     };
     let authority_start = base.find("://").map_or(0, |i| i + 3);
-    let authority_end = base[authority_start..]
-        .find('/')
-        .map_or(base.len(), |i| authority_start + i);
+    let authority_end = base[authority_start..].find('/').map_or(base.len(), |i| authority_start + i);
     let mut out = format!("{}/{}", &base[..authority_end], dbname);
     if let Some(q) = query {
         out.push('?');
@@ -103,10 +99,7 @@ pub fn with_dbname(url: &str, dbname: &str) -> String {
 static SERVER: OnceLock<Result<PgServer, String>> = OnceLock::new();
 
 extern "C" fn destroy_cluster_at_exit() {
-    if let Some(Ok(PgServer {
-        embedded: Some(pg), ..
-    })) = SERVER.get()
-    {
+    if let Some(Ok(PgServer { embedded: Some(pg), .. })) = SERVER.get() {
         pg.destroy();
     }
 }
@@ -117,10 +110,7 @@ pub fn cluster() -> &'static PgServer {
     let server = SERVER.get_or_init(|| {
         if let Ok(url) = std::env::var("TEST_DATABASE_URL") {
             if !url.trim().is_empty() {
-                return Ok(PgServer {
-                    embedded: None,
-                    external: Some(url),
-                });
+                return Ok(PgServer { embedded: None, external: Some(url) });
             }
         }
         let pg = EmbeddedPg::start().map_err(|e| e.to_string())?;
@@ -128,10 +118,7 @@ pub fn cluster() -> &'static PgServer {
         unsafe {
             libc::atexit(destroy_cluster_at_exit);
         }
-        Ok(PgServer {
-            embedded: Some(pg),
-            external: None,
-        })
+        Ok(PgServer { embedded: Some(pg), external: None })
     });
     match server {
         Ok(server) => server,
@@ -158,16 +145,8 @@ impl TestDb {
 /// Creates a uniquely named database (`<prefix>_<pid>_<n>_<random>`) holding the Django fixture.
 pub async fn fresh_db(prefix: &str) -> TestDb {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut clean: String = prefix
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let mut clean: String =
+        prefix.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
     clean.truncate(30);
     // pid and counter make names unique within a run; the random part across runs sharing a
     // TEST_DATABASE_URL server.
@@ -178,10 +157,7 @@ pub async fn fresh_db(prefix: &str) -> TestDb {
         rand::random::<u32>()
     );
     let server = cluster();
-    let url = server
-        .create_database(&name)
-        .await
-        .unwrap_or_else(|e| panic!("creating test database {name}: {e}"));
+    let url = server.create_database(&name).await.unwrap_or_else(|e| panic!("creating test database {name}: {e}"));
     let db = TestDb { name, url };
     db.client()
         .await

@@ -237,7 +237,10 @@ circuit_open_ms = 500
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let s = self.statuses().await;
-            let settled: i64 = ["sent", "delivered", "read", "bounced", "failed", "dead", "skipped"].iter().filter_map(|k| s.get(*k)).sum();
+            let settled: i64 = ["sent", "delivered", "read", "bounced", "failed", "dead", "skipped"]
+                .iter()
+                .filter_map(|k| s.get(*k))
+                .sum();
             if settled >= n {
                 return s;
             }
