@@ -57,6 +57,8 @@ pub fn is_e164(s: &str) -> bool {
     (8..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0')
 }
 
+pub const MAX_BODY_CHARS: usize = 1600;
+
 impl Twilio {
     pub fn new(cfg: &TwilioConfig, http: reqwest::Client) -> Twilio {
         let base = cfg.base_url.as_deref().unwrap_or("https://api.twilio.com").trim_end_matches('/');
@@ -77,6 +79,16 @@ impl Twilio {
             // Twilio would refuse it (21211); say so without a call.
             return Err(ProviderError::Permanent {
                 reason: "recipient number is not in E.164 form (+ and 8-15 digits)".into(),
+            });
+        }
+        // Twilio takes up to 1,600 characters and counts an emoji as more than one
+        // (https://www.twilio.com/docs/api/errors/21617): UTF-16 units are that count.
+        let length = contact.body.encode_utf16().count();
+        if length > MAX_BODY_CHARS {
+            return Err(ProviderError::Permanent {
+                reason: format!(
+                    "message body is {length} characters; Twilio takes at most {MAX_BODY_CHARS} (error 21617)"
+                ),
             });
         }
         let mut form: Vec<(&str, String)> = vec![("Body", contact.body.clone())];

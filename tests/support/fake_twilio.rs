@@ -2,7 +2,8 @@
 //! (https://www.twilio.com/docs/messaging/api/message-resource#create-a-message-resource):
 //! - HTTP Basic auth with the account SID and auth token (401, error 20003);
 //! - a form-encoded body, not JSON (400);
-//! - `To` in E.164 (400, error 21211), `Body` present (21602);
+//! - `To` in E.164 (400, error 21211), `Body` present (21602) and at most
+//!   1,600 characters (21617);
 //! - `From` or `MessagingServiceSid` (21603), `whatsapp:` on both or neither;
 //! - the account in the path matching the credentials (20003).
 //!
@@ -193,6 +194,15 @@ async fn create(
     let body = fields.get("Body").cloned().unwrap_or_default();
     if body.is_empty() {
         return refuse(&shared, StatusCode::BAD_REQUEST, 21602, "Message body is required");
+    }
+    // https://www.twilio.com/docs/api/errors/21617: 1,600 characters, emoji counting double.
+    if body.encode_utf16().count() > 1600 {
+        return refuse(
+            &shared,
+            StatusCode::BAD_REQUEST,
+            21617,
+            "The concatenated message body exceeds the 1600 character limit",
+        );
     }
     if from.is_none() && service.is_none() {
         return refuse(&shared, StatusCode::BAD_REQUEST, 21603, "A 'From' or 'MessagingServiceSid' is required");
