@@ -391,7 +391,17 @@ impl Dispatcher {
             return settled;
         }
         let chunk = sending;
-        let permit = self.pacers[provider].admit(messages.len()).await;
+        // A slow pace (or a long batch) can outlast the claim: sending after it
+        // could race a worker that took the row over. Hand it back untried instead.
+        let send_by = chunk.iter().map(|c| c.send_by).min();
+        let Some(permit) = self.pacers[provider].admit(messages.len(), send_by).await else {
+            let error = format!("{provider} pacing: the claim would run out before the call; back to the queue");
+            return chunk
+                .iter()
+                .map(|c| (c.id, Outcome::Defer { error: error.clone(), delay: Duration::ZERO }))
+                .chain(settled)
+                .collect();
+        };
         let started = Instant::now();
         let results = target.send_batch(&messages).await;
         drop(permit);

@@ -127,6 +127,9 @@ pub struct Claimed {
     /// Claimed before by a worker that never reported back: the provider may
     /// already have it, so this send counts as a possible re-send.
     pub lease_expired: bool,
+    /// No provider call may start after this: the lease ends a fifth later, and
+    /// past it another worker may take the row over and send it too.
+    pub send_by: std::time::Instant,
 }
 
 /// What became of a claimed delivery.
@@ -266,6 +269,7 @@ impl Ledger {
                 &[&(limit as i64), &lease.as_secs_f64()],
             )
             .await?;
+        let send_by = std::time::Instant::now() + lease.mul_f64(0.8);
         let mut claimed: Vec<Claimed> = rows
             .iter()
             .map(|r| Claimed {
@@ -281,6 +285,7 @@ impl Ledger {
                 committed_at: r.get(9),
                 lease_expired: r.get(10),
                 provider: r.get(11),
+                send_by,
             })
             .collect();
         // RETURNING does not keep the CTE's order; providers should see commit order.

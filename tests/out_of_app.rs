@@ -452,3 +452,34 @@ async fn bad_rows_on_sms_fail_clearly_and_the_rows_around_them_flow() {
     assert_eq!(bodies, want, "control characters and emoji arrive intact");
     assert!(twilio.rejections().is_empty(), "bad rows never cost a provider call");
 }
+
+/// A provider paced slower than the claim lease: rows the worker cannot reach
+/// in time go back to the queue untried rather than race the worker that takes
+/// over the expired claim. Each message still goes out exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_pace_never_outlasts_the_claim() {
+    let brevo = FakeBrevo::start("xkeysib-test", &[12, 14]);
+    let twilio = FakeTwilio::start("AC0123", "token");
+    let port = free_port();
+    // 4 SMS a second against a 3 s claim: a 24-row claim needs 5 s.
+    let extra = channels_toml(&brevo, &twilio, port, "") + "\n[limits.twilio]\nconcurrency = 2\nper_second = 4\n";
+    let env = Env::with_mode(Mode::Logical, "slowpace", "", &extra).await;
+    let relay = env.start_in_process();
+    env.wait_streaming().await;
+    let client = env.db.client().await;
+    client
+        .execute(
+            "INSERT INTO operators_outboxevent (event_type, recipient_id, channels, payload)
+             SELECT 'incident', 2 * (1 + g % 10), '{sms}', jsonb_build_object('title', 'Commande ' || g)
+             FROM generate_series(1, 24) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    let statuses = env.wait_settled(24, Duration::from_secs(60)).await;
+    relay.stop().await;
+    let sent = counts(twilio.messages().iter().map(|m| order_of_body(&m.body)));
+    assert_eq!(sent.len(), 24, "every row sent: {sent:?}");
+    assert!(sent.values().all(|n| *n == 1), "none twice: {sent:?}");
+    assert_eq!(statuses.get("sent"), Some(&24));
+}
