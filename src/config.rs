@@ -646,6 +646,15 @@ impl Config {
                 return bad(format!("channels.{name}.max_attempts must be at least 1"));
             }
         }
+        let callbacks = self.providers.twilio.as_ref().is_some_and(|t| t.status_callback_url.is_some())
+            || self.providers.brevo.as_ref().is_some_and(|b| b.webhook_token.is_some() || b.webhook_basic.is_some());
+        if callbacks && self.metrics.socket_addr()?.is_none() {
+            return bad(
+                "delivery reports are configured (providers.twilio.status_callback_url or providers.brevo.webhook_*) \
+                 but metrics.listen is empty: /webhooks/* is served on that listener, set it"
+                    .to_string(),
+            );
+        }
         self.metrics.socket_addr()?;
         Ok(())
     }
@@ -675,6 +684,15 @@ mod tests {
         assert_eq!(cfg.channels["email"].templates["order_shipped"], 14);
         assert!(cfg.channels["whatsapp"].is_whatsapp("whatsapp") && !cfg.channels["sms"].is_whatsapp("sms"));
         assert_eq!(cfg.providers.twilio.as_ref().unwrap().from.as_deref(), Some("+33700000000"));
+    }
+
+    #[test]
+    fn webhooks_need_the_listener() {
+        let text = README_EXAMPLE.replace("listen = \"127.0.0.1:9187\"", "listen = \"\"");
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("metrics.listen is empty"), "{err}");
+        let without = text.replace("status_callback_url", "# status_callback_url");
+        assert!(Config::from_toml(&without).is_ok());
     }
 
     #[test]
