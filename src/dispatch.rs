@@ -20,7 +20,7 @@ use tracing::{debug, error, info, warn};
 use crate::circuit::{Admission, Circuit};
 use crate::config::{Config, ProviderKind};
 use crate::contacts::{self, ContactPlan, Prepared};
-use crate::ledger::{Claimed, Ledger, LedgerError, Outcome};
+use crate::ledger::{ClaimRef, Claimed, Ledger, LedgerError, Outcome};
 use crate::limits::Pacer;
 use crate::providers::{
     ably::Ably, brevo::Brevo, log::Log, pusher::Pusher, smtp::Smtp, twilio::Twilio, OutboundMessage, Provider,
@@ -29,7 +29,7 @@ use crate::providers::{
 use crate::telemetry::metric;
 
 /// Outcomes by ledger id.
-type Outcomes = Vec<(i64, Outcome)>;
+type Outcomes = Vec<(ClaimRef, Outcome)>;
 
 /// A channel as dispatch sees it: who carries it and how its provider channel is named.
 #[derive(Clone, Debug)]
@@ -174,7 +174,7 @@ impl Dispatcher {
     /// and first records the outcomes it still holds, so a delivery accepted by
     /// a provider is not sent again just because PostgreSQL restarted.
     pub async fn run_worker(&self, db_url: &str, schema: &str, mut shutdown: watch::Receiver<bool>) {
-        let mut unrecorded: Vec<(i64, Outcome)> = Vec::new();
+        let mut unrecorded: Outcomes = Vec::new();
         let mut failures = 0u32;
         loop {
             if *shutdown.borrow() && unrecorded.is_empty() {
@@ -205,7 +205,7 @@ impl Dispatcher {
     async fn work(
         &self,
         ledger: &Ledger,
-        unrecorded: &mut Vec<(i64, Outcome)>,
+        unrecorded: &mut Outcomes,
         failures: &mut u32,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), LedgerError> {
@@ -305,7 +305,7 @@ impl Dispatcher {
                 // The config changed since ingestion: say so rather than guess.
                 for c in items {
                     let error = format!("channel {channel:?} is no longer in the relay config");
-                    outcomes.push((c.id, Outcome::Failed { provider: "none", error }));
+                    outcomes.push((c.claim_ref(), Outcome::Failed { provider: "none", error }));
                 }
                 continue;
             };
@@ -326,7 +326,7 @@ impl Dispatcher {
                     fallback.push(c);
                 } else if let Admission::Refuse(until) = admission {
                     let error = format!("{} is failing (circuit open); waiting", plan.provider.name());
-                    outcomes.push((c.id, Outcome::Defer { error, delay: until - now }));
+                    outcomes.push((c.claim_ref(), Outcome::Defer { error, delay: until - now }));
                 } else {
                     primary.push(c);
                 }
@@ -372,7 +372,7 @@ impl Dispatcher {
                             Prepared::Ready(_) => unreachable!("handled above"),
                         };
                         record(c, provider, &outcome, Utc::now(), 0.0);
-                        settled.push((c.id, outcome));
+                        settled.push((c.claim_ref(), outcome));
                         continue;
                     }
                 },
@@ -398,7 +398,7 @@ impl Dispatcher {
             let error = format!("{provider} pacing: the claim would run out before the call; back to the queue");
             return chunk
                 .iter()
-                .map(|c| (c.id, Outcome::Defer { error: error.clone(), delay: Duration::ZERO }))
+                .map(|c| (c.claim_ref(), Outcome::Defer { error: error.clone(), delay: Duration::ZERO }))
                 .chain(settled)
                 .collect();
         };
@@ -432,7 +432,7 @@ impl Dispatcher {
                     }
                 };
                 record(c, provider, &outcome, now, call_ms);
-                (c.id, outcome)
+                (c.claim_ref(), outcome)
             })
             .chain(settled)
             .collect()

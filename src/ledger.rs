@@ -132,6 +132,17 @@ pub struct Claimed {
     pub send_by: std::time::Instant,
 }
 
+/// A claim as the ledger knows it: the row and its attempt count when claimed.
+/// An outcome is recorded only if the row still carries this claim, so a worker
+/// that lost its lease cannot overwrite the worker that took the row over.
+pub type ClaimRef = (i64, i32);
+
+impl Claimed {
+    pub fn claim_ref(&self) -> ClaimRef {
+        (self.id, self.attempts)
+    }
+}
+
 /// What became of a claimed delivery.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
@@ -248,6 +259,8 @@ impl Ledger {
     /// database mid-batch) is claimed again and flagged as a possible re-send.
     pub async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<Claimed>, LedgerError> {
         let s = &self.schema;
+        // Measured before the statement: the lease runs from the server's now().
+        let send_by = std::time::Instant::now() + lease.mul_f64(0.8);
         let rows = self
             .client
             .query(
@@ -269,7 +282,6 @@ impl Ledger {
                 &[&(limit as i64), &lease.as_secs_f64()],
             )
             .await?;
-        let send_by = std::time::Instant::now() + lease.mul_f64(0.8);
         let mut claimed: Vec<Claimed> = rows
             .iter()
             .map(|r| Claimed {
@@ -294,17 +306,18 @@ impl Ledger {
     }
 
     /// Records outcomes for claimed deliveries, in one statement.
-    pub async fn finish(&self, outcomes: &[(i64, Outcome)]) -> Result<(), LedgerError> {
+    pub async fn finish(&self, outcomes: &[(ClaimRef, Outcome)]) -> Result<(), LedgerError> {
         if outcomes.is_empty() {
             return Ok(());
         }
         let n = outcomes.len();
-        let (mut ids, mut statuses, mut providers) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut ids, mut attempts, mut statuses, mut providers) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
         let (mut msg_ids, mut errors, mut delays) =
             (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        for (id, o) in outcomes {
+        for ((id, claimed_attempts), o) in outcomes {
             ids.push(*id);
+            attempts.push(*claimed_attempts);
             let (status, provider, msg, err, delay): (&str, Option<&str>, Option<&str>, Option<&str>, f64) = match o {
                 Outcome::Sent { provider, message_id } => ("sent", Some(provider), message_id.as_deref(), None, 0.0),
                 Outcome::Retry { provider, error, delay } => {
@@ -335,11 +348,12 @@ impl Ledger {
                             THEN now() + u.delay * interval '1 second' ELSE d.next_attempt_at END,
                         sent_at = CASE WHEN u.st = 'sent' THEN now() ELSE d.sent_at END,
                         updated_at = now()
-                     FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[])
-                          AS u(id, st, pr, mid, err, delay)
-                     WHERE d.id = u.id AND d.status = 'sending'"
+                     FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[],
+                                 $7::int[])
+                          AS u(id, st, pr, mid, err, delay, att)
+                     WHERE d.id = u.id AND d.status = 'sending' AND d.attempts = u.att"
                 ),
-                &[&ids, &statuses, &providers, &msg_ids, &errors, &delays],
+                &[&ids, &statuses, &providers, &msg_ids, &errors, &delays, &attempts],
             )
             .await?;
         Ok(())

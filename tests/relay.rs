@@ -419,3 +419,37 @@ async fn out_of_order_commit_around_a_poll(mode: Mode) {
     relay.stop().await;
 }
 crate::both_modes!(out_of_order_commit_around_a_poll);
+
+/// A worker whose lease ran out (and whose rows another worker took over)
+/// cannot record over the new claim: its outcome is ignored, the new one counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_from_a_lapsed_claim_is_ignored() {
+    use outbox_relay::ledger::{Ledger, Outcome};
+    let env = Env::new("lapsed").await;
+    let mut client = env.db.client().await;
+    outbox_relay::ledger::migrate(&mut client, "outbox_relay").await.unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO outbox_relay.deliveries (source_table, source_pk, channel, idempotency_key, event, payload,
+                                                  commit_lsn, committed_at)
+             VALUES ('public.t', '1', 'in_app', 'or1-lapsed', 'e', '{}', '0/1', now())",
+        )
+        .await
+        .unwrap();
+    let ledger = Ledger::new(env.db.client().await, "outbox_relay");
+    let first = ledger.claim(10, Duration::from_millis(300)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let second = ledger.claim(10, Duration::from_secs(60)).await.unwrap();
+    assert!(second[0].lease_expired, "taken over, flagged as a possible re-send");
+    let sent = |mid: &str| Outcome::Sent { provider: "pusher", message_id: Some(mid.into()) };
+    ledger.finish(&[(first[0].claim_ref(), sent("late"))]).await.unwrap();
+    let row = client.query_one("SELECT status, attempts FROM outbox_relay.deliveries", &[]).await.unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, i32>(1)),
+        ("sending".into(), 2),
+        "the lapsed claim changed nothing"
+    );
+    ledger.finish(&[(second[0].claim_ref(), sent("current"))]).await.unwrap();
+    let row = client.query_one("SELECT status, provider_message_id FROM outbox_relay.deliveries", &[]).await.unwrap();
+    assert_eq!((row.get::<_, String>(0), row.get::<_, String>(1)), ("sent".into(), "current".into()));
+}

@@ -104,6 +104,11 @@ impl FakePusher {
         self.shared.record.lock().unwrap().batches.iter().flatten().cloned().collect()
     }
 
+    /// How many events were accepted, without copying them.
+    pub fn accepted_count(&self) -> usize {
+        self.shared.record.lock().unwrap().batches.iter().map(Vec::len).sum()
+    }
+
     /// Accepted events grouped by the call that carried them.
     pub fn batches(&self) -> Vec<Vec<ReceivedEvent>> {
         self.shared.record.lock().unwrap().batches.clone()
