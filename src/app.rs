@@ -96,7 +96,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
     let source_stop = stop.clone();
     let ingest_task = match cfg.source.mode {
         SourceMode::Logical => {
-            let ingest = Ingest::new(cfg.clone(), dispatcher.wake.clone(), health.clone());
+            let ingest = Ingest::new(cfg.clone(), dispatcher.intake(), health.clone());
             tokio::spawn(async move { ingest.run(source_stop).await.map_err(RunError::from) })
         }
         SourceMode::Listen => {
@@ -129,6 +129,12 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
     if drained.is_err() {
         warn!("dispatch did not finish in time; rows in flight are re-sent on the next start");
         tasks.abort_all();
+    }
+    // Handed-over batches no worker took: back to the queue, untried.
+    match dispatcher.release_fresh(&cfg.source.database_url, &cfg.relay.schema).await {
+        Ok(0) => {}
+        Ok(n) => info!(deliveries = n, "released deliveries handed over but not tried"),
+        Err(e) => warn!(error = %e, "could not release untried deliveries; the next start re-sends them"),
     }
     health.source_connected.store(false, Ordering::Relaxed);
     info!("stopped");

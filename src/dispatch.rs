@@ -13,7 +13,7 @@ use chrono::Utc;
 use futures_util::stream::{self, StreamExt};
 use futures_util::FutureExt;
 use rand::Rng;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_postgres::Client;
 use tracing::{debug, error, info, warn};
 
@@ -79,6 +79,19 @@ pub fn reconnect_delay(failures: u32) -> Duration {
         .unwrap_or(Duration::from_secs(10))
 }
 
+/// Batches ingestion may hand over in memory at once. Small: rows waiting here
+/// are `sending` in the ledger, so a crash counts them as possible re-sends.
+const FRESH_BATCHES: usize = 2;
+
+/// Ingestion's side of the fast path: when dispatch has room, fresh rows are
+/// written already claimed and passed here, one ledger write fewer per
+/// delivery; otherwise they are written `pending` and `wake` rings.
+pub struct Intake {
+    pub fresh: mpsc::Sender<Vec<Claimed>>,
+    pub wake: Arc<Notify>,
+    pub lease: Duration,
+}
+
 /// Shared by all dispatch workers.
 pub struct Dispatcher {
     channels: HashMap<String, ChannelPlan>,
@@ -95,6 +108,9 @@ pub struct Dispatcher {
     /// Ingestion rings this after each ledger commit, so new work is picked up
     /// at once rather than at the next poll.
     pub wake: Arc<Notify>,
+    /// Fresh batches from ingestion, already claimed (see [`Intake`]).
+    fresh_tx: mpsc::Sender<Vec<Claimed>>,
+    fresh_rx: tokio::sync::Mutex<mpsc::Receiver<Vec<Claimed>>>,
 }
 
 /// Builds every provider client named by a channel. Config validation
@@ -153,7 +169,10 @@ impl Dispatcher {
                 (p.name(), Pacer::new(l.concurrency, l.per_second))
             })
             .collect();
+        let (fresh_tx, fresh_rx) = mpsc::channel(FRESH_BATCHES);
         Ok(Dispatcher {
+            fresh_tx,
+            fresh_rx: tokio::sync::Mutex::new(fresh_rx),
             channels,
             circuits,
             pacers,
@@ -167,6 +186,32 @@ impl Dispatcher {
             lease: Duration::from_millis(cfg.relay.claim_lease_ms.max(1000)),
             wake: Arc::new(Notify::new()),
         })
+    }
+
+    pub fn intake(&self) -> Intake {
+        Intake { fresh: self.fresh_tx.clone(), wake: self.wake.clone(), lease: self.lease }
+    }
+
+    /// A batch ingestion handed over, if any (and if no other worker is taking one).
+    fn take_fresh(&self) -> Option<Vec<Claimed>> {
+        self.fresh_rx.try_lock().ok()?.try_recv().ok()
+    }
+
+    /// After the workers stopped: batches still waiting in memory were never
+    /// tried; give them back to the queue so the next start does not count
+    /// them as possible re-sends.
+    pub async fn release_fresh(&self, db_url: &str, schema: &str) -> Result<u64, LedgerError> {
+        let mut untried: Outcomes = Vec::new();
+        while let Some(batch) = self.take_fresh() {
+            let error = "handed over at shutdown, not tried".to_string();
+            untried.extend(
+                batch.iter().map(|c| (c.claim_ref(), Outcome::Defer { error: error.clone(), delay: Duration::ZERO })),
+            );
+        }
+        if !untried.is_empty() {
+            Ledger::new(crate::ledger::connect(db_url).await?, schema).finish(&untried).await?;
+        }
+        Ok(untried.len() as u64)
     }
 
     /// One worker: claim, deliver, record, until `shutdown` turns true, on its
@@ -231,7 +276,10 @@ impl Dispatcher {
             let notified = self.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let batch = ledger.claim(self.batch, self.lease).await?;
+            let batch = match self.take_fresh() {
+                Some(fresh) => fresh,
+                None => ledger.claim(self.batch, self.lease).await?,
+            };
             if batch.is_empty() {
                 tokio::select! {
                     _ = &mut notified => {}

@@ -16,12 +16,12 @@ use std::time::Duration;
 
 use std::collections::HashMap;
 
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::dispatch::reconnect_delay;
+use crate::dispatch::{reconnect_delay, Intake};
 use crate::ledger::{self, Ledger, LedgerError};
 use crate::routing::{Disposition, NewDelivery, Router};
 use crate::source::replication::{ReplicationError, ReplicationEvent, ReplicationStream};
@@ -69,14 +69,14 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 pub struct Ingest {
     cfg: Arc<Config>,
     router: Router,
-    wake: Arc<Notify>,
+    intake: Intake,
     health: Arc<Health>,
 }
 
 impl Ingest {
-    pub fn new(cfg: Arc<Config>, wake: Arc<Notify>, health: Arc<Health>) -> Ingest {
+    pub fn new(cfg: Arc<Config>, intake: Intake, health: Arc<Health>) -> Ingest {
         let router = Router::new(&cfg);
-        Ingest { cfg, router, wake, health }
+        Ingest { cfg, router, intake, health }
     }
 
     /// Streams until `shutdown` turns true. Connection losses (PostgreSQL
@@ -230,12 +230,21 @@ impl Ingest {
     ) -> Result<(), IngestError> {
         while let Some(h) = batches.recv().await {
             let started = std::time::Instant::now();
-            let inserted = ledger.record(&h.deliveries, &self.cfg.source.slot, h.end).await?;
+            // Dispatch has room: write the fresh rows already claimed and hand
+            // them over in memory. If not, they wait in the ledger's queue.
+            let room = self.intake.fresh.try_reserve().ok();
+            let claim = room.as_ref().map(|_| self.intake.lease);
+            let inserted = ledger.record(&h.deliveries, &self.cfg.source.slot, h.end, claim).await?;
             metrics::histogram!(metric::LEDGER_FLUSH).record(started.elapsed().as_secs_f64());
             count_recorded(&h.deliveries);
-            debug!(deliveries = h.deliveries.len(), inserted, offset = %h.end, "ledger batch committed");
-            if inserted > 0 {
-                self.wake.notify_waiters();
+            let (count, handed) = (inserted.count, inserted.claimed.len());
+            debug!(deliveries = h.deliveries.len(), inserted = count, handed, offset = %h.end, "ledger batch committed");
+            if let Some(room) = room.filter(|_| handed > 0) {
+                room.send(inserted.claimed);
+                self.intake.wake.notify_one();
+            }
+            if count > handed as u64 {
+                self.intake.wake.notify_waiters();
             }
             // The reader may be gone (shutting down after an error): nothing to confirm then.
             let _ = written.send(h.end);

@@ -7,6 +7,7 @@
 //! accepted a message the ledger does not know about: on start it goes back to
 //! `pending` and is counted as a possible re-send.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -219,10 +220,16 @@ impl Ledger {
 
     /// Records `deliveries` and moves the stored offset to `end_lsn`, atomically.
     /// Replayed rows (same idempotency key) are ignored, so replaying a
-    /// transaction after a crash is harmless. Returns how many rows were new.
-    pub async fn record(&mut self, deliveries: &[NewDelivery], slot: &str, end_lsn: Lsn) -> Result<u64, LedgerError> {
+    /// transaction after a crash is harmless. `claim`: see [`insert_deliveries`].
+    pub async fn record(
+        &mut self,
+        deliveries: &[NewDelivery],
+        slot: &str,
+        end_lsn: Lsn,
+        claim: Option<Duration>,
+    ) -> Result<Inserted, LedgerError> {
         let tx = self.client.transaction().await?;
-        let inserted = insert_deliveries(&tx, &self.schema, deliveries).await?;
+        let inserted = insert_deliveries(&tx, &self.schema, deliveries, claim).await?;
         save_offset(&tx, &self.schema, slot, end_lsn).await?;
         tx.commit().await?;
         Ok(inserted)
@@ -501,15 +508,30 @@ impl Ledger {
     }
 }
 
+/// What an insert did.
+#[derive(Debug, Default)]
+pub struct Inserted {
+    /// Rows that were new (replays are ignored).
+    pub count: u64,
+    /// New rows written already claimed, to be handed to dispatch in memory.
+    pub claimed: Vec<Claimed>,
+}
+
 /// Inserts deliveries, ignoring replays (same idempotency key), inside the
-/// caller's transaction; returns how many rows were new. The one way rows
-/// enter the ledger, for both source modes.
+/// caller's transaction. The one way rows enter the ledger, for both source
+/// modes. With `claim = Some(lease)`, new sendable rows are written as
+/// `sending` under that lease and returned as [`Ledger::claim`] would return
+/// them, so dispatch can take them without a second write.
 pub async fn insert_deliveries(
     client: &impl tokio_postgres::GenericClient,
     schema: &str,
     deliveries: &[NewDelivery],
-) -> Result<u64, LedgerError> {
-    let mut inserted = 0;
+    claim: Option<Duration>,
+) -> Result<Inserted, LedgerError> {
+    let mut out = Inserted::default();
+    let lease: Option<f64> = claim.map(|l| l.as_secs_f64());
+    // Measured before the statement: the lease runs from the server's now().
+    let send_by = claim.map(|l| std::time::Instant::now() + l.mul_f64(0.8));
     // Chunks bound the size of one statement's parameter arrays.
     for chunk in deliveries.chunks(5000) {
         let mut cols: [Vec<&str>; 6] = Default::default();
@@ -534,33 +556,60 @@ pub async fn insert_deliveries(
         let sql = format!(
             "INSERT INTO {schema}.deliveries
                (source_table, source_pk, channel, idempotency_key, event, status,
-                recipient, last_error, payload, commit_lsn, committed_at)
-             SELECT t, pk, ch, k, ev, st, r, e, p::jsonb, l::pg_lsn, c
+                recipient, last_error, payload, commit_lsn, committed_at, attempts, next_attempt_at)
+             SELECT t, pk, ch, k, ev, CASE WHEN x.claim THEN 'sending' ELSE st END,
+                    r, e, p::jsonb, l::pg_lsn, c, CASE WHEN x.claim THEN 1 ELSE 0 END,
+                    CASE WHEN x.claim THEN now() + $12::float8 * interval '1 second' ELSE now() END
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                          $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[])
-                  AS u(t, pk, ch, k, ev, st, r, e, p, l, c)
-             ON CONFLICT (idempotency_key) DO NOTHING"
+                  AS u(t, pk, ch, k, ev, st, r, e, p, l, c),
+                  LATERAL (SELECT u.st = 'pending' AND $12::float8 IS NOT NULL AS claim) x
+             ON CONFLICT (idempotency_key) DO NOTHING
+             {returning}",
+            returning = if lease.is_some() { "RETURNING id, idempotency_key, status = 'sending'" } else { "" },
         );
-        inserted += client
-            .execute(
-                &sql,
-                &[
-                    &cols[0],
-                    &cols[1],
-                    &cols[2],
-                    &cols[3],
-                    &cols[4],
-                    &cols[5],
-                    &recipients,
-                    &errors,
-                    &payloads,
-                    &lsns,
-                    &times,
-                ],
-            )
-            .await?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 12] = [
+            &cols[0],
+            &cols[1],
+            &cols[2],
+            &cols[3],
+            &cols[4],
+            &cols[5],
+            &recipients,
+            &errors,
+            &payloads,
+            &lsns,
+            &times,
+            &lease,
+        ];
+        let Some(send_by) = send_by else {
+            out.count += client.execute(&sql, &params).await?;
+            continue;
+        };
+        let rows = client.query(&sql, &params).await?;
+        out.count += rows.len() as u64;
+        let by_key: HashMap<&str, &NewDelivery> = chunk.iter().map(|d| (d.idempotency_key.as_str(), d)).collect();
+        for r in rows.iter().filter(|r| r.get::<_, bool>(2)) {
+            let d = by_key[r.get::<_, &str>(1)];
+            out.claimed.push(Claimed {
+                id: r.get(0),
+                idempotency_key: d.idempotency_key.clone(),
+                source_table: d.source_table.clone(),
+                source_pk: d.source_pk.clone(),
+                channel: d.channel.clone(),
+                event: d.event.clone(),
+                recipient: d.recipient.clone(),
+                payload: d.payload.clone(),
+                attempts: 1,
+                committed_at: d.committed_at,
+                provider: None,
+                lease_expired: false,
+                send_by,
+            });
+        }
     }
-    Ok(inserted)
+    out.claimed.sort_unstable_by_key(|c| c.id);
+    Ok(out)
 }
 
 async fn save_offset(

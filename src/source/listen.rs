@@ -222,7 +222,7 @@ impl ListenSource {
         let read = changes.len();
         let mut deliveries = Vec::new();
         self.route(&tx, &changes, tables, &mut deliveries).await?;
-        let inserted = ledger::insert_deliveries(&tx, schema, &deliveries).await?;
+        let inserted = ledger::insert_deliveries(&tx, schema, &deliveries, None).await?.count;
         if next > from as u64 {
             tx.execute(
                 &format!(
