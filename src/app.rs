@@ -61,6 +61,13 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
         metrics::counter!(metric::RESENDS_AFTER_RESTART).increment(resent);
     }
 
+    // No call starts after 4/5 of a claim's lease; the last fifth must hold a whole call.
+    let lease = Duration::from_millis(cfg.relay.claim_lease_ms);
+    if cfg.providers.longest_timeout() > lease / 5 {
+        warn!(claim_lease_ms = cfg.relay.claim_lease_ms, longest_timeout_ms = cfg.providers.longest_timeout().as_millis() as u64,
+            "relay.claim_lease_ms is under 5 x the longest provider timeout: a slow call may outlive its claim and be sent twice");
+    }
+
     // Our own stop signal: set on outside shutdown or when ingestion fails for good.
     let (stop_tx, stop) = watch::channel(false);
     let mut tasks = JoinSet::new();

@@ -306,6 +306,20 @@ pub struct LimitConfig {
     pub per_second: f64,
 }
 
+impl ProvidersConfig {
+    /// The longest per-call timeout among configured providers.
+    pub fn longest_timeout(&self) -> std::time::Duration {
+        let ms = [
+            self.pusher.as_ref().map(|p| p.timeout_ms),
+            self.ably.as_ref().map(|p| p.timeout_ms),
+            self.brevo.as_ref().map(|p| p.timeout_ms),
+            self.smtp.as_ref().map(|p| p.timeout_ms),
+            self.twilio.as_ref().map(|p| p.timeout_ms),
+        ];
+        std::time::Duration::from_millis(ms.into_iter().flatten().max().unwrap_or(0))
+    }
+}
+
 impl ProviderKind {
     /// Defaults when `[limits.<provider>]` is absent; docs/providers.md says where each comes from.
     pub fn default_limits(self) -> LimitConfig {
