@@ -41,6 +41,7 @@ sender_email = "alerts@example.com"
 sender_name = "Alerts"
 base_url = "{brevo}"
 webhook_token = "hook-secret"
+webhook_basic = "brevo:pa55-word"
 
 [providers.twilio]
 account_sid = "AC0123"
@@ -387,12 +388,16 @@ async fn status_webhooks_move_the_ledger_and_refuse_forgeries() {
     assert_eq!(hook(Some("Bearer hook-secret"), "", bounce).await, 204);
     let (status, error) = status_of("email", "20").await;
     assert_eq!((status.as_str(), error.unwrap().contains("mailbox does not exist")), ("bounced", true));
+    let delivered = serde_json::json!({"event": "delivered", "message-id": mail_10});
+    assert_eq!(hook(Some("Basic YnJldm86d3Jvbmc="), "", delivered.clone()).await, 403, "brevo:wrong");
+    assert_eq!(hook(Some("Basic YnJldm86cGE1NS13b3Jk"), "", delivered).await, 204, "brevo:pa55-word");
+    assert_eq!(status_of("email", "10").await.0, "delivered");
     let opened = serde_json::json!({"event": "opened", "message-id": mail_10});
     assert_eq!(hook(None, "?token=hook-secret", opened).await, 204);
     assert_eq!(status_of("email", "10").await.0, "read");
 
     let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap();
-    assert_eq!(sum(&metrics, "outbox_relay_webhooks_total", "outcome=\"forbidden\""), 5.0, "refusals are counted");
+    assert_eq!(sum(&metrics, "outbox_relay_webhooks_total", "outcome=\"forbidden\""), 6.0, "refusals are counted");
     relay.stop().await;
 }
 
