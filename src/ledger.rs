@@ -57,6 +57,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("../sql/migrations/002_discarded.sql")),
     (3, include_str!("../sql/migrations/003_listen.sql")),
     (4, include_str!("../sql/migrations/004_webhooks.sql")),
+    (5, include_str!("../sql/migrations/005_capture_args.sql")),
 ];
 
 /// The migrations' SQL with the schema name filled in (it is a validated identifier).

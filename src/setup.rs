@@ -104,12 +104,21 @@ pub fn statements(cfg: &Config) -> Vec<Statement> {
         });
         let events = ops.iter().map(|o| o.to_uppercase()).collect::<Vec<_>>().join(" OR ");
         for table in &tables {
+            // The key columns go in as trigger arguments, read from the catalog
+            // here once rather than by the trigger on every row.
             out.push(step(
-                format!("Trigger on {table}: records (table, key) in the change log and sends a NOTIFY."),
+                format!("Trigger on {table}: records (table, primary key) in the change log and sends a NOTIFY."),
                 format!(
-                    "CREATE OR REPLACE TRIGGER {trigger} AFTER {events} ON {table}\n    \
-                     FOR EACH ROW EXECUTE FUNCTION {schema}.capture()",
-                    trigger = quote_ident(&format!("{schema}_capture")),
+                    "DO $$\nDECLARE key_columns text;\nBEGIN\n  \
+                     SELECT string_agg(quote_literal(a.attname), ', ' ORDER BY array_position(i.indkey::int2[], a.attnum))\n    \
+                     INTO key_columns\n    \
+                     FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])\n   \
+                     WHERE i.indrelid = {table_lit}::regclass AND i.indisprimary;\n  \
+                     EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER {events} ON %s FOR EACH ROW EXECUTE FUNCTION %I.capture(%s)',\n    \
+                     {trigger}, {table_lit}, {schema_lit}, coalesce(key_columns, ''));\nEND $$",
+                    trigger = quote_literal(&format!("{schema}_capture")),
+                    table_lit = quote_literal(table),
+                    schema_lit = quote_literal(schema),
                 ),
             ));
         }
@@ -201,9 +210,13 @@ mod tests {
         let cfg = Config::from_toml(&text).unwrap();
         let sql = script(&cfg);
         assert!(!sql.contains("pg_create_logical_replication_slot"), "{sql}");
-        assert!(sql.contains(
-            "CREATE OR REPLACE TRIGGER \"outbox_relay_capture\" AFTER INSERT ON \"public\".\"operators_outboxevent\""
-        ), "{sql}");
+        assert!(sql.contains("WHERE i.indrelid = '\"public\".\"operators_outboxevent\"'::regclass"), "{sql}");
+        assert!(
+            sql.contains(
+                "'CREATE OR REPLACE TRIGGER %I AFTER INSERT ON %s FOR EACH ROW EXECUTE FUNCTION %I.capture(%s)'"
+            ),
+            "the key columns become trigger arguments: {sql}"
+        );
         assert!(sql.contains("CREATE OR REPLACE FUNCTION outbox_relay.capture()"));
         assert!(sql.contains("pg_notify"));
     }

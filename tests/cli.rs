@@ -144,6 +144,34 @@ async fn listen_mode_setup_installs_triggers_and_status_shows_the_watermark() {
         .unwrap()
         .get(0);
     assert_eq!(triggers, 1, "one routed table, one trigger, even after two runs");
+    let args: i16 = client
+        .query_one("SELECT tgnargs FROM pg_trigger WHERE tgname = 'outbox_relay_capture'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(args, 1, "the primary key column is passed to the trigger, not looked up per row");
+    // A composite key, and a trigger installed without arguments (as before
+    // migration 5): both yield the key columns in index order, comma-joined.
+    client
+        .batch_execute(
+            "CREATE TABLE two_keys (b int, a text, n int, PRIMARY KEY (b, a));
+             CREATE TRIGGER with_args AFTER INSERT ON two_keys FOR EACH ROW EXECUTE FUNCTION outbox_relay.capture('b', 'a');
+             INSERT INTO two_keys VALUES (7, 'x', 1);
+             DROP TRIGGER with_args ON two_keys;
+             CREATE TRIGGER without_args AFTER INSERT ON two_keys FOR EACH ROW EXECUTE FUNCTION outbox_relay.capture();
+             INSERT INTO two_keys VALUES (8, 'y', 2);",
+        )
+        .await
+        .unwrap();
+    let keys: Vec<String> = client
+        .query("SELECT source_pk FROM outbox_relay.changes WHERE source_table = 'public.two_keys' ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(keys, ["7,x", "8,y"]);
+    client.batch_execute("DELETE FROM outbox_relay.changes; DROP TABLE two_keys").await.unwrap();
     let slots: i64 = client
         .query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[])
         .await
