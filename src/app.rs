@@ -107,7 +107,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
             tokio::spawn(async move { ingest.run(source_stop).await.map_err(RunError::from) })
         }
         SourceMode::Listen => {
-            let listen = ListenSource::new(cfg.clone(), dispatcher.wake.clone(), health.clone());
+            let listen = ListenSource::new(cfg.clone(), dispatcher.intake(), health.clone());
             tokio::spawn(async move { listen.run(source_stop).await.map_err(RunError::from) })
         }
     };

@@ -20,7 +20,7 @@ use tracing::{debug, error, info, warn};
 use crate::circuit::{Admission, Circuit};
 use crate::config::{Config, ProviderKind};
 use crate::contacts::{self, ContactPlan, Prepared};
-use crate::ledger::{ClaimRef, Claimed, Ledger, LedgerError, Outcome};
+use crate::ledger::{ClaimRef, Claimed, Inserted, Ledger, LedgerError, Outcome};
 use crate::limits::Pacer;
 use crate::providers::{
     ably::Ably, brevo::Brevo, log::Log, pusher::Pusher, smtp::Smtp, twilio::Twilio, OutboundMessage, Provider,
@@ -87,9 +87,35 @@ const FRESH_BATCHES: usize = 2;
 /// written already claimed and passed here, one ledger write fewer per
 /// delivery; otherwise they are written `pending` and `wake` rings.
 pub struct Intake {
-    pub fresh: mpsc::Sender<Vec<Claimed>>,
-    pub wake: Arc<Notify>,
-    pub lease: Duration,
+    fresh: mpsc::Sender<Vec<Claimed>>,
+    wake: Arc<Notify>,
+    lease: Duration,
+}
+
+impl Intake {
+    /// Room for one batch in memory, if dispatch keeps up; hold it across the
+    /// ledger write and pass it to [`Intake::committed`].
+    pub fn room(&self) -> Option<mpsc::Permit<'_, Vec<Claimed>>> {
+        self.fresh.try_reserve().ok()
+    }
+
+    /// The lease to insert fresh rows under, when there is room for them.
+    pub fn claim(&self, room: &Option<mpsc::Permit<'_, Vec<Claimed>>>) -> Option<Duration> {
+        room.as_ref().map(|_| self.lease)
+    }
+
+    /// After the ledger commit: hands the claimed rows over, and wakes the
+    /// workers for rows that wait in the ledger.
+    pub fn committed(&self, room: Option<mpsc::Permit<'_, Vec<Claimed>>>, inserted: Inserted) {
+        let waiting = inserted.count > inserted.claimed.len() as u64;
+        if let Some(room) = room.filter(|_| !inserted.claimed.is_empty()) {
+            room.send(inserted.claimed);
+            self.wake.notify_one();
+        }
+        if waiting {
+            self.wake.notify_waiters();
+        }
+    }
 }
 
 /// Shared by all dispatch workers.

@@ -232,20 +232,14 @@ impl Ingest {
             let started = std::time::Instant::now();
             // Dispatch has room: write the fresh rows already claimed and hand
             // them over in memory. If not, they wait in the ledger's queue.
-            let room = self.intake.fresh.try_reserve().ok();
-            let claim = room.as_ref().map(|_| self.intake.lease);
+            let room = self.intake.room();
+            let claim = self.intake.claim(&room);
             let inserted = ledger.record(&h.deliveries, &self.cfg.source.slot, h.end, claim).await?;
             metrics::histogram!(metric::LEDGER_FLUSH).record(started.elapsed().as_secs_f64());
             count_recorded(&h.deliveries);
             let (count, handed) = (inserted.count, inserted.claimed.len());
             debug!(deliveries = h.deliveries.len(), inserted = count, handed, offset = %h.end, "ledger batch committed");
-            if let Some(room) = room.filter(|_| handed > 0) {
-                room.send(inserted.claimed);
-                self.intake.wake.notify_one();
-            }
-            if count > handed as u64 {
-                self.intake.wake.notify_waiters();
-            }
+            self.intake.committed(room, inserted);
             // The reader may be gone (shutting down after an error): nothing to confirm then.
             let _ = written.send(h.end);
         }

@@ -26,7 +26,7 @@ use tokio_postgres::{AsyncMessage, Client, IsolationLevel, NoTls};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::dispatch::reconnect_delay;
+use crate::dispatch::{reconnect_delay, Intake};
 use crate::ledger::{self, LedgerError};
 use crate::routing::{NewDelivery, Router};
 use crate::setup::{quote_ident, quote_table};
@@ -55,7 +55,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 pub struct ListenSource {
     cfg: Arc<Config>,
     router: Router,
-    wake: Arc<Notify>,
+    intake: Intake,
     health: Arc<Health>,
 }
 
@@ -69,9 +69,9 @@ struct Change {
 }
 
 impl ListenSource {
-    pub fn new(cfg: Arc<Config>, wake: Arc<Notify>, health: Arc<Health>) -> ListenSource {
+    pub fn new(cfg: Arc<Config>, intake: Intake, health: Arc<Health>) -> ListenSource {
         let router = Router::new(&cfg);
-        ListenSource { cfg, router, wake, health }
+        ListenSource { cfg, router, intake, health }
     }
 
     /// Polls until `shutdown` turns true, reconnecting with backoff when the
@@ -222,7 +222,9 @@ impl ListenSource {
         let read = changes.len();
         let mut deliveries = Vec::new();
         self.route(&tx, &changes, tables, &mut deliveries).await?;
-        let inserted = ledger::insert_deliveries(&tx, schema, &deliveries, None).await?.count;
+        // As in logical mode: fresh rows go to dispatch in memory when it has room.
+        let room = self.intake.room();
+        let inserted = ledger::insert_deliveries(&tx, schema, &deliveries, self.intake.claim(&room)).await?;
         if next > from as u64 {
             tx.execute(
                 &format!(
@@ -236,11 +238,9 @@ impl ListenSource {
         tx.commit().await?;
         if read > 0 {
             metrics::counter!(metric::ROWS_INGESTED).increment(read as u64);
-            debug!(read, deliveries = deliveries.len(), inserted, watermark = next, "change log read");
+            debug!(read, deliveries = deliveries.len(), inserted = inserted.count, watermark = next, "change log read");
         }
-        if inserted > 0 {
-            self.wake.notify_waiters();
-        }
+        self.intake.committed(room, inserted);
         Ok(read)
     }
 
