@@ -47,8 +47,6 @@ impl ListenError {
     }
 }
 
-/// Change-log rows read per poll, at most (a backlog drains in several polls).
-const POLL_ROWS: i64 = 5000;
 /// How often old change-log rows (below the watermark) are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
@@ -72,6 +70,13 @@ impl ListenSource {
     pub fn new(cfg: Arc<Config>, intake: Intake, health: Arc<Health>) -> ListenSource {
         let router = Router::new(&cfg);
         ListenSource { cfg, router, intake, health }
+    }
+
+    /// Change-log rows read per poll, at most (a backlog drains in several
+    /// polls): the same bound as a logical-mode ledger batch, which is what
+    /// bounds memory (a page's deliveries may wait in the hand-over to dispatch).
+    fn page_rows(&self) -> i64 {
+        self.cfg.relay.ingest_batch_rows.max(100) as i64
     }
 
     /// Polls until `shutdown` turns true, reconnecting with backoff when the
@@ -146,7 +151,7 @@ impl ListenSource {
                 last_prune = tokio::time::Instant::now();
                 self.prune(&client).await?;
             }
-            if read >= POLL_ROWS as usize {
+            if read as i64 >= self.page_rows() {
                 continue; // a backlog: keep reading
             }
             tokio::select! {
@@ -186,7 +191,7 @@ impl ListenSource {
                     "SELECT xid::text::bigint, source_table, source_pk, op, created_at FROM {schema}.changes
                      WHERE xid >= $1::text::xid8 AND xid < $2::text::xid8 ORDER BY xid, id LIMIT $3"
                 ),
-                &[&from.to_string(), &horizon.to_string(), &(POLL_ROWS + 1)],
+                &[&from.to_string(), &horizon.to_string(), &(self.page_rows() + 1)],
             )
             .await?;
         let mut changes: Vec<Change> = rows
@@ -207,7 +212,7 @@ impl ListenSource {
         // the xid of the last, possibly incomplete, transaction in this page
         // (its rows are read again next time; the ledger ignores repeats).
         let mut next = horizon as u64;
-        if changes.len() as i64 > POLL_ROWS {
+        if changes.len() as i64 > self.page_rows() {
             let last = changes[changes.len() - 1].xid;
             let first = changes[0].xid;
             if first == last {
