@@ -28,7 +28,7 @@ use crate::providers::{
 };
 use crate::telemetry::metric;
 
-/// Outcomes by ledger id.
+/// Outcomes by claim (ledger id and the attempt count it was claimed with).
 type Outcomes = Vec<(ClaimRef, Outcome)>;
 
 /// A channel as dispatch sees it: who carries it and how its provider channel is named.

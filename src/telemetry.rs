@@ -30,6 +30,7 @@ pub mod metric {
     pub const BACKLOG: &str = "outbox_relay_backlog_deliveries";
     pub const DEAD_LETTERS: &str = "outbox_relay_dead_letters";
     pub const RETAINED_WAL: &str = "outbox_relay_slot_retained_wal_bytes";
+    pub const WEBHOOKS: &str = "outbox_relay_webhooks_total";
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -90,6 +91,10 @@ fn describe() {
         "Deliveries in flight at a crash, sent again after restart (possible duplicates)."
     );
     describe_counter!(metric::PROVIDER_UNAUTHORIZED, "Provider calls refused for bad credentials: needs a human.");
+    describe_counter!(
+        metric::WEBHOOKS,
+        "Delivery reports by provider and outcome (the status set, unmatched, or forbidden: unsigned or forged)."
+    );
     describe_histogram!(
         metric::LEDGER_FLUSH,
         Unit::Seconds,

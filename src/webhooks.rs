@@ -27,15 +27,20 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::providers::twilio::verify_signature;
 
-pub const WEBHOOKS: &str = "outbox_relay_webhooks_total";
+use crate::telemetry::metric::WEBHOOKS;
 
+/// What the handlers share. Not `Debug`: it holds secrets.
 struct Hooks {
     database_url: String,
     schema: String,
-    /// (auth token, signed URL)
+    /// Twilio's auth token and the callback URL exactly as configured: Twilio
+    /// signs the URL it was given, not the one a proxy forwards to us.
     twilio: Option<(String, String)>,
     brevo_token: Option<String>,
+    /// `user:password`, compared with the Basic header in constant time.
     brevo_basic: Option<String>,
+    /// One connection, opened on the first report and reopened if it drops:
+    /// reports are few, and a failed update answers 503 so the provider retries.
     db: Mutex<Option<Client>>,
 }
 
