@@ -97,14 +97,11 @@ async fn wait_sent(client: &tokio_postgres::Client, n: i64, limit: Duration) -> 
     }
 }
 
-/// BENCH_BACKLOG=N: Pusher down, N rows inserted; the relay's memory while
-/// the whole backlog sits in the ledger, then while it drains for 45 s.
-async fn backlog_memory(client: &tokio_postgres::Client, pusher: &FakePusher, relay: &Relay, n: i64) {
-    pusher.fail_next(100_000_000, 503, None);
-    let t0 = Instant::now();
+/// Inserts `n` notifications in transactions of `per_tx` rows.
+async fn insert_notifications(client: &tokio_postgres::Client, n: i64, per_tx: i64) {
     let mut inserted = 0;
     while inserted < n {
-        let k = (n - inserted).min(5000);
+        let k = (n - inserted).min(per_tx);
         client
             .execute(
                 "INSERT INTO operators_notificationoperateur (user_id, kind, title, level, url)
@@ -116,6 +113,14 @@ async fn backlog_memory(client: &tokio_postgres::Client, pusher: &FakePusher, re
             .unwrap();
         inserted += k;
     }
+}
+
+/// BENCH_BACKLOG=N: Pusher down, N rows inserted; the relay's memory while
+/// the whole backlog sits in the ledger, then while it drains for 45 s.
+async fn backlog_memory(client: &tokio_postgres::Client, pusher: &FakePusher, relay: &Relay, n: i64) {
+    pusher.fail_next(100_000_000, 503, None);
+    let t0 = Instant::now();
+    insert_notifications(client, n, 5000).await;
     loop {
         let recorded: i64 = client.query_one("SELECT count(*) FROM outbox_relay.deliveries", &[]).await.unwrap().get(0);
         if recorded >= n {
@@ -197,20 +202,7 @@ async fn main() {
 
     // 1. Throughput.
     let t0 = Instant::now();
-    let mut inserted = 0;
-    while inserted < rows {
-        let k = (rows - inserted).min(1000);
-        client
-            .execute(
-                "INSERT INTO operators_notificationoperateur (user_id, kind, title, level, url)
-                 SELECT 1 + (g % 20), 'order_ready', 'Commande ' || g, 'info', '/orders/' || g
-                 FROM generate_series(1, $1::int) g",
-                &[&(k as i32)],
-            )
-            .await
-            .unwrap();
-        inserted += k;
-    }
+    insert_notifications(&client, rows, 1000).await;
     let insert_secs = t0.elapsed().as_secs_f64();
     let done = wait_accepted(&pusher, rows as usize, Duration::from_secs(600)).await;
     let secs = (done - t0).as_secs_f64();

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::dispatch::{reconnect_delay, Intake};
+use crate::dispatch::Intake;
 use crate::ledger::{self, Ledger, LedgerError};
 use crate::routing::{Disposition, NewDelivery, Router};
 use crate::source::replication::{ReplicationError, ReplicationEvent, ReplicationStream};
@@ -87,23 +87,11 @@ impl Ingest {
             self.cfg.source.database_url.parse().map_err(|e: tokio_postgres::Error| IngestError::Url(e.to_string()))?;
         let mut failures = 0u32;
         loop {
-            match self.session(&pg, &mut shutdown, &mut failures).await {
-                Ok(()) => return Ok(()),
-                Err(e) if e.is_retryable() || (e.slot_in_use() && failures < SLOT_BUSY_PATIENCE) => {
-                    self.health.source_connected.store(false, Ordering::Relaxed);
-                    metrics::counter!(metric::SOURCE_RECONNECTS).increment(1);
-                    failures += 1;
-                    let delay = reconnect_delay(failures);
-                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "source connection lost; reconnecting");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = crate::stopped(&mut shutdown) => return Ok(()),
-                    }
-                }
-                Err(e) => {
-                    self.health.source_connected.store(false, Ordering::Relaxed);
-                    return Err(e);
-                }
+            let Err(e) = self.session(&pg, &mut shutdown, &mut failures).await else { return Ok(()) };
+            // A busy slot is usually our previous connection not yet released.
+            let retry = e.is_retryable() || (e.slot_in_use() && failures < SLOT_BUSY_PATIENCE);
+            if !crate::source::back_off("source", &self.health, e, retry, &mut failures, &mut shutdown).await? {
+                return Ok(());
             }
         }
     }

@@ -20,7 +20,7 @@ use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::StatusCode;
 use serde::Serialize;
 
-use super::http::{retry_after, transport_error, truncate, MAX_REASON_BODY};
+use super::http::{by_status, retry_after, transport_error, truncate, MAX_REASON_BODY};
 use super::{Accepted, OutboundMessage, ProviderError};
 use crate::config::{AblyConfig, Secret};
 
@@ -185,12 +185,8 @@ fn classify(status: StatusCode, wait: Option<Duration>, body: &str) -> Result<Ac
         Err(_) => truncate(body, MAX_REASON_BODY),
     };
     let reason = format!("ably answered {} ({detail})", status.as_u16());
-    Err(match status.as_u16() {
-        // 401: 40101 bad key, 4014x token problems; 403: 40160 capability.
-        401 | 403 => ProviderError::Unauthorized { reason },
-        408 | 429 | 500..=599 => ProviderError::Retryable { reason, retry_after: wait },
-        _ => ProviderError::Permanent { reason },
-    })
+    // 401: 40101 bad key, 4014x token problems; 403: 40160 capability.
+    Err(by_status(status.as_u16(), reason, wait))
 }
 
 #[cfg(test)]

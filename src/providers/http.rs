@@ -38,6 +38,18 @@ pub(crate) fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Durat
     Some((at - now).to_std().unwrap_or(Duration::ZERO))
 }
 
+/// A refused call classed by its HTTP status alone, for providers whose
+/// reference says no more (Pusher, Ably): 401/403 are credentials or quota and
+/// need a human; 408, 429 and 5xx may pass later; any other 4xx fails the same
+/// way again.
+pub(crate) fn by_status(status: u16, reason: String, retry_after: Option<Duration>) -> ProviderError {
+    match status {
+        401 | 403 => ProviderError::Unauthorized { reason },
+        408 | 429 | 500..=599 => ProviderError::Retryable { reason, retry_after },
+        _ => ProviderError::Permanent { reason },
+    }
+}
+
 /// Cuts `s` to at most `max` bytes on a character boundary.
 pub(crate) fn truncate(s: &str, max: usize) -> String {
     let s = s.trim();

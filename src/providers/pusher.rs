@@ -15,7 +15,7 @@ use reqwest::StatusCode;
 use serde::Serialize;
 use sha2::Sha256;
 
-use super::http::{retry_after, transport_error, truncate, MAX_REASON_BODY};
+use super::http::{by_status, retry_after, transport_error, truncate, MAX_REASON_BODY};
 use super::{Accepted, OutboundMessage, ProviderError};
 use crate::config::{PusherConfig, Secret};
 
@@ -209,13 +209,9 @@ fn classify(status: StatusCode, wait: Option<std::time::Duration>, body: &str) -
         return Ok(Accepted { provider_message_id: None });
     }
     let reason = format!("pusher answered {}: {}", status.as_u16(), truncate(body, MAX_REASON_BODY));
-    Err(match status.as_u16() {
-        // 401: bad signature or key; 403: app disabled or over quota. Either
-        // way the same call keeps failing until someone changes something.
-        401 | 403 => ProviderError::Unauthorized { reason },
-        408 | 429 | 500..=599 => ProviderError::Retryable { reason, retry_after: wait },
-        _ => ProviderError::Permanent { reason },
-    })
+    // 401: bad signature or key; 403: app disabled or over quota. Either
+    // way the same call keeps failing until someone changes something.
+    Err(by_status(status.as_u16(), reason, wait))
 }
 
 #[cfg(test)]

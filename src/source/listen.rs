@@ -23,10 +23,10 @@ use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use tokio::sync::{watch, Notify};
 use tokio_postgres::{AsyncMessage, Client, IsolationLevel, NoTls};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::config::Config;
-use crate::dispatch::{reconnect_delay, Intake};
+use crate::dispatch::Intake;
 use crate::ledger::{self, LedgerError};
 use crate::routing::{NewDelivery, Router};
 use crate::setup::{quote_ident, quote_table};
@@ -84,23 +84,10 @@ impl ListenSource {
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), ListenError> {
         let mut failures = 0u32;
         loop {
-            match self.session(&mut shutdown, &mut failures).await {
-                Ok(()) => return Ok(()),
-                Err(e) if classify(&e) => {
-                    self.health.source_connected.store(false, Ordering::Relaxed);
-                    metrics::counter!(metric::SOURCE_RECONNECTS).increment(1);
-                    failures += 1;
-                    let delay = reconnect_delay(failures);
-                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "listen connection lost; reconnecting");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = crate::stopped(&mut shutdown) => return Ok(()),
-                    }
-                }
-                Err(e) => {
-                    self.health.source_connected.store(false, Ordering::Relaxed);
-                    return Err(e);
-                }
+            let Err(e) = self.session(&mut shutdown, &mut failures).await else { return Ok(()) };
+            let retry = classify(&e);
+            if !crate::source::back_off("listen", &self.health, e, retry, &mut failures, &mut shutdown).await? {
+                return Ok(());
             }
         }
     }

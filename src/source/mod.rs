@@ -10,9 +10,15 @@ pub mod pgoutput;
 pub mod replication;
 
 use std::fmt;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::dispatch::reconnect_delay;
+use crate::telemetry::{metric, Health};
 
 /// A PostgreSQL WAL position. Ordered, so "never move backwards" is a `max`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -105,6 +111,33 @@ pub struct CommittedTx {
     /// yet: more changes follow, and `end_lsn` is unknown (zero) — nothing may
     /// be confirmed on its account.
     pub complete: bool,
+}
+
+/// After a source session failed with `e`: marks the source down, and if
+/// `retry` (connection lost, server restarting) counts the reconnection and
+/// waits out its backoff: `Ok(true)` to reconnect, `Ok(false)` if shutdown came
+/// first. An error that needs a human is handed back. One policy for both
+/// sources, so logical and listen mode recover alike.
+pub async fn back_off<E: fmt::Display>(
+    what: &'static str,
+    health: &Health,
+    e: E,
+    retry: bool,
+    failures: &mut u32,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<bool, E> {
+    health.source_connected.store(false, Ordering::Relaxed);
+    if !retry {
+        return Err(e);
+    }
+    metrics::counter!(metric::SOURCE_RECONNECTS).increment(1);
+    *failures += 1;
+    let delay = reconnect_delay(*failures);
+    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "{what} connection lost; reconnecting");
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => Ok(true),
+        _ = crate::stopped(shutdown) => Ok(false),
+    }
 }
 
 #[cfg(test)]

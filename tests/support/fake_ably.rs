@@ -19,7 +19,7 @@ use outbox_relay::config::{AblyConfig, Secret};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
-use super::fake_http::{serve, with_retry_after, Conn, Faults, Injected};
+use super::fake_http::{serve, with_retry_after, Conn, Faults};
 
 /// One message Ably accepted and would deliver.
 #[derive(Clone, Debug, PartialEq)]
@@ -115,12 +115,12 @@ impl FakeAbly {
         self.shared.faults.fail_next(n, status, retry_after);
     }
 
-    /// Every request waits this long before it is handled.
     /// The service is healthy again.
     pub fn recover(&self) {
         self.shared.faults.clear();
     }
 
+    /// Every request waits this long before it is handled.
     pub fn set_delay(&self, d: Duration) {
         self.shared.faults.set_delay(d);
     }
@@ -160,17 +160,13 @@ async fn publish(
 
 async fn handle_publish(shared: Arc<Shared>, conn: Conn, channel: String, headers: HeaderMap, body: Bytes) -> Response {
     shared.record.lock().unwrap().requests += 1;
-    match shared.faults.next().await {
-        Injected::Reset => {
-            conn.kill();
-            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-        }
-        Injected::Fail(status, retry_after) => {
-            let code = u32::from(status.as_u16()) * 100;
-            let reason = status.canonical_reason().unwrap_or("injected failure");
-            return with_retry_after(status, retry_after, ably_error(status, code, reason));
-        }
-        Injected::None => {}
+    let injected = shared.faults.intercept(&conn, |status, retry_after| {
+        let code = u32::from(status.as_u16()) * 100;
+        let reason = status.canonical_reason().unwrap_or("injected failure");
+        with_retry_after(status, retry_after, ably_error(status, code, reason))
+    });
+    if let Some(response) = injected.await {
+        return response;
     }
     match check(&shared, &channel, &headers, &body) {
         Ok((key, messages)) => {

@@ -22,7 +22,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
-use super::fake_http::{serve, with_retry_after, Conn, Faults, Injected};
+use super::fake_http::{serve, with_retry_after, Conn, Faults};
 
 #[derive(Default)]
 struct Record {
@@ -94,28 +94,24 @@ async fn send(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    match shared.faults.next().await {
-        Injected::Reset => {
-            conn.kill();
-            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-        }
-        Injected::Fail(status, retry_after) => {
-            let body = Json(json!({"code": "error", "message": "injected failure"})).into_response();
-            if status == StatusCode::TOO_MANY_REQUESTS {
-                // Brevo's 429 carries no Retry-After, only its rate-limit headers
-                // (https://developers.brevo.com/docs/limit-headers).
-                let mut resp = (status, body).into_response();
-                let h = resp.headers_mut();
-                h.insert("x-sib-ratelimit-limit", "1000".parse().unwrap());
-                h.insert("x-sib-ratelimit-remaining", "0".parse().unwrap());
-                if let Some(reset) = retry_after.and_then(|r| r.parse().ok()) {
-                    h.insert("x-sib-ratelimit-reset", reset);
-                }
-                return resp;
-            }
+    let injected = shared.faults.intercept(&conn, |status, retry_after| {
+        let body = Json(json!({"code": "error", "message": "injected failure"})).into_response();
+        if status != StatusCode::TOO_MANY_REQUESTS {
             return with_retry_after(status, retry_after, body);
         }
-        Injected::None => {}
+        // Brevo's 429 carries no Retry-After, only its rate-limit headers
+        // (https://developers.brevo.com/docs/limit-headers).
+        let mut resp = (status, body).into_response();
+        let h = resp.headers_mut();
+        h.insert("x-sib-ratelimit-limit", "1000".parse().unwrap());
+        h.insert("x-sib-ratelimit-remaining", "0".parse().unwrap());
+        if let Some(reset) = retry_after.and_then(|r| r.parse().ok()) {
+            h.insert("x-sib-ratelimit-reset", reset);
+        }
+        resp
+    });
+    if let Some(response) = injected.await {
+        return response;
     }
     if headers.get("api-key").and_then(|v| v.to_str().ok()) != Some(shared.api_key.as_str()) {
         return refuse(&shared, StatusCode::UNAUTHORIZED, "unauthorized", "Key not found");

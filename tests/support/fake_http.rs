@@ -122,7 +122,7 @@ pub struct Faults {
 }
 
 /// What the fake should do with a request before looking at it.
-pub enum Injected {
+enum Injected {
     /// Close the connection without answering.
     Reset,
     /// Answer this status (with Retry-After if given).
@@ -155,8 +155,27 @@ impl Faults {
         self.resets.fetch_add(n, Ordering::SeqCst);
     }
 
+    /// Waits the configured delay, then applies the next injected fault:
+    /// `Some(response)` to return at once (for a reset the connection is
+    /// dropped and nothing is written), `None` to handle the request normally.
+    /// `fail` words an injected failure the way the provider would.
+    pub async fn intercept(
+        &self,
+        conn: &Conn,
+        fail: impl FnOnce(StatusCode, Option<String>) -> Response,
+    ) -> Option<Response> {
+        match self.next().await {
+            Injected::Reset => {
+                conn.kill();
+                Some(StatusCode::INTERNAL_SERVER_ERROR.into_response())
+            }
+            Injected::Fail(status, retry_after) => Some(fail(status, retry_after)),
+            Injected::None => None,
+        }
+    }
+
     /// Waits the configured delay, then says which fault (if any) applies.
-    pub async fn next(&self) -> Injected {
+    async fn next(&self) -> Injected {
         let delay = *self.delay.lock().unwrap();
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;

@@ -20,7 +20,7 @@ use outbox_relay::config::{PusherConfig, Secret};
 use sha2::Sha256;
 use tokio::task::JoinHandle;
 
-use super::fake_http::{form_decode, serve, with_retry_after, Conn, Faults, Injected};
+use super::fake_http::{form_decode, serve, with_retry_after, Conn, Faults};
 
 /// One event Pusher accepted.
 #[derive(Clone, Debug, PartialEq)]
@@ -129,12 +129,12 @@ impl FakePusher {
         self.shared.faults.fail_next(n, status, retry_after);
     }
 
-    /// Every request waits this long before it is handled.
     /// The service is healthy again.
     pub fn recover(&self) {
         self.shared.faults.clear();
     }
 
+    /// Every request waits this long before it is handled.
     pub fn set_delay(&self, d: Duration) {
         self.shared.faults.set_delay(d);
     }
@@ -171,16 +171,12 @@ async fn handle_batch_events(
     body: Bytes,
 ) -> Response {
     shared.record.lock().unwrap().requests += 1;
-    match shared.faults.next().await {
-        Injected::Reset => {
-            conn.kill();
-            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-        }
-        Injected::Fail(status, retry_after) => {
-            let body = status.canonical_reason().unwrap_or("injected failure").into_response();
-            return with_retry_after(status, retry_after, body);
-        }
-        Injected::None => {}
+    let injected = shared.faults.intercept(&conn, |status, retry_after| {
+        let body = status.canonical_reason().unwrap_or("injected failure").into_response();
+        with_retry_after(status, retry_after, body)
+    });
+    if let Some(response) = injected.await {
+        return response;
     }
     let path = format!("/apps/{app_id}/batch_events");
     match check(&shared, &app_id, &path, query.as_deref().unwrap_or(""), &headers, &body) {

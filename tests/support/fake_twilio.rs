@@ -22,7 +22,7 @@ use base64::Engine;
 use serde_json::json;
 use tokio::task::JoinHandle;
 
-use super::fake_http::{form_decode, serve, with_retry_after, Conn, Faults, Injected};
+use super::fake_http::{form_decode, serve, with_retry_after, Conn, Faults};
 
 /// One message Twilio accepted.
 #[derive(Clone, Debug)]
@@ -156,16 +156,12 @@ async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    match shared.faults.next().await {
-        Injected::Reset => {
-            conn.kill();
-            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-        }
-        Injected::Fail(status, retry_after) => {
-            let body = Json(json!({"code": 20500, "message": "injected failure"})).into_response();
-            return with_retry_after(status, retry_after, body);
-        }
-        Injected::None => {}
+    let injected = shared.faults.intercept(&conn, |status, retry_after| {
+        let body = Json(json!({"code": 20500, "message": "injected failure"})).into_response();
+        with_retry_after(status, retry_after, body)
+    });
+    if let Some(response) = injected.await {
+        return response;
     }
     let expected = format!(
         "Basic {}",
