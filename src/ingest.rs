@@ -68,6 +68,7 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 
 pub struct Ingest {
     cfg: Arc<Config>,
+    /// Routes as configured; each session adds the tables' primary keys.
     router: Router,
     intake: Intake,
     health: Arc<Health>,
@@ -105,6 +106,9 @@ impl Ingest {
         let src = &self.cfg.source;
         let ledger = Ledger::new(ledger::connect(&src.database_url).await?, &self.cfg.relay.schema);
         let start = ledger.load_offset(&src.slot).await?.unwrap_or_default();
+        // Read per session: a table given a primary key since is seen on reconnect.
+        let keys = crate::source::primary_keys(ledger.client(), self.router.tables()).await.map_err(LedgerError::Db)?;
+        let router = self.router.clone().with_primary_keys(keys);
         let stream = ReplicationStream::start(pg, &src.slot, &src.publication, start).await?;
         self.health.source_connected.store(true, Ordering::Relaxed);
         self.health.ledger_connected.store(true, Ordering::Relaxed);
@@ -116,7 +120,7 @@ impl Ingest {
         // then slows reading (and the slot keeps the WAL) rather than memory growing.
         let (handoff, batches) = mpsc::channel::<Handoff>(1);
         let (written_tx, written) = mpsc::unbounded_channel::<Lsn>();
-        let reader = self.read(stream, start, handoff, written, shutdown);
+        let reader = self.read(&router, stream, start, handoff, written, shutdown);
         let writer = self.write(ledger, batches, written_tx);
         match tokio::join!(reader, writer) {
             (_, Err(e)) | (Err(e), _) => Err(e),
@@ -128,6 +132,7 @@ impl Ingest {
     /// to PostgreSQL each offset the writer reports durable.
     async fn read(
         &self,
+        router: &Router,
         mut stream: ReplicationStream,
         start: Lsn,
         handoff: mpsc::Sender<Handoff>,
@@ -170,12 +175,12 @@ impl Ingest {
                 _ = status_tick.tick() => stream.send_status(batch.confirmed, false).await?,
                 event = stream.next_event() => match event? {
                     ReplicationEvent::Tx(tx) => {
-                        let routed = tx.changes.iter().filter(|c| self.router.routes_table(&c.table.qualified_name()));
+                        let routed = tx.changes.iter().filter(|c| router.routes_table(&c.table.qualified_name()));
                         let rows = routed.count();
                         if rows > 0 {
                             metrics::counter!(metric::ROWS_INGESTED).increment(rows as u64);
                         }
-                        self.router.route_tx(&tx, &mut batch.deliveries);
+                        router.route_tx(&tx, &mut batch.deliveries);
                         if tx.complete {
                             batch.end = Some(tx.end_lsn);
                         }

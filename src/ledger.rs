@@ -58,6 +58,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (3, include_str!("../sql/migrations/003_listen.sql")),
     (4, include_str!("../sql/migrations/004_webhooks.sql")),
     (5, include_str!("../sql/migrations/005_capture_args.sql")),
+    (6, include_str!("../sql/migrations/006_change_keys.sql")),
 ];
 
 /// The migrations' SQL with the schema name filled in (it is a validated identifier).
@@ -535,7 +536,8 @@ pub async fn insert_deliveries(
     let send_by = claim.map(|l| std::time::Instant::now() + l.mul_f64(0.8));
     // Chunks bound the size of one statement's parameter arrays.
     for chunk in deliveries.chunks(5000) {
-        let mut cols: [Vec<&str>; 6] = Default::default();
+        let mut cols: [Vec<&str>; 7] = Default::default();
+        let mut changes: Vec<String> = Vec::with_capacity(chunk.len());
         let mut recipients: Vec<Option<&str>> = Vec::with_capacity(chunk.len());
         let mut errors: Vec<Option<&str>> = Vec::with_capacity(chunk.len());
         let mut payloads: Vec<String> = Vec::with_capacity(chunk.len());
@@ -548,6 +550,8 @@ pub async fn insert_deliveries(
             cols[3].push(&d.idempotency_key);
             cols[4].push(&d.event);
             cols[5].push(d.disposition.status());
+            cols[6].push(d.operation.as_str());
+            changes.push(d.change.to_string());
             recipients.push(d.recipient.as_deref());
             errors.push(d.disposition.reason());
             payloads.push(d.payload.to_string());
@@ -557,19 +561,22 @@ pub async fn insert_deliveries(
         let sql = format!(
             "INSERT INTO {schema}.deliveries
                (source_table, source_pk, channel, idempotency_key, event, status,
-                recipient, last_error, payload, commit_lsn, committed_at, attempts, next_attempt_at)
+                recipient, last_error, payload, commit_lsn, committed_at, attempts, next_attempt_at,
+                operation, change_ref)
              SELECT t, pk, ch, k, ev, CASE WHEN x.claim THEN 'sending' ELSE st END,
                     r, e, p::jsonb, l::pg_lsn, c, CASE WHEN x.claim THEN 1 ELSE 0 END,
-                    CASE WHEN x.claim THEN now() + $12::float8 * interval '1 second' ELSE now() END
+                    CASE WHEN x.claim THEN now() + $12::float8 * interval '1 second' ELSE now() END,
+                    op, cr
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                         $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[])
-                  AS u(t, pk, ch, k, ev, st, r, e, p, l, c),
+                         $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[],
+                         $13::text[], $14::text[])
+                  AS u(t, pk, ch, k, ev, st, r, e, p, l, c, op, cr),
                   LATERAL (SELECT u.st = 'pending' AND $12::float8 IS NOT NULL AS claim) x
              ON CONFLICT (idempotency_key) DO NOTHING
              {returning}",
             returning = if lease.is_some() { "RETURNING id, idempotency_key, status = 'sending'" } else { "" },
         );
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 12] = [
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 14] = [
             &cols[0],
             &cols[1],
             &cols[2],
@@ -582,6 +589,8 @@ pub async fn insert_deliveries(
             &lsns,
             &times,
             &lease,
+            &cols[6],
+            &changes,
         ];
         let Some(send_by) = send_by else {
             out.count += client.execute(&sql, &params).await?;
@@ -589,7 +598,12 @@ pub async fn insert_deliveries(
         };
         let rows = client.query(&sql, &params).await?;
         out.count += rows.len() as u64;
-        let by_key: HashMap<&str, &NewDelivery> = chunk.iter().map(|d| (d.idempotency_key.as_str(), d)).collect();
+        // The first of several deliveries sharing a key is the one ON CONFLICT
+        // kept: the claim handed to dispatch must carry what the ledger holds.
+        let mut by_key: HashMap<&str, &NewDelivery> = HashMap::with_capacity(chunk.len());
+        for d in chunk {
+            by_key.entry(d.idempotency_key.as_str()).or_insert(d);
+        }
         for r in rows.iter().filter(|r| r.get::<_, bool>(2)) {
             let d = by_key[r.get::<_, &str>(1)];
             out.claimed.push(Claimed {
