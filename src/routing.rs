@@ -124,37 +124,6 @@ impl Router {
         }
     }
 
-    /// The row named by a change log entry was gone when the relay read it
-    /// (listen mode): one failed delivery per route, so the ledger says so.
-    pub fn vanished(
-        &self,
-        change: ChangeId,
-        table: &str,
-        pk: &str,
-        op: Operation,
-        committed_at: DateTime<Utc>,
-    ) -> Vec<NewDelivery> {
-        let Some(routes) = self.routes.get(table) else { return vec![] };
-        routes
-            .iter()
-            .filter(|r| r.operations.contains(&op))
-            .map(|r| NewDelivery {
-                change,
-                operation: op,
-                source_table: table.to_string(),
-                source_pk: pk.to_string(),
-                channel: "-".into(),
-                idempotency_key: idempotency_key(change, "-"),
-                event: r.event.clone().unwrap_or_else(|| "-".into()),
-                recipient: None,
-                payload: Json::Object(Map::new()),
-                disposition: Disposition::Failed("the row no longer existed when the relay read it".into()),
-                commit_lsn: Lsn::default(),
-                committed_at,
-            })
-            .collect()
-    }
-
     pub fn route_change(
         &self,
         change: &RowChange,
