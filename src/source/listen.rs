@@ -100,11 +100,14 @@ struct Change {
 /// The page read. Public for the test that EXPLAINs it: the (xid, id) index
 /// serves both the range and the order, so a read costs the page, not the log.
 /// $1, $2: read after this (xid, id); $3: the horizon; $4: the page size.
+/// The ORDER BY names the table's columns: a bare `xid` would mean the output
+/// column `xid::text::bigint`, which no index serves (a sort of the whole range).
 pub fn read_page_sql(schema: &str) -> String {
     format!(
-        "SELECT id, xid::text::bigint, source_table, op, created_at, row_data FROM {schema}.changes
-         WHERE (xid, id) > ($1::text::xid8, $2::bigint) AND xid < $3::text::xid8
-         ORDER BY xid, id LIMIT $4"
+        "SELECT c.id, c.xid::text::bigint AS xid_number, c.source_table, c.op, c.created_at, c.row_data
+         FROM {schema}.changes c
+         WHERE (c.xid, c.id) > ($1::text::xid8, $2::bigint) AND c.xid < $3::text::xid8
+         ORDER BY c.xid, c.id LIMIT $4"
     )
 }
 

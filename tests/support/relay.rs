@@ -84,8 +84,25 @@ impl Env {
         Env::build(mode, prefix, route_extra, "", extra).await
     }
 
+    /// `prepare` runs on the fresh database before setup (tables for routes in `extra`).
+    pub async fn prepared(mode: Mode, prefix: &str, prepare: &str, extra: &str) -> Env {
+        Env::build_on(mode, prefix, prepare, "", "", extra).await
+    }
+
     async fn build(mode: Mode, prefix: &str, route_extra: &str, channel_extra: &str, extra: &str) -> Env {
+        Env::build_on(mode, prefix, "", route_extra, channel_extra, extra).await
+    }
+
+    async fn build_on(
+        mode: Mode,
+        prefix: &str,
+        prepare: &str,
+        route_extra: &str,
+        channel_extra: &str,
+        extra: &str,
+    ) -> Env {
         let db = fresh_db(prefix).await;
+        db.client().await.batch_execute(prepare).await.expect("preparing the database");
         let pusher = FakePusher::start("123", "key", "secret");
         let env = Env {
             mode,
