@@ -146,7 +146,10 @@ pub async fn main(cli: Cli) -> Result<(), Failure> {
             let client = connect(&cfg).await?;
             crate::setup::teardown(&client, &cfg, ledger).await.map_err(Failure::user)?;
             let kept = if ledger { "dropped" } else { "kept (--ledger drops it)" };
-            println!("teardown done: triggers, change log, slot and publication removed; schema {} {kept}", cfg.relay.schema);
+            println!(
+                "teardown done: triggers, change log, slot and publication removed; schema {} {kept}",
+                cfg.relay.schema
+            );
             Ok(())
         }
         Command::Migrate => {

@@ -97,8 +97,7 @@ pub fn statements(cfg: &Config) -> Vec<Statement> {
     if src.mode == SourceMode::Listen {
         let schema = &cfg.relay.schema;
         out.push(Statement {
-            why: "The relay schema: ledger, change log and the capture_rows() trigger function (as `outbox-relay migrate`)."
-                .into(),
+            why: "The relay schema: ledger, change log and the capture functions (as `outbox-relay migrate`).".into(),
             sql: crate::ledger::migration_sql(schema).into_iter().map(|(_, sql)| sql).collect::<Vec<_>>().join("\n"),
             migrations: true,
         });
@@ -107,7 +106,11 @@ pub fn statements(cfg: &Config) -> Vec<Statement> {
                 format!(
                     "Capture triggers on {table}: each statement's rows go to the change log, as committed, with \
                      the columns the routes read{}.",
-                    if src.notify { ", and one NOTIFY per transaction wakes the relay" } else { " (no NOTIFY: source.notify = false)" }
+                    if src.notify {
+                        ", and one NOTIFY per transaction wakes the relay"
+                    } else {
+                        " (no NOTIFY: source.notify = false)"
+                    }
                 ),
                 capture_triggers_sql(cfg, table),
             ));
@@ -161,50 +164,29 @@ pub fn capture_columns<'a>(cfg: &'a Config, qualified: &str) -> Vec<&'a str> {
     columns
 }
 
-/// The DO block that (re)installs `table`'s capture triggers: one statement-level
-/// trigger per operation its routes list (a trigger with a transition table
-/// serves one event), the earlier install's row-level trigger and the triggers
-/// of operations no route lists any more dropped. The primary key's columns are
-/// read from the catalog here, once, not by the trigger on every statement.
+/// The call that (re)installs `table`'s capture function and triggers
+/// (`install_capture`, sql/migrations/007): one statement-level trigger per
+/// operation its routes list; the earlier install's row-level trigger and the
+/// triggers of operations no route lists any more are dropped. The primary
+/// key's columns are added from the catalog there, once, not by the trigger.
 fn capture_triggers_sql(cfg: &Config, table: &str) -> String {
-    let schema = &cfg.relay.schema;
     let routes: Vec<_> = cfg.routes.iter().filter(|r| quote_table(&r.qualified_table()) == table).collect();
     let qualified = routes.first().map(|r| r.qualified_table()).unwrap_or_default();
     let columns: Vec<String> = capture_columns(cfg, &qualified).into_iter().map(quote_literal).collect();
-    let table_lit = quote_literal(table);
-    let mut sql = format!(
-        "DO $$\nDECLARE args text;\nBEGIN\n  \
-         SELECT string_agg(quote_literal(c), ', ' ORDER BY n) INTO args FROM (\n    \
-         SELECT c, min(n) AS n FROM unnest(ARRAY[{columns}]::text[] || ARRAY(\n      \
-         SELECT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])\n       \
-         WHERE i.indrelid = {table_lit}::regclass AND i.indisprimary ORDER BY array_position(i.indkey::int2[], a.attnum)))\n      \
-         WITH ORDINALITY AS u(c, n) GROUP BY c) d;\n  \
-         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', {legacy}, {table_lit});\n",
+    let operations: Vec<String> = [Operation::Insert, Operation::Update, Operation::Delete]
+        .into_iter()
+        .filter(|op| routes.iter().any(|r| r.operations.contains(op)))
+        .map(|op| quote_literal(op.as_str()))
+        .collect();
+    format!(
+        "SELECT {s}.install_capture({table_lit}::regclass,\n  ARRAY[{operations}]::text[],\n  \
+         ARRAY[{columns}]::text[],\n  {notify})",
+        s = quote_ident(&cfg.relay.schema),
+        table_lit = quote_literal(table),
+        operations = operations.join(", "),
         columns = columns.join(", "),
-        legacy = quote_literal(&legacy_trigger_name(schema)),
-    );
-    let flag = if cfg.source.notify { "notify" } else { "quiet" };
-    for op in [Operation::Insert, Operation::Update, Operation::Delete] {
-        let name = quote_literal(&capture_trigger_name(schema, op));
-        if routes.iter().any(|r| r.operations.contains(&op)) {
-            let (event, transition) = match op {
-                Operation::Insert => ("INSERT", "NEW TABLE AS captured_new"),
-                Operation::Update => ("UPDATE", "NEW TABLE AS captured_new"),
-                Operation::Delete => ("DELETE", "OLD TABLE AS captured_old"),
-            };
-            sql.push_str(&format!(
-                "  EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER {event} ON %s REFERENCING {transition} \
-                 FOR EACH STATEMENT EXECUTE FUNCTION %I.capture_rows(%s)',\n    \
-                 {name}, {table_lit}, {schema_lit}, quote_literal({flag_lit}) || coalesce(', ' || args, ''));\n",
-                schema_lit = quote_literal(schema),
-                flag_lit = quote_literal(flag),
-            ));
-        } else {
-            sql.push_str(&format!("  EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', {name}, {table_lit});\n"));
-        }
-    }
-    sql.push_str("END $$");
-    sql
+        notify = cfg.source.notify,
+    )
 }
 
 /// Migrations that made listen mode's objects (change log, its position, the
@@ -226,16 +208,20 @@ pub fn teardown_statements(cfg: &Config, ledger: bool) -> Vec<Statement> {
             format!(
                 "DO $$\nDECLARE r record;\nBEGIN\n  \
                  FOR r IN SELECT t.tgname, t.tgrelid::regclass AS tbl FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid\n           \
-                 WHERE p.pronamespace = to_regnamespace({schema_lit}) AND p.proname IN ('capture', 'capture_rows') LOOP\n    \
+                 WHERE p.pronamespace = to_regnamespace({schema_lit}) AND p.proname LIKE 'capture%' LOOP\n    \
                  EXECUTE format('DROP TRIGGER %I ON %s', r.tgname, r.tbl);\n  \
                  END LOOP;\nEND $$"
             ),
         ),
         step(
-            "The change log, its read position and the capture functions.",
+            "The change log, its read position, and the capture functions (those setup wrote per table too).",
             format!(
                 "DROP TABLE IF EXISTS {s}.changes, {s}.listen_progress;\n\
-                 DROP FUNCTION IF EXISTS {s}.capture_rows(), {s}.capture(), {s}.capture_expr(text[])"
+                 DO $$\nDECLARE f regprocedure;\nBEGIN\n  \
+                 FOR f IN SELECT p.oid::regprocedure FROM pg_proc p WHERE p.pronamespace = to_regnamespace({schema_lit})\n           \
+                 AND (p.proname IN ('capture', 'capture_expr', 'text_output', 'install_capture') OR p.proname LIKE 'capture\\_%') LOOP\n    \
+                 EXECUTE format('DROP FUNCTION %s', f);\n  \
+                 END LOOP;\nEND $$"
             ),
         ),
         step(
@@ -249,7 +235,10 @@ pub fn teardown_statements(cfg: &Config, ledger: bool) -> Vec<Statement> {
         step("The publication.", format!("DROP PUBLICATION IF EXISTS {}", quote_ident(&cfg.source.publication))),
     ];
     if ledger {
-        out.push(step("The relay schema: ledger, offsets, everything in it.", format!("DROP SCHEMA IF EXISTS {s} CASCADE")));
+        out.push(step(
+            "The relay schema: ledger, offsets, everything in it.",
+            format!("DROP SCHEMA IF EXISTS {s} CASCADE"),
+        ));
     } else {
         let versions = LISTEN_MIGRATIONS.map(|v| v.to_string()).join(", ");
         out.push(step(
@@ -279,7 +268,10 @@ pub fn teardown_script(cfg: &Config, ledger: bool) -> String {
         s.push_str(&format!("\n-- {}\n{};\n", st.why, st.sql));
     }
     if let Some(role) = &cfg.source.role {
-        s.push_str(&format!("\n-- The role {} is left in place: DROP ROLE it yourself once nothing uses it.\n", quote_ident(role)));
+        s.push_str(&format!(
+            "\n-- The role {} is left in place: DROP ROLE it yourself once nothing uses it.\n",
+            quote_ident(role)
+        ));
     }
     s
 }
@@ -356,21 +348,21 @@ mod tests {
         let cfg = Config::from_toml(&text).unwrap();
         let sql = script(&cfg);
         assert!(!sql.contains("pg_create_logical_replication_slot"), "{sql}");
-        assert!(sql.contains("WHERE i.indrelid = '\"public\".\"operators_outboxevent\"'::regclass"), "{sql}");
         assert!(
             sql.contains(
-                "'CREATE OR REPLACE TRIGGER %I AFTER INSERT ON %s REFERENCING NEW TABLE AS captured_new \
-                 FOR EACH STATEMENT EXECUTE FUNCTION %I.capture_rows(%s)'"
+                "SELECT \"outbox_relay\".install_capture('\"public\".\"operators_outboxevent\"'::regclass,\n  \
+                 ARRAY['insert']::text[],\n  ARRAY['recipient_id', 'event_type', 'channels', 'payload']::text[],\n  true)"
             ),
-            "one statement-level trigger per operation: {sql}"
+            "the route's operations and columns: {sql}"
         );
-        assert!(sql.contains("DROP TRIGGER IF EXISTS %I ON %s', 'outbox_relay_capture'"), "the old trigger goes: {sql}");
-        assert!(sql.contains("ARRAY['recipient_id', 'event_type', 'channels', 'payload']"), "route columns: {sql}");
-        assert!(sql.contains("quote_literal('notify')"), "{sql}");
-        assert!(sql.contains("CREATE OR REPLACE FUNCTION outbox_relay.capture_rows()"));
-        assert!(sql.contains("pg_notify('outbox_relay', '')"), "a constant payload, folded per transaction");
+        assert!(sql.contains("'FOR EACH STATEMENT EXECUTE FUNCTION outbox_relay.%I(%s)'"), "{sql}");
+        assert!(sql.contains("'DROP TRIGGER IF EXISTS %I ON %s', 'outbox_relay_capture', tbl"), "the old one goes");
+        assert!(
+            sql.contains("PERFORM pg_notify(''outbox_relay'', '''')"),
+            "a constant payload, folded per transaction"
+        );
         let quiet = Config::from_toml(&text.replace("mode = \"listen\"", "mode = \"listen\"\nnotify = false")).unwrap();
-        assert!(script(&quiet).contains("quote_literal('quiet')"));
+        assert!(script(&quiet).contains("::text[],\n  false)"));
     }
 
     #[test]

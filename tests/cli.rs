@@ -218,7 +218,9 @@ async fn teardown_removes_what_setup_made_in_both_modes() {
         if mode == "listen" {
             assert_eq!(count(TRIGGERS).await, 1);
             client
-                .batch_execute("INSERT INTO operators_notificationoperateur (user_id, kind, title) VALUES (1, 'k', 't')")
+                .batch_execute(
+                    "INSERT INTO operators_notificationoperateur (user_id, kind, title) VALUES (1, 'k', 't')",
+                )
                 .await
                 .unwrap();
             assert_eq!(count("SELECT count(*) FROM outbox_relay.changes").await, 1);

@@ -295,30 +295,26 @@ async fn writers_never_fail_a_commit_during_a_30_s_relay_outage() {
 async fn an_earlier_install_is_refused_by_preflight_then_upgraded_by_setup() {
     let env = Env::in_mode(Mode::Listen, "upgrade").await;
     let client = env.db.client().await;
-    let capture_v5 = outbox_relay::ledger::migration_sql("outbox_relay")
-        .into_iter()
-        .find(|(v, _)| *v == 5)
-        .map(|(_, sql)| sql)
-        .unwrap();
-    // Back to the state an earlier install left.
+    let cfg = env.config();
+    // Back to the state an earlier install left: nothing of listen mode, then
+    // its migrations 3 and 5 and its row-level trigger.
+    outbox_relay::setup::teardown(&client, &cfg, false).await.unwrap();
+    for (version, sql) in
+        outbox_relay::ledger::migration_sql("outbox_relay").into_iter().filter(|(v, _)| [3, 5].contains(v))
+    {
+        client.batch_execute(&sql).await.unwrap();
+        client.execute("INSERT INTO outbox_relay.schema_migrations (version) VALUES ($1)", &[&version]).await.unwrap();
+    }
     client
-        .batch_execute(&format!(
-            "DROP TRIGGER outbox_relay_capture_insert ON operators_notificationoperateur;
-             DROP TRIGGER outbox_relay_capture_insert ON operators_outboxevent;
-             DROP FUNCTION outbox_relay.capture_rows(), outbox_relay.capture_expr(text[]);
-             ALTER TABLE outbox_relay.changes DROP COLUMN row_data, ALTER COLUMN source_pk SET NOT NULL;
-             ALTER TABLE outbox_relay.listen_progress DROP COLUMN cursor_xid, DROP COLUMN cursor_id;
-             DELETE FROM outbox_relay.schema_migrations WHERE version = 7;
-             {capture_v5};
-             CREATE TRIGGER outbox_relay_capture AFTER INSERT ON operators_notificationoperateur
+        .batch_execute(
+            "CREATE TRIGGER outbox_relay_capture AFTER INSERT ON operators_notificationoperateur
                  FOR EACH ROW EXECUTE FUNCTION outbox_relay.capture('id');
              INSERT INTO operators_notificationoperateur (id, user_id, kind, title) VALUES
                  (701, 1, 'k', 'kept'), (702, 1, 'k', 'gone');
-             DELETE FROM operators_notificationoperateur WHERE id = 702;"
-        ))
+             DELETE FROM operators_notificationoperateur WHERE id = 702;",
+        )
         .await
         .unwrap();
-    let cfg = env.config();
     let refused = outbox_relay::preflight::check(&client, &cfg).await.unwrap_err().to_string();
     assert!(
         refused.contains("still has the outbox_relay_capture trigger of an earlier install")
@@ -338,7 +334,9 @@ async fn an_earlier_install_is_refused_by_preflight_then_upgraded_by_setup() {
     let relay = env.start_in_process();
     env.wait_settled(2, Duration::from_secs(30)).await;
     client
-        .batch_execute("INSERT INTO operators_notificationoperateur (id, user_id, kind, title) VALUES (703, 1, 'k', 'new')")
+        .batch_execute(
+            "INSERT INTO operators_notificationoperateur (id, user_id, kind, title) VALUES (703, 1, 'k', 'new')",
+        )
         .await
         .unwrap();
     env.wait_settled(3, Duration::from_secs(30)).await;

@@ -18,74 +18,123 @@ ALTER TABLE __SCHEMA__.changes ALTER COLUMN source_pk DROP NOT NULL;
 ALTER TABLE __SCHEMA__.listen_progress ADD COLUMN IF NOT EXISTS cursor_xid xid8;
 ALTER TABLE __SCHEMA__.listen_progress ADD COLUMN IF NOT EXISTS cursor_id bigint;
 
--- The SQL expression that turns `columns` of a row into row_data. Each value
--- through its type's output function (concat), never a cast to text: a cast
--- differs for some types (true::text is 'true', boolout gives 't'; bpchar
--- casts drop trailing blanks). jsonb_build_object takes at most 100
--- arguments, so 50 columns per call, joined with ||.
-CREATE OR REPLACE FUNCTION __SCHEMA__.capture_expr(columns text[]) RETURNS text
+-- A column's value as its type's text output, the way pgoutput sends it,
+-- whatever the writer's session settings: `concat` calls the output function
+-- (a cast to text differs for some types: true::text is 'true', boolout gives
+-- 't'); timestamps and dates, whose output follows DateStyle and TimeZone, are
+-- spelled out in ISO form, timestamptz in UTC. (1184 timestamptz, 1114
+-- timestamp, 1082 date.) Other session-dependent outputs (interval under a
+-- non-default IntervalStyle, arrays of timestamps) follow the writer's session.
+CREATE OR REPLACE FUNCTION __SCHEMA__.text_output(expr text, type_oid oid) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
-    SELECT coalesce(string_agg(format('jsonb_build_object(%s)', pairs), ' || ' ORDER BY g), '''{}''::jsonb')
-      FROM (SELECT g, string_agg(format('%L, CASE WHEN %I IS NULL THEN NULL ELSE concat(%I) END', c, c, c), ', '
-                                 ORDER BY n) AS pairs
-              FROM unnest(columns) WITH ORDINALITY AS u(c, n), LATERAL (SELECT (n - 1) / 50 AS g) chunk
-             GROUP BY g) parts
+    SELECT CASE type_oid
+        WHEN 1184 THEN format('CASE WHEN NOT isfinite(%1$s) THEN %1$s::text '
+                              'ELSE to_char(%1$s AT TIME ZONE ''UTC'', ''YYYY-MM-DD HH24:MI:SS.US'') || ''+00'' END', expr)
+        WHEN 1114 THEN format('CASE WHEN NOT isfinite(%1$s) THEN %1$s::text '
+                              'ELSE to_char(%1$s, ''YYYY-MM-DD HH24:MI:SS.US'') END', expr)
+        WHEN 1082 THEN format('CASE WHEN NOT isfinite(%1$s) THEN %1$s::text ELSE to_char(%1$s, ''YYYY-MM-DD'') END', expr)
+        ELSE format('CASE WHEN %1$s IS NULL THEN NULL ELSE concat(%1$s) END', expr)
+    END
 $$;
 
--- The statement-level capture trigger function. `setup` installs one trigger
--- per operation the routes list (a trigger with transition tables serves one
--- event), with arguments: 'notify' or 'quiet' (source.notify), then the columns
--- to capture (the routes' columns and the primary key; none: every column).
+-- The SQL expression that turns `columns` of `tbl`, in a row aliased `alias`,
+-- into row_data. jsonb_build_object takes at most 100 arguments: 50 columns
+-- per call, joined with ||. Columns the table lacks are left out.
+CREATE OR REPLACE FUNCTION __SCHEMA__.capture_expr(tbl regclass, columns text[], alias text) RETURNS text
+LANGUAGE sql STABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(string_agg(format('jsonb_build_object(%s)', pairs), ' || ' ORDER BY g), '''{}''::jsonb')
+      FROM (SELECT (u.n - 1) / 50 AS g,
+                   string_agg(format('%L, %s', u.c, __SCHEMA__.text_output(format('%I.%I', alias, u.c), a.atttypid)),
+                              ', ' ORDER BY u.n) AS pairs
+              FROM unnest(columns) WITH ORDINALITY AS u(c, n)
+              JOIN pg_attribute a ON a.attrelid = tbl AND a.attname = u.c AND a.attnum > 0 AND NOT a.attisdropped
+             GROUP BY 1) parts
+$$;
+
+-- What `setup` calls per routed table: writes the table's capture function and
+-- its statement-level triggers, one per operation in `operations` (a trigger
+-- with a transition table serves one event); drops the earlier install's
+-- row-level trigger and the triggers of operations no longer listed.
 --
--- One INSERT ... SELECT per statement, not per row, and at most one NOTIFY per
--- statement with a constant payload: PostgreSQL folds identical notifications
--- of a transaction into one, so a transaction queues one notification however
--- many rows it writes.
+-- The capture function is generated for the table, with static SQL: plpgsql
+-- plans it once per session, where a generic function building its INSERT per
+-- statement (EXECUTE format(...)) cost 10x the insert it rode on. One
+-- INSERT ... SELECT per statement, not per row (a 100-row bulk_create fires it
+-- once), capturing `columns` and the primary key's. With `notify`, one NOTIFY
+-- per statement that wrote rows, with a constant payload: PostgreSQL folds
+-- identical notifications of a transaction, so a transaction queues one.
 --
--- SECURITY DEFINER: Django's role writes the change log through it without any
--- right on the relay schema. search_path pinned, and the output settings fixed
--- so values do not depend on the writer's session (DateStyle, TimeZone...).
--- EXECUTE is revoked from PUBLIC: PostgreSQL checks it when a trigger is
--- created, so only the relay's owner can attach it to a table.
-CREATE OR REPLACE FUNCTION __SCHEMA__.capture_rows() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'postgres' SET TimeZone = 'UTC' SET extra_float_digits = '1'
-AS $$
+-- SECURITY DEFINER, search_path pinned: Django's role writes the change log
+-- through it without any right on the relay schema. EXECUTE is revoked from
+-- PUBLIC: PostgreSQL checks it when a trigger is created, so only its owner
+-- can attach it to a table. The trigger arguments (the notify flag, then the
+-- captured columns) are not read by the function: they tell preflight what
+-- the installed trigger captures.
+CREATE OR REPLACE FUNCTION __SCHEMA__.install_capture(tbl regclass, operations text[], columns text[], notify boolean)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    columns text[] := '{}';
-    n bigint;
+    qualified text;
+    fname text;
+    captured text[];
+    expr text;
+    args text;
+    op text;
 BEGIN
-    IF TG_NARGS > 1 THEN
-        FOR i IN 1 .. TG_NARGS - 1 LOOP
-            columns := columns || TG_ARGV[i];
-        END LOOP;
+    SELECT n.nspname || '.' || c.relname INTO qualified
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
+    SELECT array_agg(c ORDER BY n) INTO captured FROM (
+        SELECT c, min(n) AS n FROM unnest(columns || ARRAY(
+            SELECT a.attname::text
+              FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])
+             WHERE i.indrelid = tbl AND i.indisprimary
+             ORDER BY array_position(i.indkey::int2[], a.attnum))) WITH ORDINALITY AS u(c, n)
+         GROUP BY c) d;
+    fname := left('capture_' || regexp_replace(lower(qualified), '[^a-z0-9_]+', '_', 'g'), 54)
+             || '_' || left(md5(qualified), 8);
+    expr := __SCHEMA__.capture_expr(tbl, coalesce(captured, '{}'), 'r');
+    EXECUTE format(
+        $f$CREATE OR REPLACE FUNCTION __SCHEMA__.%1$I() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %2$L$f$,
+        fname,
+        format($b$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        INSERT INTO __SCHEMA__.changes (source_table, op, row_data) SELECT %1$L, 'delete', %2$s FROM captured_old r;
     ELSE
-        SELECT array_agg(attname::text ORDER BY attnum) INTO columns
-          FROM pg_attribute WHERE attrelid = TG_RELID AND attnum > 0 AND NOT attisdropped;
+        INSERT INTO __SCHEMA__.changes (source_table, op, row_data) SELECT %1$L, lower(TG_OP), %2$s FROM captured_new r;
     END IF;
-    EXECUTE format('INSERT INTO __SCHEMA__.changes (source_table, op, row_data) SELECT $1, $2, %s FROM %I',
-                   __SCHEMA__.capture_expr(columns),
-                   CASE TG_OP WHEN 'DELETE' THEN 'captured_old' ELSE 'captured_new' END)
-        USING TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, lower(TG_OP);
-    GET DIAGNOSTICS n = ROW_COUNT;
-    IF n > 0 AND TG_ARGV[0] IS DISTINCT FROM 'quiet' THEN
-        PERFORM pg_notify('__SCHEMA__', '');
-    END IF;
+    %3$s
     RETURN NULL;
 END
+$b$, qualified, expr,
+            CASE WHEN notify THEN 'IF FOUND THEN PERFORM pg_notify(''__SCHEMA__'', ''''); END IF;'
+                 ELSE '-- source.notify = false: the relay polls.' END));
+    EXECUTE format('REVOKE EXECUTE ON FUNCTION __SCHEMA__.%I() FROM PUBLIC', fname);
+    EXECUTE format('COMMENT ON FUNCTION __SCHEMA__.%I() IS %L', fname,
+                   'outbox-relay: captures ' || qualified || ' into the change log (written by setup)');
+    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', '__SCHEMA___capture', tbl);
+    args := quote_literal(CASE WHEN notify THEN 'notify' ELSE 'quiet' END)
+            || coalesce(', ' || (SELECT string_agg(quote_literal(c), ', ') FROM unnest(captured) c), '');
+    FOREACH op IN ARRAY ARRAY['insert', 'update', 'delete'] LOOP
+        IF op = ANY (operations) THEN
+            EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER %s ON %s REFERENCING %s '
+                           'FOR EACH STATEMENT EXECUTE FUNCTION __SCHEMA__.%I(%s)',
+                           '__SCHEMA___capture_' || op, upper(op), tbl,
+                           CASE op WHEN 'delete' THEN 'OLD TABLE AS captured_old' ELSE 'NEW TABLE AS captured_new' END,
+                           fname, args);
+        ELSE
+            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', '__SCHEMA___capture_' || op, tbl);
+        END IF;
+    END LOOP;
+END
 $$;
-REVOKE EXECUTE ON FUNCTION __SCHEMA__.capture_rows() FROM PUBLIC;
 
 -- The earlier row-level function, for triggers `setup` has not replaced yet
 -- (the relay refuses to start until it has; see preflight): it now records the
 -- whole row as committed too, and notifies with the constant payload, so rows
 -- written between this migration and `setup` replacing the trigger are kept.
 CREATE OR REPLACE FUNCTION __SCHEMA__.capture() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'postgres' SET TimeZone = 'UTC' SET extra_float_digits = '1'
-AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     columns text[];
     data jsonb;
@@ -93,9 +142,11 @@ BEGIN
     SELECT array_agg(attname::text ORDER BY attnum) INTO columns
       FROM pg_attribute WHERE attrelid = TG_RELID AND attnum > 0 AND NOT attisdropped;
     IF TG_OP = 'DELETE' THEN
-        EXECUTE format('SELECT %s FROM (SELECT ($1).*) r', __SCHEMA__.capture_expr(columns)) INTO data USING OLD;
+        EXECUTE format('SELECT %s FROM (SELECT ($1).*) r', __SCHEMA__.capture_expr(TG_RELID, columns, 'r'))
+           INTO data USING OLD;
     ELSE
-        EXECUTE format('SELECT %s FROM (SELECT ($1).*) r', __SCHEMA__.capture_expr(columns)) INTO data USING NEW;
+        EXECUTE format('SELECT %s FROM (SELECT ($1).*) r', __SCHEMA__.capture_expr(TG_RELID, columns, 'r'))
+           INTO data USING NEW;
     END IF;
     INSERT INTO __SCHEMA__.changes (source_table, op, row_data)
     VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, lower(TG_OP), data);
@@ -129,13 +180,11 @@ BEGIN
           FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])
          WHERE i.indrelid = to_regclass(tbl) AND i.indisprimary;
         key_expr := coalesce(key_expr, 'to_jsonb(id) #>> ''{}''');
-        SET LOCAL DateStyle = 'ISO, YMD';
-        SET LOCAL TimeZone = 'UTC';
         EXECUTE format(
             'UPDATE __SCHEMA__.changes c SET row_data = x.data
-               FROM (SELECT concat_ws('','', %s) AS k, %s AS data FROM %s) x
+               FROM (SELECT concat_ws('','', %s) AS k, %s AS data FROM %s x) x
               WHERE c.source_table = %L AND c.row_data IS NULL AND c.source_pk = x.k',
-            key_expr, __SCHEMA__.capture_expr(columns), to_regclass(tbl), tbl);
+            key_expr, __SCHEMA__.capture_expr(to_regclass(tbl), columns, 'x'), to_regclass(tbl), tbl);
     END LOOP;
 END
 $$;

@@ -220,9 +220,8 @@ impl ListenSource {
             Some((xid, id)) if xid >= from => (xid, id),
             _ => (from, 0),
         };
-        let rows = tx
-            .query(&read_page_sql(schema), &[&after_xid.to_string(), &after_id, &horizon.to_string(), &page])
-            .await?;
+        let rows =
+            tx.query(&read_page_sql(schema), &[&after_xid.to_string(), &after_id, &horizon.to_string(), &page]).await?;
         let changes: Vec<Change> = rows
             .iter()
             .map(|r| Change {
