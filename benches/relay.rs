@@ -16,8 +16,10 @@
 //! BENCH_WRITERS=8 measures instead what listen mode costs the application:
 //! that many connections insert notifications as Django does (single-row
 //! autocommit transactions, then 100-row `bulk_create` statements) for
-//! BENCH_SECONDS each, with no capture trigger, with the trigger, and with the
-//! trigger under `source.notify = false`; first with fsync off (the bench
+//! BENCH_SECONDS each: with no capture trigger; with the trigger while the
+//! relay waits for a notification (every transaction notifies) and while it is
+//! busy reading (none does); with it under `source.notify = false`. First with
+//! fsync off (the bench
 //! cluster's setting, where the trigger's own cost shows most), then with
 //! fsync on (where the NOTIFY commit lock shows). No relay runs meanwhile.
 
@@ -188,13 +190,15 @@ async fn insert_rate(url: &str, writers: usize, seconds: u64, per_statement: i32
 async fn writer_costs(url: &str, pusher: &str, metrics: u16, writers: usize, seconds: u64) {
     let client = embedded_pg::connect(url).await.unwrap();
     let listen = config(url, pusher, metrics, "listen");
-    let variants: [(&str, Option<String>); 3] = [
-        ("no trigger", None),
-        ("capture trigger, NOTIFY", Some(listen.clone())),
-        (
-            "capture trigger, source.notify = false",
-            Some(listen.replace("mode = \"listen\"", "mode = \"listen\"\nnotify = false")),
-        ),
+    // (label, config, doorbell armed): armed is a relay waiting for a
+    // notification (every transaction notifies); disarmed is a relay busy
+    // reading, as it is under a steady write load (no transaction notifies).
+    let quiet = listen.replace("mode = \"listen\"", "mode = \"listen\"\nnotify = false");
+    let variants: [(&str, Option<&str>, bool); 4] = [
+        ("no trigger", None, false),
+        ("capture trigger, NOTIFY, relay waiting (doorbell armed)", Some(&listen), true),
+        ("capture trigger, NOTIFY, relay busy (doorbell disarmed)", Some(&listen), false),
+        ("capture trigger, source.notify = false", Some(&quiet), false),
     ];
     println!(
         "\n| fsync | statement | variant | rows/s ({writers} writers) | time vs no trigger |\n|---|---|---|---|---|"
@@ -205,7 +209,7 @@ async fn writer_costs(url: &str, pusher: &str, metrics: u16, writers: usize, sec
         tokio::time::sleep(Duration::from_millis(200)).await;
         for (label, per_statement) in [("1 row per transaction", 1), ("100-row bulk_create", 100)] {
             let mut base = 0.0;
-            for (variant, cfg) in &variants {
+            for (variant, cfg, armed) in &variants {
                 client
                     .batch_execute(
                         "DROP TRIGGER IF EXISTS outbox_relay_capture_insert ON operators_notificationoperateur;
@@ -216,7 +220,10 @@ async fn writer_costs(url: &str, pusher: &str, metrics: u16, writers: usize, sec
                 if let Some(text) = cfg {
                     let cfg = outbox_relay::config::Config::from_toml(text).unwrap();
                     outbox_relay::setup::apply(&mut embedded_pg::connect(url).await.unwrap(), &cfg).await.unwrap();
-                    client.batch_execute("TRUNCATE outbox_relay.changes").await.unwrap();
+                    client.batch_execute("TRUNCATE outbox_relay.changes, outbox_relay.listen_doorbell").await.unwrap();
+                    if !armed {
+                        client.batch_execute("INSERT INTO outbox_relay.listen_doorbell VALUES (false)").await.unwrap();
+                    }
                 }
                 client.batch_execute("CHECKPOINT").await.unwrap();
                 let rate = insert_rate(url, writers, seconds, per_statement).await;

@@ -216,7 +216,7 @@ pub fn teardown_statements(cfg: &Config, ledger: bool) -> Vec<Statement> {
         step(
             "The change log, its read position, and the capture functions (those setup wrote per table too).",
             format!(
-                "DROP TABLE IF EXISTS {s}.changes, {s}.listen_progress;\n\
+                "DROP TABLE IF EXISTS {s}.changes, {s}.listen_progress, {s}.listen_doorbell;\n\
                  DO $$\nDECLARE f regprocedure;\nBEGIN\n  \
                  FOR f IN SELECT p.oid::regprocedure FROM pg_proc p WHERE p.pronamespace = to_regnamespace({schema_lit})\n           \
                  AND (p.proname IN ('capture', 'capture_expr', 'text_output', 'install_capture') OR p.proname LIKE 'capture\\_%') LOOP\n    \

@@ -193,7 +193,7 @@ async fn teardown_removes_what_setup_made_in_both_modes() {
         const TRIGGERS: &str = "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'outbox_relay_capture%'";
         const LISTEN_OBJECTS: &str = "SELECT (SELECT count(*) FROM pg_proc WHERE proname LIKE 'capture%'
             AND pronamespace = to_regnamespace('outbox_relay')) + (SELECT count(*) FROM pg_class WHERE relname IN
-            ('changes', 'listen_progress') AND relnamespace = to_regnamespace('outbox_relay'))";
+            ('changes', 'listen_progress', 'listen_doorbell') AND relnamespace = to_regnamespace('outbox_relay'))";
         const SLOTS: &str = "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()";
         const PUBLICATIONS: &str = "SELECT count(*) FROM pg_publication";
         let (triggers, slots) = (count(TRIGGERS).await, count(SLOTS).await);

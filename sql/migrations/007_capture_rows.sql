@@ -18,6 +18,14 @@ ALTER TABLE __SCHEMA__.changes ALTER COLUMN source_pk DROP NOT NULL;
 ALTER TABLE __SCHEMA__.listen_progress ADD COLUMN IF NOT EXISTS cursor_xid xid8;
 ALTER TABLE __SCHEMA__.listen_progress ADD COLUMN IF NOT EXISTS cursor_id bigint;
 
+-- Whether a NOTIFY would wake anyone. The relay arms it when it is about to
+-- wait for a notification and disarms it while it is busy reading (a busy
+-- relay polls again within milliseconds anyway), so writers notify only when
+-- that helps: under a steady write load, hardly ever, and the commit-time
+-- lock NOTIFY takes (docs/listen-mode.md) is not taken at all. Unlogged: it
+-- is not worth WAL; a crash empties it, and an empty doorbell counts as armed.
+CREATE UNLOGGED TABLE IF NOT EXISTS __SCHEMA__.listen_doorbell (armed boolean NOT NULL);
+
 -- A column's value as its type's text output, the way pgoutput sends it,
 -- whatever the writer's session settings: `concat` calls the output function
 -- (a cast to text differs for some types: true::text is 'true', boolout gives
@@ -61,8 +69,9 @@ $$;
 -- statement (EXECUTE format(...)) cost 10x the insert it rode on. One
 -- INSERT ... SELECT per statement, not per row (a 100-row bulk_create fires it
 -- once), capturing `columns` and the primary key's. With `notify`, one NOTIFY
--- per statement that wrote rows, with a constant payload: PostgreSQL folds
--- identical notifications of a transaction, so a transaction queues one.
+-- per statement that wrote rows while the relay's doorbell is armed, with a
+-- constant payload: PostgreSQL folds identical notifications of a
+-- transaction, so a transaction queues one at most.
 --
 -- SECURITY DEFINER, search_path pinned: Django's role writes the change log
 -- through it without any right on the relay schema. EXECUTE is revoked from
@@ -107,7 +116,9 @@ BEGIN
     RETURN NULL;
 END
 $b$, qualified, expr,
-            CASE WHEN notify THEN 'IF FOUND THEN PERFORM pg_notify(''__SCHEMA__'', ''''); END IF;'
+            CASE WHEN notify THEN 'IF FOUND AND coalesce((SELECT bool_or(armed) FROM __SCHEMA__.listen_doorbell), true) THEN
+        PERFORM pg_notify(''__SCHEMA__'', '''');
+    END IF;'
                  ELSE '-- source.notify = false: the relay polls.' END));
     EXECUTE format('REVOKE EXECUTE ON FUNCTION __SCHEMA__.%I() FROM PUBLIC', fname);
     EXECUTE format('COMMENT ON FUNCTION __SCHEMA__.%I() IS %L', fname,

@@ -70,6 +70,11 @@ impl ListenError {
 /// NOTIFY queue's fill level is checked.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
 
+/// How soon a relay that just read rows reads again: while writes keep
+/// coming, polling this often costs an indexed read, where a NOTIFY from every
+/// writer would serialise their commits.
+const QUICK_POLL: Duration = Duration::from_millis(10);
+
 /// Above this fill of PostgreSQL's NOTIFY queue the relay warns: when the queue
 /// is full, every transaction that notifies fails at commit.
 const QUEUE_WARN_AT: f64 = 0.1;
@@ -173,8 +178,16 @@ impl ListenSource {
 
         let poll = Duration::from_millis(self.cfg.source.poll_interval_ms.max(10));
         let mut last_housekeeping = tokio::time::Instant::now();
+        // The doorbell (notify mode): armed while we wait for a notification,
+        // disarmed while busy, so that writers notify only when it wakes us.
+        // `armed_after`: an xid taken once the arming committed; a writer that
+        // still saw the doorbell disarmed has a smaller one. Until every such
+        // transaction has finished (the read horizon passes it), we poll
+        // rather than wait for a notification it will not send.
+        let mut armed_after: Option<i64> = None;
+        let mut quick = QUICK_POLL;
         loop {
-            let read = self.poll_once(&mut client).await?;
+            let (read, horizon) = self.poll_once(&mut client).await?;
             if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
                 last_housekeeping = tokio::time::Instant::now();
                 self.housekeeping(&client).await?;
@@ -182,10 +195,33 @@ impl ListenSource {
             if read as i64 >= self.page_rows() {
                 continue; // a backlog or a large transaction: keep reading
             }
+            let wait = if read > 0 {
+                // Busy: read again shortly; writers need not notify meanwhile.
+                if armed_after.take().is_some() {
+                    self.ring_doorbell(&client, false).await?;
+                }
+                quick = QUICK_POLL;
+                QUICK_POLL
+            } else if !self.cfg.source.notify {
+                poll
+            } else if armed_after.is_some_and(|after| horizon > after) {
+                poll // armed, and every writer that saw it disarmed is done: a notification wakes us
+            } else if armed_after.is_some() {
+                quick = (quick * 2).min(poll);
+                quick
+            } else {
+                armed_after = Some(self.ring_doorbell(&client, true).await?);
+                quick = QUICK_POLL;
+                continue; // read once more: a row may have committed before the doorbell was armed
+            };
             tokio::select! {
                 _ = wake.notified() => {}
-                _ = tokio::time::sleep(poll) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = crate::stopped(shutdown) => {
+                    // Nobody to wake until a relay runs again (it reads first, then arms).
+                    if self.cfg.source.notify {
+                        self.ring_doorbell(&client, false).await?;
+                    }
                     info!("listen source stopped");
                     return Ok(());
                 }
@@ -193,8 +229,30 @@ impl ListenSource {
         }
     }
 
-    /// One page of the change log behind the watermark; returns rows read.
-    async fn poll_once(&self, client: &mut Client) -> Result<usize, ListenError> {
+    /// Arms or disarms the doorbell the capture triggers read before
+    /// notifying. Arming returns an xid assigned after it committed: every
+    /// writer that saw the doorbell disarmed holds a smaller one.
+    async fn ring_doorbell(&self, client: &Client, armed: bool) -> Result<i64, ListenError> {
+        let schema = &self.cfg.relay.schema;
+        // Empty (new, or after a crash: it is unlogged) means armed; keep one row.
+        client
+            .execute(
+                &format!(
+                    "WITH changed AS (UPDATE {schema}.listen_doorbell SET armed = $1 RETURNING 1)
+                     INSERT INTO {schema}.listen_doorbell (armed) SELECT $1 WHERE NOT EXISTS (SELECT 1 FROM changed)"
+                ),
+                &[&armed],
+            )
+            .await?;
+        if !armed {
+            return Ok(0);
+        }
+        Ok(client.query_one("SELECT pg_current_xact_id()::text::bigint", &[]).await?.get(0))
+    }
+
+    /// One page of the change log behind the watermark; returns the rows read
+    /// and the horizon it read below.
+    async fn poll_once(&self, client: &mut Client) -> Result<(usize, i64), ListenError> {
         let schema = &self.cfg.relay.schema;
         let name = &self.cfg.source.slot;
         let page = self.page_rows();
@@ -273,7 +331,7 @@ impl ListenSource {
                 "change log read");
         }
         self.intake.committed(room, inserted);
-        Ok(read)
+        Ok((read, horizon))
     }
 
     /// Routes the captured rows, in log order.
