@@ -359,3 +359,74 @@ async fn an_earlier_install_is_refused_by_preflight_then_upgraded_by_setup() {
     let refused = outbox_relay::preflight::check(&client, &wider).await.unwrap_err().to_string();
     assert!(refused.contains("does not capture column(s) body"), "{refused}");
 }
+
+/// The doorbell: a relay waiting for work is woken by the first commit (well
+/// before its poll interval); a relay busy with a stream of commits keeps the
+/// writers from notifying at all, so they do not queue for NOTIFY's
+/// commit-time lock. Counted by a LISTEN of our own on the relay's channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_notify_only_a_waiting_relay() {
+    use futures_util::StreamExt;
+    let env = Env::in_mode(Mode::Listen, "doorbell").await;
+    // A poll interval far longer than the test: only a notification wakes it in time.
+    let mut child = env.spawn_binary_env(free_port(), &[("OUTBOX_RELAY__SOURCE__POLL_INTERVAL_MS", "60000")]);
+    env.wait_streaming().await;
+    let (listener, mut connection) = tokio_postgres::connect(&env.db.url, tokio_postgres::NoTls).await.unwrap();
+    let heard = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = heard.clone();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if matches!(m, tokio_postgres::AsyncMessage::Notification(_)) {
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    listener.batch_execute("LISTEN outbox_relay").await.unwrap();
+    let client = env.db.client().await;
+    let armed = "SELECT coalesce(bool_or(armed), false) FROM outbox_relay.listen_doorbell";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !client.query_one(armed, &[]).await.unwrap().get::<_, bool>(0) {
+        assert!(tokio::time::Instant::now() < deadline, "an idle relay arms its doorbell");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Waiting: one commit wakes it.
+    let started = std::time::Instant::now();
+    let first = insert_notifications(&client, 1, 1).await;
+    env.wait_settled(1, Duration::from_secs(5)).await;
+    let woken_in = started.elapsed();
+
+    // Busy: 8 writers committing single rows for 3 s.
+    let before = heard.load(std::sync::atomic::Ordering::Relaxed);
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut writers = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let db = env.db.clone();
+        writers.spawn(async move {
+            let client = db.client().await;
+            let mut ids = vec![];
+            while tokio::time::Instant::now() < until {
+                ids.extend(insert_notifications(&client, 1, 1).await);
+            }
+            ids
+        });
+    }
+    let mut ids = first;
+    while let Some(r) = writers.join_next().await {
+        ids.extend(r.unwrap());
+    }
+    let notified = heard.load(std::sync::atomic::Ordering::Relaxed) - before;
+    env.wait_settled(ids.len() as i64, Duration::from_secs(60)).await;
+    sigterm(&child);
+    assert!(child.wait().unwrap().success());
+    eprintln!(
+        "doorbell: woken in {woken_in:?}; {} commits by 8 writers while busy, {notified} notifications",
+        ids.len() - 1
+    );
+    assert!(woken_in < Duration::from_secs(5), "a notification woke the relay: {woken_in:?}");
+    assert!(ids.len() > 500, "the writers wrote: {}", ids.len());
+    assert!(notified * 10 < ids.len(), "{notified} notifications for {} commits", ids.len());
+    let counts = env.pusher_counts();
+    assert!(ids.iter().all(|id| counts.get(id) == Some(&1)), "each row once");
+}

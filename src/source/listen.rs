@@ -75,6 +75,10 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
 /// writer would serialise their commits.
 const QUICK_POLL: Duration = Duration::from_millis(10);
 
+/// How long the change log must stay empty before the relay waits for a
+/// notification (or the poll interval) rather than polling every QUICK_POLL.
+const IDLE_BEFORE_WAITING: Duration = Duration::from_millis(200);
+
 /// Above this fill of PostgreSQL's NOTIFY queue the relay warns: when the queue
 /// is full, every transaction that notifies fails at commit.
 const QUEUE_WARN_AT: f64 = 0.1;
@@ -186,6 +190,7 @@ impl ListenSource {
         // rather than wait for a notification it will not send.
         let mut armed_after: Option<i64> = None;
         let mut quick = QUICK_POLL;
+        let mut last_rows = tokio::time::Instant::now();
         loop {
             let (read, horizon) = self.poll_once(&mut client).await?;
             if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
@@ -197,15 +202,20 @@ impl ListenSource {
             }
             let wait = if read > 0 {
                 // Busy: read again shortly; writers need not notify meanwhile.
+                last_rows = tokio::time::Instant::now();
                 if armed_after.take().is_some() {
                     self.ring_doorbell(&client, false).await?;
                 }
                 quick = QUICK_POLL;
                 QUICK_POLL
-            } else if !self.cfg.source.notify {
+            } else if last_rows.elapsed() < IDLE_BEFORE_WAITING {
+                // An empty read amid a stream of commits (the horizon waits
+                // for a writer still running) is a pause, not idleness.
+                QUICK_POLL
+            } else if !self.cfg.source.notify || armed_after.is_some_and(|after| horizon > after) {
+                // Idle; and, with notifications, armed with every writer that
+                // saw the doorbell disarmed done: a notification wakes us.
                 poll
-            } else if armed_after.is_some_and(|after| horizon > after) {
-                poll // armed, and every writer that saw it disarmed is done: a notification wakes us
             } else if armed_after.is_some() {
                 quick = (quick * 2).min(poll);
                 quick
