@@ -430,3 +430,41 @@ async fn writers_notify_only_a_waiting_relay() {
     let counts = env.pusher_counts();
     assert!(ids.iter().all(|id| counts.get(id) == Some(&1)), "each row once");
 }
+
+/// Pruning removes change-log rows read an hour ago or more (by ctid: the log
+/// has no id index; on a large log that is a TID scan), and nothing the relay
+/// has not read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_removes_only_rows_read_an_hour_ago() {
+    let env = Env::in_mode(Mode::Listen, "prune").await;
+    let client = env.db.client().await;
+    insert_notifications(&client, 30, 10).await; // three transactions
+    let xids: Vec<i64> = client
+        .query("SELECT DISTINCT xid::text::bigint FROM outbox_relay.changes ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // Read up to the third transaction; all three an hour old but the last's rows.
+    client
+        .execute(
+            "INSERT INTO outbox_relay.listen_progress (name, watermark) VALUES ($1, $2::text::xid8)",
+            &[&env.slot, &xids[2].to_string()],
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute(&format!(
+            "UPDATE outbox_relay.changes SET created_at = now() - interval '2 hours' WHERE xid::text::bigint <> {};
+             UPDATE outbox_relay.changes SET created_at = now() - interval '2 hours' WHERE id = (SELECT max(id) FROM outbox_relay.changes)",
+            xids[1]
+        ))
+        .await
+        .unwrap();
+    let sql = outbox_relay::source::listen::prune_sql("outbox_relay");
+    let pruned = client.execute(&sql, &[&env.slot]).await.unwrap();
+    assert_eq!(pruned, 10, "the first transaction: read and old; the second is recent, the third unread");
+    let left: i64 = client.query_one("SELECT count(*) FROM outbox_relay.changes", &[]).await.unwrap().get(0);
+    assert_eq!(left, 20);
+}
