@@ -660,6 +660,24 @@ impl Config {
                 return bad(format!("channels.{name}.max_attempts must be at least 1"));
             }
         }
+        // An empty credential would let anyone move the ledger forward: the
+        // webhook compares with "", which an unauthenticated request matches.
+        if let Some(b) = &self.providers.brevo {
+            if b.webhook_token.as_ref().is_some_and(|t| t.expose().trim().is_empty()) {
+                return bad("providers.brevo.webhook_token is empty: set a long random token, or remove the key".into());
+            }
+            if let Some(basic) = &b.webhook_basic {
+                let ok = basic.expose().split_once(':').is_some_and(|(u, p)| !u.is_empty() && !p.is_empty());
+                if !ok {
+                    return bad("providers.brevo.webhook_basic must be \"user:password\", both non-empty".into());
+                }
+            }
+        }
+        if let Some(t) = &self.providers.twilio {
+            if t.status_callback_url.is_some() && t.auth_token.expose().trim().is_empty() {
+                return bad("providers.twilio.auth_token is empty: status callbacks could not be verified".into());
+            }
+        }
         let callbacks = self.providers.twilio.as_ref().is_some_and(|t| t.status_callback_url.is_some())
             || self.providers.brevo.as_ref().is_some_and(|b| b.webhook_token.is_some() || b.webhook_basic.is_some());
         if callbacks && self.metrics.socket_addr()?.is_none() {
