@@ -728,6 +728,22 @@ mod tests {
     }
 
     #[test]
+    fn empty_webhook_credentials_are_refused() {
+        let with = |line: &str| {
+            let text = README_EXAMPLE.replace("sender_name = \"Alerts\"", &format!("sender_name = \"Alerts\"\n{line}"));
+            Config::from_toml(&text).map(|_| ()).map_err(|e| e.to_string())
+        };
+        assert!(with("webhook_token = \"\"").unwrap_err().contains("webhook_token is empty"));
+        assert!(with("webhook_token = \"   \"").unwrap_err().contains("webhook_token is empty"));
+        for basic in ["\"\"", "\":\"", "\"user:\"", "\":pw\"", "\"nocolon\""] {
+            let err = with(&format!("webhook_basic = {basic}")).unwrap_err();
+            assert!(err.contains("webhook_basic must be"), "{basic}: {err}");
+        }
+        assert_eq!(with("webhook_token = \"a-long-random-token\""), Ok(()));
+        assert_eq!(with("webhook_basic = \"brevo:s3cret\""), Ok(()));
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let text = README_EXAMPLE.replace("slot = \"outbox_relay\"", "slott = \"x\"");
         let err = Config::from_toml(&text).unwrap_err().to_string();

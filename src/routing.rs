@@ -754,6 +754,54 @@ mod tests {
     }
 
     #[test]
+    fn two_routes_naming_one_channel_make_one_delivery_from_the_first() {
+        // The second route would send other content on the same key: the
+        // ledger keeps the first (ON CONFLICT DO NOTHING), so must routing.
+        let text = format!(
+            "{}\n[[routes]]\ntable = \"public.operators_outboxevent\"\nrecipient_column = \"recipient_id\"\n\
+             event = \"second_route\"\nchannels = [\"in_app\"]\npayload_columns = [\"id\"]\n",
+            crate::config::README_EXAMPLE
+        );
+        let router = Router::new(&Config::from_toml(&text).unwrap());
+        let mut out = vec![];
+        let values = vec![t("1"), t("first_route"), t("5"), t("{in_app}"), t("{}")];
+        let change = RowChange { id: ChangeId::Log(1), table: outbox_table(), op: Operation::Insert, values };
+        router.route_change(&change, Lsn(1), DateTime::UNIX_EPOCH, &mut out);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].event, "first_route");
+    }
+
+    #[test]
+    fn a_table_under_replica_identity_full_is_keyed_by_its_primary_key() {
+        // pgoutput flags every column as key under FULL; NULLs among them
+        // must not fail the row, and non-key columns must not reach the ledger.
+        let full = table(
+            "operators_notificationoperateur",
+            &[
+                ("id", INT8, true),
+                ("user_id", INT4, true),
+                ("kind", 1043, true),
+                ("title", 1043, true),
+                ("body", 25, true),
+                ("level", 1043, true),
+                ("url", 1043, true),
+                ("is_read", BOOL, true),
+                ("created_at", TIMESTAMPTZ, true),
+            ],
+        );
+        let keys = HashMap::from([("public.operators_notificationoperateur".to_string(), vec!["id".to_string()])]);
+        let router = Router::new(&cfg()).with_primary_keys(keys);
+        let mut out = vec![];
+        let values =
+            vec![t("7"), t("3"), t("k"), t("x"), Value::Null, t("info"), t(""), t("f"), t("2026-11-24 17:35:00+00")];
+        let change = RowChange { id: ChangeId::Log(9), table: full, op: Operation::Insert, values };
+        router.route_change(&change, Lsn(1), DateTime::UNIX_EPOCH, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].disposition, Disposition::Pending);
+        assert_eq!(out[0].source_pk, "7");
+    }
+
+    #[test]
     fn idempotency_keys_name_the_change_and_channel() {
         let wal = |lsn, seq| ChangeId::Wal { commit_lsn: Lsn(lsn), seq };
         assert_eq!(idempotency_key(wal(1, 0), "a"), idempotency_key(wal(1, 0), "a"), "stable across replays");

@@ -115,10 +115,15 @@ async fn values_the_ledger_cannot_store_fail_alone_and_the_stream_goes_on(mode: 
     relay.stop().await;
 }
 
-/// `run` against `env` as a child process, to its exit: (code, stderr).
+/// The relay binary against `env`, to its exit: (code, stderr + stdout).
 fn run_to_exit(env: &Env, args: &[&str]) -> (i32, String) {
+    run_to_exit_with(env, "", args)
+}
+
+/// Likewise, with `more` TOML appended to the config (extra routes).
+fn run_to_exit_with(env: &Env, more: &str, args: &[&str]) -> (i32, String) {
     let path = env.dir.path().join("gap.toml");
-    std::fs::write(&path, env.config_toml("127.0.0.1:0")).unwrap();
+    std::fs::write(&path, env.config_toml("127.0.0.1:0") + more).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
         .arg("--config")
         .arg(&path)
@@ -265,4 +270,132 @@ async fn a_second_relay_stands_by_and_takes_over_when_the_first_dies(mode: Mode)
     eprintln!("takeover after {took_over:?}: duplicates {duplicates}, counted re-sends {resends}");
     assert!(lost.is_empty(), "lost: {lost:?}");
     assert!(duplicates as f64 <= resends, "{duplicates} duplicates, {resends} counted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_route_without_the_old_row_is_refused_at_start() {
+    // Under REPLICA IDENTITY DEFAULT a DELETE sends only the primary key: the
+    // route's recipient would be NULL for every delete. Said before streaming.
+    let env = Env::with_mode(Mode::Logical, "identity", "", CHANGE_ROUTES).await;
+    let (code, out) = tokio::task::block_in_place(|| run_to_exit(&env, &["run"]));
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("a delete route on public.operators_notificationoperateur uses user_id")
+            && out.contains("REPLICA IDENTITY FULL"),
+        "{out}"
+    );
+    // A table with no key at all: its own UPDATEs would fail once published.
+    let client = env.db.client().await;
+    client
+        .batch_execute(
+            "ALTER TABLE operators_notificationoperateur REPLICA IDENTITY FULL;
+             CREATE TABLE public.keyless (user_id int, title text);",
+        )
+        .await
+        .unwrap();
+    let keyless = r#"
+[[routes]]
+table = "public.keyless"
+operations = ["insert", "update"]
+recipient_column = "user_id"
+event = "keyless_changed"
+channels = ["in_app"]
+payload_columns = ["title"]
+"#;
+    let (code, out) = tokio::task::block_in_place(|| run_to_exit_with(&env, keyless, &["setup"]));
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = tokio::task::block_in_place(|| run_to_exit_with(&env, keyless, &["run"]));
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("table public.keyless has no replica identity"), "{out}");
+    assert!(out.contains("ALTER TABLE public.keyless REPLICA IDENTITY FULL"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn address_lookups_that_cannot_be_right_fail_with_the_reason() {
+    use outbox_relay::contacts::{prepare, ContactPlan, Prepared};
+    let db = support::pg::fresh_db("lookup").await;
+    let client = db.client().await;
+    let plan = |sql: &str| ContactPlan {
+        address_query: sql.to_string(),
+        preferences_query: None,
+        templates: Default::default(),
+        require_template: false,
+        body: Some("{title}".into()),
+        subject: None,
+        texts: Default::default(),
+        whatsapp: false,
+    };
+    let payload = serde_json::json!({"title": "hi"});
+    // Two addresses for one person: retrying would give the same answer until the delivery died.
+    let two = plan("SELECT p FROM (VALUES ('+33600000001'), ('+33600000002')) v(p) WHERE $1::int > 0");
+    match prepare(&client, &two, Some("1"), "e", &payload).await {
+        Prepared::Fail(reason) => assert!(reason.contains("returned 2 rows"), "{reason}"),
+        other => panic!("two rows must fail for good: {other:?}"),
+    }
+    // A phone number stored as a number is a query to fix, not "no consent".
+    let number = plan("SELECT 33600000001::bigint WHERE $1::int > 0");
+    match prepare(&client, &number, Some("1"), "e", &payload).await {
+        Prepared::Fail(reason) => assert!(reason.contains("int8") && reason.contains("::text"), "{reason}"),
+        other => panic!("a non-text address must fail with its type: {other:?}"),
+    }
+    let none = plan("SELECT 'x'::text WHERE $1::int < 0");
+    assert!(matches!(prepare(&client, &none, Some("1"), "e", &payload).await, Prepared::Skip(_)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_is_never_followed() {
+    // A 302 followed would turn the POST into a GET; this GET answers 200, so
+    // a client that follows would record the message sent without sending it.
+    let (elsewhere, _server) =
+        support::fake_http::serve(axum::Router::new().route("/", axum::routing::get(|| async { "{}" })));
+    let env = Env::in_mode(Mode::Logical, "redirect").await;
+    env.pusher.answer_next_raw(302, &[("location", &format!("{elsewhere}/"))], b"");
+    let relay = env.start_in_process();
+    env.wait_streaming().await;
+    let client = env.db.client().await;
+    support::relay::insert_notifications(&client, 1, 1).await;
+    let s = env.wait_settled(1, Duration::from_secs(30)).await;
+    assert_eq!(s.get("failed"), Some(&1), "{s:?}");
+    let error: String = client.query_one("SELECT last_error FROM outbox_relay.deliveries", &[]).await.unwrap().get(0);
+    assert!(error.contains("302"), "{error}");
+    assert!(env.pusher.events().is_empty());
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_data_cannot_mint_metric_labels_and_idle_relays_do_not_feed_on_their_own_writes() {
+    let env = Env::new("labels").await;
+    let port = free_port();
+    let mut child = env.spawn_binary_env(port, &[("OUTBOX_RELAY__RELAY__HEARTBEAT_MS", "200")]);
+    env.wait_streaming().await;
+    let client = env.db.client().await;
+    client
+        .batch_execute(
+            r#"INSERT INTO operators_outboxevent (event_type, recipient_id, channels, payload) VALUES
+               ('e', 1, '{in_app}', '{"id": 1}'), ('e', 1, '{pager_1}', '{"id": 2}'), ('e', 1, '{pager_2}', '{"id": 3}')"#,
+        )
+        .await
+        .unwrap();
+    env.wait_settled(3, Duration::from_secs(30)).await;
+    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap();
+    let recorded: Vec<&str> =
+        body.lines().filter(|l| l.starts_with("outbox_relay_deliveries_recorded_total")).collect();
+    assert!(recorded.iter().all(|l| !l.contains("pager_")), "{recorded:?}");
+    assert!(recorded.iter().any(|l| l.contains("channel=\"unknown\"") && l.ends_with(" 2")), "{recorded:?}");
+
+    // Quiet now, with a heartbeat every 200 ms: the offset may move, but the
+    // relay's own ledger writes must not each cause the next one.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let writes = || async {
+        let sql = "SELECT n_tup_ins + n_tup_upd FROM pg_stat_user_tables WHERE schemaname = 'outbox_relay' AND relname = 'progress'";
+        let c = env.db.client().await;
+        c.batch_execute("SELECT pg_stat_clear_snapshot()").await.unwrap();
+        c.query_one(sql, &[]).await.unwrap().get::<_, i64>(0)
+    };
+    let before = writes().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let during = writes().await - before;
+    support::relay::sigterm(&child);
+    assert!(child.wait().unwrap().success());
+    assert!(during <= 1, "{during} offset writes in 5 quiet seconds (at most one per 10 s)");
 }
