@@ -113,6 +113,7 @@ impl Ingest {
         // cut off would otherwise skip what was committed in between.
         crate::gap::check_slot(ledger.client(), &src.slot, stored).await?;
         let start = stored.unwrap_or_default();
+        self.intake.release_orphans(&ledger).await?;
         // Read per session: a table given a primary key since is seen on reconnect.
         let keys = crate::source::primary_keys(ledger.client(), self.router.tables()).await.map_err(LedgerError::Db)?;
         let router = self.router.clone().with_primary_keys(keys);

@@ -287,6 +287,23 @@ impl Ledger {
         Ok(n)
     }
 
+    /// Rows `sending` whose id is not in `held` go back to `pending`, their
+    /// attempt given back (it never reached a provider: nobody held the claim).
+    pub async fn release_unheld(&self, held: &[i64]) -> Result<u64, LedgerError> {
+        Ok(self
+            .client
+            .execute(
+                &format!(
+                    "UPDATE {}.deliveries SET status = 'pending', attempts = greatest(attempts - 1, 0),
+                         next_attempt_at = now(), updated_at = now()
+                     WHERE status = 'sending' AND NOT (id = ANY($1))",
+                    self.schema
+                ),
+                &[&held],
+            )
+            .await?)
+    }
+
     /// Claims up to `limit` due deliveries, oldest first, for `lease`. SKIP
     /// LOCKED lets several workers claim side by side without waiting on each
     /// other. A row still `sending` after its lease (its worker lost the
