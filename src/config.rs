@@ -106,14 +106,10 @@ impl fmt::Debug for SourceConfig {
     }
 }
 
-/// `postgres://user:pw@host/db` → `postgres://user:***@host/db`, for logs.
+/// `postgres://user:pw@host/db` → `postgres://user:***@host/db`, for logs; also
+/// `?password=` and key=value `password='...'` ([`crate::db::dsn::redact`]).
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let Some((creds, host)) = rest.rsplit_once('@') else { return url.to_string() };
-    match creds.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_string(),
-    }
+    crate::db::dsn::redact(url)
 }
 
 fn default_slot() -> String {
