@@ -96,7 +96,12 @@ impl ConnectError {
         if let Some(h) = source.and_then(|s| s.downcast_ref::<HandshakeError>()) {
             return ConnectError::handshake(h, &target.tls);
         }
-        let message = target.scrub(&e.to_string());
+        // tokio-postgres' own Display stops at "db error": the server's words are in the source.
+        let mut message = e.to_string();
+        if let Some(cause) = source.map(|c| c.to_string()).filter(|c| !message.contains(c.as_str())) {
+            message = format!("{message}: {cause}");
+        }
+        let message = target.scrub(&message);
         if message.contains("server does not support TLS") {
             return ConnectError::no_tls_on_server();
         }

@@ -1,0 +1,349 @@
+//! TLS against a real server: a throwaway cluster with `ssl = on`, a CA and
+//! certificates made here with rcgen, and a pg_hba.conf that lets the relay's
+//! roles in over `hostssl` only (password + channel binding for `relay`,
+//! client certificate for `relay_cert`).
+//!
+//! The relay runs end to end with `sslmode=verify-full` in both source modes;
+//! wrong host name, wrong CA and `sslmode=disable` each stop the binary at
+//! start with exit 2 and the fix; `pg_stat_ssl` shows every connection of the
+//! relay encrypted, the replication stream's walsender included.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use outbox_relay::db::PgTarget;
+use outbox_relay::embedded_pg::{self, ClusterOptions, EmbeddedPg, DJANGO_FIXTURE};
+use outbox_relay::source::replication::ReplicationStream;
+use outbox_relay::source::Lsn;
+use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use support::pg::TestDb;
+use support::relay::{insert_notifications, Env, Mode};
+
+const PASSWORD: &str = "Tls-s3cret-pw";
+
+/// The CA, certificates and keys the client side uses, in a directory whose
+/// path has a space (quoting in key=value DSNs gets exercised for free).
+struct Pki {
+    _dir: tempfile::TempDir,
+    ca: PathBuf,
+    other_ca: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+struct TlsCluster {
+    pg: EmbeddedPg,
+    pki: Pki,
+}
+
+fn ca(name: &str) -> (rcgen::Certificate, KeyPair) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    (params.self_signed(&key).unwrap(), key)
+}
+
+fn signed(names: Vec<String>, cn: &str, issuer: &(rcgen::Certificate, KeyPair)) -> (String, String) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(names).unwrap();
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    let cert = params.signed_by(&key, &issuer.0, &issuer.1).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+static CLUSTER: OnceLock<TlsCluster> = OnceLock::new();
+
+extern "C" fn destroy_at_exit() {
+    if let Some(c) = CLUSTER.get() {
+        c.pg.destroy();
+    }
+}
+
+fn cluster() -> &'static TlsCluster {
+    CLUSTER.get_or_init(|| {
+        let authority = ca("outbox-relay test CA");
+        let other = ca("some other CA");
+        // Issued for "localhost" only: connecting to 127.0.0.1 is the wrong-name case.
+        let (server_cert, server_key) = signed(vec!["localhost".into()], "localhost", &authority);
+        // `cert` authentication maps the certificate's CN to the role.
+        let (client_cert, client_key) = signed(vec![], "relay_cert", &authority);
+
+        let dir = tempfile::Builder::new().prefix("tls pki ").tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            use std::os::unix::fs::PermissionsExt;
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            path
+        };
+        let pki = Pki {
+            ca: write("root ca.crt", &authority.0.pem()),
+            other_ca: write("other-ca.crt", &other.0.pem()),
+            client_cert: write("client.crt", &client_cert),
+            client_key: write("client.key", &client_key),
+            _dir: dir,
+        };
+        let options = ClusterOptions {
+            extra_conf: "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'ca.crt'\n\
+                         password_encryption = 'scram-sha-256'\n"
+                .into(),
+            // The tests' own admin connections (postgres) stay in clear text;
+            // the relay's roles get in over TLS or not at all.
+            hba: Some(
+                "local all all trust\n\
+                 host all postgres 127.0.0.1/32 trust\n\
+                 hostssl all relay 127.0.0.1/32 scram-sha-256\n\
+                 hostssl all relay_cert 127.0.0.1/32 cert\n"
+                    .into(),
+            ),
+            files: vec![
+                ("server.crt".into(), server_cert.into_bytes()),
+                ("server.key".into(), server_key.into_bytes()),
+                ("ca.crt".into(), authority.0.pem().into_bytes()),
+            ],
+        };
+        let pg = EmbeddedPg::start_with(options).unwrap_or_else(|e| panic!("starting the TLS cluster: {e}"));
+        // SAFETY: registering a plain extern "C" fn with no captured state.
+        unsafe {
+            libc::atexit(destroy_at_exit);
+        }
+        TlsCluster { pg, pki }
+    })
+}
+
+/// A fresh database with the Django tables, and the relay's roles (cluster-wide, made once).
+async fn fresh_db(prefix: &str) -> TestDb {
+    let c = cluster();
+    let name = format!("tls_{prefix}_{}_{:08x}", std::process::id(), rand::random::<u32>());
+    let url = c.pg.create_database(&name).await.unwrap();
+    let client = embedded_pg::connect(&url).await.unwrap();
+    client.batch_execute(DJANGO_FIXTURE).await.unwrap();
+    // Superusers, to keep this file about TLS; preflight's role checks have their own tests.
+    for role in [format!("relay LOGIN SUPERUSER PASSWORD '{PASSWORD}'"), "relay_cert LOGIN SUPERUSER".to_string()] {
+        let _ = client.batch_execute(&format!("CREATE ROLE {role}")).await;
+    }
+    TestDb { name, url }
+}
+
+fn port() -> u16 {
+    cluster().pg.port()
+}
+
+/// `postgres://relay:PW@{host}:PORT/{db}?{params}`.
+fn url(host: &str, db: &str, params: &str) -> String {
+    format!("postgres://relay:{PASSWORD}@{host}:{}/{db}?{params}", port())
+}
+
+fn verify_full(db: &str) -> String {
+    url("localhost", db, &format!("sslmode=verify-full&sslrootcert={}&channel_binding=require", enc(&cluster().pki.ca)))
+}
+
+/// Percent-encodes a path for a URL query.
+fn enc(p: &Path) -> String {
+    p.display().to_string().replace('%', "%25").replace(' ', "%20").replace('&', "%26")
+}
+
+/// The relay's connections and whether each is encrypted.
+async fn relay_connections(db: &TestDb, user: &str) -> Vec<(String, bool)> {
+    let client = db.client().await;
+    client
+        .query(
+            "SELECT coalesce(a.backend_type, ''), s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s ON s.pid = a.pid
+             WHERE a.usename = $1 AND (a.datname = $2 OR a.backend_type = 'walsender')",
+            &[&user, &db.name],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+async fn verify_full_end_to_end(mode: Mode) {
+    let db = fresh_db(if mode == Mode::Logical { "e2e_logical" } else { "e2e_listen" }).await;
+    let dsn = match mode {
+        Mode::Logical => verify_full(&db.name),
+        // The key=value form, with a quoted path holding a space.
+        Mode::Listen => format!(
+            "host=localhost port={} dbname={} user=relay password='{PASSWORD}' sslmode=verify-full \
+             sslrootcert='{}' channel_binding=require",
+            port(),
+            db.name,
+            cluster().pki.ca.display()
+        ),
+    };
+    let env = Env::on_db(mode, db, dsn).await;
+    let relay = env.start_in_process();
+    env.wait_streaming().await;
+    let ids = insert_notifications(&env.db.client().await, 30, 10).await;
+    env.wait_settled(30, Duration::from_secs(30)).await;
+    let counts = env.pusher_counts();
+    assert!(ids.iter().all(|id| counts.get(id) == Some(&1)), "each notification exactly once: {counts:?}");
+
+    let conns = relay_connections(&env.db, "relay").await;
+    assert!(!conns.is_empty());
+    assert!(conns.iter().all(|(_, ssl)| *ssl), "every relay connection is encrypted: {conns:?}");
+    if mode == Mode::Logical {
+        // The replication stream itself: its walsender, as pg_stat_replication names it.
+        let client = env.db.client().await;
+        let row = client
+            .query_one(
+                "SELECT s.ssl, s.version FROM pg_stat_replication r JOIN pg_stat_ssl s ON s.pid = r.pid
+                 JOIN pg_replication_slots sl ON sl.active_pid = r.pid WHERE sl.slot_name = $1",
+                &[&env.slot],
+            )
+            .await
+            .expect("the slot's walsender is in pg_stat_replication");
+        let (ssl, version): (bool, Option<String>) = (row.get(0), row.get(1));
+        assert!(ssl, "the replication stream is encrypted");
+        assert!(version.is_some_and(|v| v.starts_with("TLSv1.")), "TLS version reported");
+    }
+    relay.stop().await;
+}
+both_modes!(verify_full_end_to_end);
+
+/// Runs the binary with `database_url`; returns its exit code and stderr.
+fn run_binary(env: &Env, database_url: &str) -> (Option<i32>, String) {
+    let path = env.dir.path().join("bad.toml");
+    std::fs::write(&path, env.config_toml("").replace(&env.database_url, database_url)).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(["--config", path.to_str().unwrap(), "--log-format", "text", "run"])
+        .env("RUST_LOG", "warn")
+        .env_remove("DATABASE_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the relay did not stop on its own with {database_url}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tls_settings_stop_the_start_with_the_fix() {
+    let db = fresh_db("bad").await;
+    let name = db.name.clone();
+    let env = Env::on_db(Mode::Logical, db, verify_full(&name)).await;
+    let ca = enc(&cluster().pki.ca);
+    let other = enc(&cluster().pki.other_ca);
+    for (case, dsn, wanted) in [
+        (
+            "wrong host name",
+            url("127.0.0.1", &name, &format!("sslmode=verify-full&sslrootcert={ca}")),
+            &["not issued for the host", "sslmode=verify-ca"][..],
+        ),
+        (
+            "wrong CA",
+            url("localhost", &name, &format!("sslmode=verify-full&sslrootcert={other}")),
+            &["not signed by a CA in sslrootcert=", "point sslrootcert at the CA bundle"][..],
+        ),
+        ("sslmode=disable", url("localhost", &name, "sslmode=disable"), &["only over TLS", "sslmode=verify-full"][..]),
+        (
+            "verify-full without a CA",
+            url("localhost", &name, "sslmode=verify-full&sslrootcert="),
+            &["no CA is given", "sslrootcert=/path/to/ca.pem"][..],
+        ),
+    ] {
+        let (code, stderr) = run_binary(&env, &dsn);
+        assert_eq!(code, Some(2), "{case}: {stderr}");
+        for w in wanted {
+            assert!(stderr.contains(w), "{case}: {w:?} missing from {stderr}");
+        }
+        assert!(!stderr.contains(PASSWORD), "{case}: the password leaked: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_stream_checks_the_certificate_too() {
+    let db = fresh_db("repl").await;
+    let admin = db.client().await;
+    admin.batch_execute("CREATE PUBLICATION p FOR ALL TABLES").await.unwrap();
+    let slot = format!("s_{}", db.name);
+    admin.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot]).await.unwrap();
+
+    let other = enc(&cluster().pki.other_ca);
+    let wrong =
+        PgTarget::parse(&url("localhost", &db.name, &format!("sslmode=verify-ca&sslrootcert={other}"))).unwrap();
+    let err = ReplicationStream::start(&wrong, &slot, "p", Lsn(0)).await.unwrap_err();
+    assert!(!err.is_retryable() && err.to_string().contains("sslrootcert"), "{err}");
+
+    let plain = PgTarget::parse(&url("localhost", &db.name, "sslmode=disable")).unwrap();
+    let err = ReplicationStream::start(&plain, &slot, "p", Lsn(0)).await.unwrap_err();
+    assert!(!err.is_retryable() && err.sqlstate() == Some("28000"), "{err}");
+
+    // verify-ca accepts a certificate for another name when the CA is right.
+    let ca = enc(&cluster().pki.ca);
+    let by_ip = PgTarget::parse(&url(
+        "127.0.0.1",
+        &db.name,
+        &format!("sslmode=verify-ca&sslrootcert={ca}&channel_binding=require"),
+    ))
+    .unwrap();
+    let stream = ReplicationStream::start(&by_ip, &slot, "p", Lsn(0)).await.unwrap();
+    stream.close().await.unwrap();
+
+    // prefer (the default) and allow both end up on TLS against a hostssl-only server.
+    for params in ["", "sslmode=allow"] {
+        let target = PgTarget::parse(&url("localhost", &db.name, params)).unwrap();
+        let stream = ReplicationStream::start(&target, &slot, "p", Lsn(0)).await.unwrap();
+        stream.close().await.unwrap();
+        let (client, conn) = target.connect().await.unwrap();
+        tokio::spawn(conn);
+        let ssl: bool =
+            client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await.unwrap().get(0);
+        assert!(ssl, "{params:?}");
+    }
+    drop(admin);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificate_authentication() {
+    let db = fresh_db("cert").await;
+    let pki = &cluster().pki;
+    let dsn = format!(
+        "postgres://relay_cert@localhost:{}/{}?sslmode=verify-full&sslrootcert={}&sslcert={}&sslkey={}",
+        port(),
+        db.name,
+        enc(&pki.ca),
+        enc(&pki.client_cert),
+        enc(&pki.client_key)
+    );
+    let target = PgTarget::parse(&dsn).unwrap();
+    let (client, conn) = target.connect().await.unwrap();
+    tokio::spawn(conn);
+    let dn: String =
+        client.query_one("SELECT client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert!(dn.contains("CN=relay_cert"), "{dn}");
+
+    // Without the certificate the server says no, for good, and the message says what to set.
+    let bare = PgTarget::parse(&dsn[..dsn.find("&sslcert").unwrap()]).unwrap();
+    let Err(err) = bare.connect().await else { panic!("connected without a client certificate") };
+    assert!(!err.is_retryable(), "{err}");
+
+    // The whole relay (ledger, dispatch, replication) with the certificate.
+    let env = Env::on_db(Mode::Logical, db, dsn).await;
+    let relay = env.start_in_process();
+    env.wait_streaming().await;
+    let ids = insert_notifications(&env.db.client().await, 5, 5).await;
+    env.wait_settled(5, Duration::from_secs(30)).await;
+    assert_eq!(env.pusher_counts().len(), ids.len());
+    let conns = relay_connections(&env.db, "relay_cert").await;
+    assert!(conns.iter().any(|(t, _)| t == "walsender"), "{conns:?}");
+    assert!(conns.iter().all(|(_, ssl)| *ssl), "{conns:?}");
+    relay.stop().await;
+}
