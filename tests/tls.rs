@@ -210,28 +210,56 @@ async fn verify_full_end_to_end(mode: Mode) {
 }
 both_modes!(verify_full_end_to_end);
 
-/// Runs the binary with `database_url`; returns its exit code and stderr.
-fn run_binary(env: &Env, database_url: &str) -> (Option<i32>, String) {
-    let path = env.dir.path().join("bad.toml");
-    std::fs::write(&path, env.config_toml("").replace(&env.database_url, database_url)).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
-        .args(["--config", path.to_str().unwrap(), "--log-format", "text", "run"])
+/// The binary on `env`'s config with `database_url` in place of the relay's,
+/// output to a file (debug logs can outgrow a pipe).
+fn spawn(
+    env: &Env,
+    database_url: &str,
+    args: &[&str],
+    envs: &[(&str, &str)],
+    edit: &dyn Fn(String) -> String,
+) -> Spawned {
+    let path = env.dir.path().join(format!("relay-{}.toml", rand::random::<u32>()));
+    // The DSN goes inside a TOML basic string.
+    let quoted = database_url.replace('\\', "\\\\").replace('"', "\\\"");
+    std::fs::write(&path, edit(env.config_toml("").replace(&env.database_url, &quoted))).unwrap();
+    let log = env.dir.path().join(format!("out-{}.log", rand::random::<u32>()));
+    let out = std::fs::File::create(&log).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(["--config", path.to_str().unwrap(), "--log-format", "text"])
+        .args(args)
         .env("RUST_LOG", "warn")
         .env_remove("DATABASE_URL")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .envs(envs.iter().copied())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while child.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the relay did not stop on its own with {database_url}");
+    Spawned { child, log }
+}
+
+struct Spawned {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Spawned {
+    /// Waits (30 s at most) for the exit; its code and everything printed.
+    fn finish(mut self) -> (Option<i32>, String) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("the relay did not stop on its own: {}", std::fs::read_to_string(&self.log).unwrap_or_default());
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        std::thread::sleep(Duration::from_millis(50));
+        (self.child.wait().unwrap().code(), std::fs::read_to_string(&self.log).unwrap())
     }
-    let out = child.wait_with_output().unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn run_binary(env: &Env, database_url: &str) -> (Option<i32>, String) {
+    spawn(env, database_url, &["run"], &[], &|t| t).finish()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,4 +374,85 @@ async fn client_certificate_authentication() {
     assert!(conns.iter().any(|(t, _)| t == "walsender"), "{conns:?}");
     assert!(conns.iter().all(|(_, ssl)| *ssl), "{conns:?}");
     relay.stop().await;
+}
+
+/// The DSN forms the issue names, each carrying `password`: URL userinfo,
+/// `?password=`, key=value with quotes.
+fn dsn_forms(db: &str, password: &str) -> Vec<String> {
+    let pct = |p: &str| {
+        p.bytes()
+            .map(|b| if b.is_ascii_alphanumeric() || b == b'-' { (b as char).to_string() } else { format!("%{b:02X}") })
+            .collect::<String>()
+    };
+    let ca = cluster().pki.ca.display().to_string();
+    vec![
+        format!(
+            "postgres://relay:{}@localhost:{}/{db}?sslmode=verify-full&sslrootcert={}",
+            pct(password),
+            port(),
+            enc(Path::new(&ca))
+        ),
+        format!("postgres://relay@localhost:{}/{db}?password={}&sslmode=require", port(), pct(password)),
+        format!(
+            "host=localhost port={} dbname={db} user=relay password='{}' sslmode=verify-ca sslrootcert='{ca}'",
+            port(),
+            password.replace('\\', "\\\\").replace('\'', "\\'")
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_never_print_whatever_the_dsn_form() {
+    let db = fresh_db("secrets").await;
+    let name = db.name.clone();
+    let env = Env::on_db(Mode::Logical, db, verify_full(&name)).await;
+    // Spaces, quotes, a percent sign: every escaping rule gets its turn.
+    let wrong = "Wr0ng pass'w%rd";
+    for dsn in dsn_forms(&name, wrong) {
+        for args in [&["run"][..], &["status"], &["migrate"], &["setup"]] {
+            let (code, out) = spawn(&env, &dsn, args, &[("RUST_LOG", "debug")], &|t| t).finish();
+            assert_eq!(code, Some(2), "{args:?} with a wrong password, {dsn}: {out}");
+            assert!(out.contains("password"), "{args:?}: the error says what is wrong: {out}");
+            assert!(!out.contains(wrong) && !out.contains("Wr0ng"), "{args:?} printed the password: {out}");
+        }
+    }
+    for dsn in dsn_forms(&name, PASSWORD) {
+        for args in [&["migrate"][..], &["status"], &["status", "--json"], &["setup", "--print-sql"]] {
+            let (code, out) = spawn(&env, &dsn, args, &[("RUST_LOG", "debug")], &|t| t).finish();
+            assert_eq!(code, Some(0), "{args:?}, {dsn}: {out}");
+            assert!(!out.contains(PASSWORD), "{args:?} printed the password: {out}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_from_files_run_the_relay_with_debug_logs_clean() {
+    let db = fresh_db("files").await;
+    let name = db.name.clone();
+    let env = Env::on_db(Mode::Logical, db, verify_full(&name)).await;
+    let dsn_file = env.dir.path().join("database_url");
+    std::fs::write(&dsn_file, format!("{}\n", dsn_forms(&name, PASSWORD)[2])).unwrap();
+    let secret_file = env.dir.path().join("pusher_secret");
+    std::fs::write(&secret_file, "secret\n").unwrap();
+    // The file holds the secret the fake Pusher checks signatures with; the
+    // config's own value is wrong, and its database URL points nowhere.
+    let envs = [
+        ("DATABASE_URL_FILE", dsn_file.to_str().unwrap()),
+        ("OUTBOX_RELAY__PROVIDERS__PUSHER__SECRET_FILE", secret_file.to_str().unwrap()),
+        ("RUST_LOG", "debug"),
+    ];
+    let edit = |t: String| {
+        t.replace("secret = \"secret\"", "").replace(&verify_full(&name), "postgres://nobody@invalid.invalid/x")
+    };
+    let relay = spawn(&env, &verify_full(&name), &["run"], &envs, &edit);
+    env.wait_streaming().await;
+    let ids = insert_notifications(&env.db.client().await, 5, 5).await;
+    let statuses = env.wait_settled(5, Duration::from_secs(30)).await;
+    assert_eq!(statuses.get("sent"), Some(&5), "{statuses:?}");
+    assert_eq!(env.pusher_counts().len(), ids.len());
+    support::relay::sigterm(&relay.child);
+    let (code, out) = relay.finish();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("DEBUG"), "debug logs were on");
+    assert!(!out.contains(PASSWORD), "the password appeared in the logs");
 }
