@@ -11,7 +11,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -19,8 +19,8 @@ use outbox_relay::db::PgTarget;
 use outbox_relay::embedded_pg::{self, ClusterOptions, EmbeddedPg, DJANGO_FIXTURE};
 use outbox_relay::source::replication::ReplicationStream;
 use outbox_relay::source::Lsn;
-use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use support::pg::TestDb;
+use support::pki::TestCa;
 use support::relay::{insert_notifications, Env, Mode};
 
 const PASSWORD: &str = "Tls-s3cret-pw";
@@ -40,25 +40,6 @@ struct TlsCluster {
     pki: Pki,
 }
 
-fn ca(name: &str) -> (rcgen::Certificate, KeyPair) {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name = DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    (params.self_signed(&key).unwrap(), key)
-}
-
-fn signed(names: Vec<String>, cn: &str, issuer: &(rcgen::Certificate, KeyPair)) -> (String, String) {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(names).unwrap();
-    params.distinguished_name = DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    let cert = params.signed_by(&key, &issuer.0, &issuer.1).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
 static CLUSTER: OnceLock<TlsCluster> = OnceLock::new();
 
 extern "C" fn destroy_at_exit() {
@@ -69,12 +50,12 @@ extern "C" fn destroy_at_exit() {
 
 fn cluster() -> &'static TlsCluster {
     CLUSTER.get_or_init(|| {
-        let authority = ca("outbox-relay test CA");
-        let other = ca("some other CA");
+        let authority = TestCa::new("outbox-relay test CA");
+        let other = TestCa::new("some other CA");
         // Issued for "localhost" only: connecting to 127.0.0.1 is the wrong-name case.
-        let (server_cert, server_key) = signed(vec!["localhost".into()], "localhost", &authority);
+        let (server_cert, server_key) = authority.issue(&["localhost"], "localhost");
         // `cert` authentication maps the certificate's CN to the role.
-        let (client_cert, client_key) = signed(vec![], "relay_cert", &authority);
+        let (client_cert, client_key) = authority.issue(&[], "relay_cert");
 
         let dir = tempfile::Builder::new().prefix("tls pki ").tempdir().unwrap();
         let write = |name: &str, text: &str| {
@@ -85,8 +66,8 @@ fn cluster() -> &'static TlsCluster {
             path
         };
         let pki = Pki {
-            ca: write("root ca.crt", &authority.0.pem()),
-            other_ca: write("other-ca.crt", &other.0.pem()),
+            ca: write("root ca.crt", &authority.pem()),
+            other_ca: write("other-ca.crt", &other.pem()),
             client_cert: write("client.crt", &client_cert),
             client_key: write("client.key", &client_key),
             _dir: dir,
@@ -107,7 +88,7 @@ fn cluster() -> &'static TlsCluster {
             files: vec![
                 ("server.crt".into(), server_cert.into_bytes()),
                 ("server.key".into(), server_key.into_bytes()),
-                ("ca.crt".into(), authority.0.pem().into_bytes()),
+                ("ca.crt".into(), authority.pem().into_bytes()),
             ],
         };
         let pg = EmbeddedPg::start_with(options).unwrap_or_else(|e| panic!("starting the TLS cluster: {e}"));
