@@ -118,10 +118,12 @@ impl Smtp {
             ("smtp", Some("required")) => (587, "required"),
             ("smtp", Some("opportunistic")) => (587, "opportunistic"),
             ("smtps", _) => (465, "wrapper"),
-            (scheme, t) => return Err(bad(format!(
+            (scheme, t) => {
+                return Err(bad(format!(
                 "providers.smtp.url {shown}: scheme {scheme:?} with tls={t:?}: use smtp://, smtp://...?tls=required, \
                      smtp://...?tls=opportunistic or smtps://"
-            ))),
+            )))
+            }
         };
         let port = url.port().unwrap_or(port);
         let decode = |s: &str| form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned());

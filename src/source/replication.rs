@@ -172,7 +172,10 @@ impl ServerError {
                 "check the user and password in source.database_url, and that pg_hba.conf lets this user \
                  connect to this database from this host"
             }
-            "42501" => "give the user the REPLICATION attribute: ALTER ROLE <user> REPLICATION",
+            "42501" => {
+                "give the user the REPLICATION attribute: ALTER ROLE <user> REPLICATION \
+                 (on RDS and Aurora: GRANT rds_replication TO <user>; see docs/managed-postgres.md)"
+            }
             "3D000" => "fix the database name in source.database_url",
             "22023" if msg.contains("option") => {
                 "the slot does not use the pgoutput plugin: recreate it with \
