@@ -489,7 +489,9 @@ pub enum Negotiated<S> {
 }
 
 /// SSLRequest on a fresh socket, then the handshake if the server agrees
-/// (<https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-SSL>).
+/// (<https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-SSL>);
+/// with `direct` (libpq's `sslnegotiation=direct`, PostgreSQL 17+), the
+/// handshake at once, ALPN `postgresql` saying what follows.
 /// `host` is the name the certificate must carry (verify-full) and the SNI.
 /// `disable` and `allow` send nothing: the caller retries `allow` with TLS
 /// (`force_tls`) if the server turns clear text away.
@@ -498,6 +500,7 @@ pub async fn negotiate<S>(
     settings: &TlsSettings,
     host: &str,
     force_tls: bool,
+    direct: bool,
 ) -> Result<Negotiated<S>, ConnectError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -506,6 +509,16 @@ where
         return Ok(Negotiated::Plain(socket));
     }
     let config = settings.client_config()?;
+    if direct {
+        if !settings.mode.requires_tls() && !force_tls {
+            // As libpq: nothing to fall back to once the handshake has started.
+            return Err(ConnectError::settings(format!(
+                "sslnegotiation=direct needs sslmode=require or stronger (got {})",
+                settings.mode.as_str()
+            )));
+        }
+        return handshake(socket, config, settings, host).await;
+    }
     // Length 8, then the SSLRequest code 1234.5679.
     let request = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
     let io = |e: io::Error| ConnectError::io(host, e);
@@ -524,6 +537,18 @@ where
             )))
         }
     }
+    handshake(socket, config, settings, host).await
+}
+
+async fn handshake<S>(
+    socket: S,
+    config: Arc<rustls::ClientConfig>,
+    settings: &TlsSettings,
+    host: &str,
+) -> Result<Negotiated<S>, ConnectError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let name = server_name(host).map_err(|e| ConnectError::handshake(&e, settings))?;
     let tls = tokio_rustls::TlsConnector::from(config)
         .connect(name, socket)
@@ -575,6 +600,49 @@ mod tests {
         let s = TlsSettings::from_keys(&keys(&[("sslmode", "require"), ("sslrootcert", "/no/such/ca.pem")])).unwrap();
         let err = s.client_config().unwrap_err().to_string();
         assert!(err.contains("/no/such/ca.pem"), "{err}");
+    }
+
+    /// What the server side sees first: an SSLRequest, or (direct) a TLS
+    /// ClientHello offering ALPN "postgresql".
+    async fn first_bytes(settings: TlsSettings, direct: bool) -> (Vec<u8>, Result<(), String>) {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let server_side = async move {
+            let mut buf = vec![0u8; 8];
+            if server.read_exact(&mut buf).await.is_err() {
+                return Vec::new(); // the client gave up before sending anything
+            }
+            if buf == [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f] {
+                server.write_all(b"N").await.unwrap();
+            } else {
+                let mut more = vec![0u8; 512];
+                let n = server.read(&mut more).await.unwrap();
+                buf.extend_from_slice(&more[..n]);
+            }
+            // Dropping the server ends a handshake that would wait for an answer.
+            buf
+        };
+        let client_side = negotiate(client, &settings, "db.example.com", false, direct);
+        let (result, seen) = tokio::join!(client_side, server_side);
+        (seen, result.map(|_| ()).map_err(|e| e.to_string()))
+    }
+
+    #[tokio::test]
+    async fn sslrequest_or_direct_handshake() {
+        let require = TlsSettings::from_keys(&keys(&[("sslmode", "require")])).unwrap();
+        let (seen, result) = first_bytes(require.clone(), false).await;
+        assert_eq!(seen, [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]);
+        assert!(result.unwrap_err().contains("does not accept TLS"));
+
+        let prefer = TlsSettings::from_keys(&keys(&[])).unwrap();
+        let (_, result) = first_bytes(prefer.clone(), false).await;
+        assert!(result.is_ok(), "prefer goes on in clear text after 'N'");
+
+        let (seen, _) = first_bytes(require, true).await;
+        assert_eq!(seen[0], 0x16, "a TLS record (handshake) straight away");
+        assert!(seen.windows(10).any(|w| w == b"postgresql"), "ALPN postgresql offered");
+
+        let (_, result) = first_bytes(prefer, true).await;
+        assert!(result.unwrap_err().contains("sslnegotiation=direct needs sslmode=require"));
     }
 
     #[test]

@@ -650,7 +650,8 @@ async fn with_tls(
     host: &str,
     force_tls: bool,
 ) -> Result<(Box<dyn Socket>, Binding), ReplicationError> {
-    Ok(match pg_tls::negotiate(socket, &target.tls, host, force_tls).await? {
+    let direct = target.pg.get_ssl_negotiation() == tokio_postgres::config::SslNegotiation::Direct;
+    Ok(match pg_tls::negotiate(socket, &target.tls, host, force_tls, direct).await? {
         Negotiated::Plain(s) => (Box::new(s), Binding::NoTls),
         Negotiated::Tls(s) => {
             let hash = s.server_end_point();
