@@ -748,12 +748,12 @@ impl Config {
     }
 }
 
+type EnvMap = std::collections::HashMap<String, String>;
+
 /// Splits the environment into what the `config` crate reads as
 /// `OUTBOX_RELAY__...` overrides and the `..._FILE` variants, read here into
 /// (dotted key, content). Setting both forms of one key is an error.
-fn env_overrides(
-    vars: impl Iterator<Item = (String, String)>,
-) -> Result<(std::collections::HashMap<String, String>, Vec<(String, String)>), ConfigError> {
+fn env_overrides(vars: impl Iterator<Item = (String, String)>) -> Result<(EnvMap, Vec<(String, String)>), ConfigError> {
     const PREFIX: &str = "OUTBOX_RELAY__";
     let mut env = std::collections::HashMap::new();
     let mut files = Vec::new();

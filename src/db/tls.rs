@@ -485,7 +485,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for Rustl
 /// What [`negotiate`] ends with.
 pub enum Negotiated<S> {
     Plain(S),
-    Tls(RustlsStream<S>),
+    /// Boxed: the session state is a kilobyte, and the value is boxed soon anyway.
+    Tls(Box<RustlsStream<S>>),
 }
 
 /// SSLRequest on a fresh socket, then the handshake if the server agrees
@@ -554,7 +555,7 @@ where
         .connect(name, socket)
         .await
         .map_err(|e| ConnectError::handshake(&HandshakeError(e), settings))?;
-    Ok(Negotiated::Tls(RustlsStream(tls)))
+    Ok(Negotiated::Tls(Box::new(RustlsStream(tls))))
 }
 
 #[cfg(test)]

@@ -655,7 +655,7 @@ async fn with_tls(
         Negotiated::Plain(s) => (Box::new(s), Binding::NoTls),
         Negotiated::Tls(s) => {
             let hash = s.server_end_point();
-            (Box::new(s), Binding::Tls(hash))
+            (s, Binding::Tls(hash))
         }
     })
 }
