@@ -881,6 +881,19 @@ mod tests {
     }
 
     #[test]
+    fn source_debug_hides_passwords_in_every_dsn_form() {
+        for url in [
+            "postgres://relay:hunter2@db/app",
+            "postgres://relay@db/app?password=hunter2&sslmode=require",
+            "host=db user=relay password='hunter2 x' sslmode=verify-full",
+        ] {
+            let text = README_EXAMPLE.replace("postgres://relay@127.0.0.1:5432/app", url);
+            let dbg = format!("{:?}", Config::from_toml(&text).unwrap());
+            assert!(!dbg.contains("hunter2") && dbg.contains("***"), "{dbg}");
+        }
+    }
+
+    #[test]
     fn redacts_passwords_in_urls() {
         assert_eq!(redact_url("postgres://relay:hunter2@db:5432/app"), "postgres://relay:***@db:5432/app");
         assert_eq!(redact_url("postgres://relay@db/app"), "postgres://relay@db/app");
