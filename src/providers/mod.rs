@@ -211,4 +211,8 @@ fn http_builder() -> reqwest::ClientBuilder {
         .tcp_keepalive(Duration::from_secs(60))
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(10))
+        // Never follow: a 302 would turn a POST into a GET that "succeeds" and
+        // the message would be recorded sent. A redirect is the provider's
+        // answer, classified like any other status.
+        .redirect(reqwest::redirect::Policy::none())
 }
