@@ -1013,6 +1013,88 @@ mod tests {
         assert_eq!(err.sqlstate(), Some("57P01"));
     }
 
+    /// AuthenticationSASL offering `mechanisms`; returns the client's
+    /// SASLInitialResponse as (mechanism, client-first-message).
+    async fn sasl_first(server: &mut FakeServer, mechanisms: &[&str]) -> Option<(String, String)> {
+        server.read_startup().await;
+        let mut body = 10i32.to_be_bytes().to_vec();
+        for m in mechanisms {
+            body.extend_from_slice(m.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        server.send(b'R', &body).await;
+        // The client may refuse and hang up instead of answering.
+        let tag = server.0.read_u8().await.ok()?;
+        let len = server.0.read_i32().await.ok()? as usize;
+        let mut body = vec![0; len - 4];
+        server.0.read_exact(&mut body).await.ok()?;
+        if tag != b'p' {
+            return None;
+        }
+        let nul = body.iter().position(|b| *b == 0).unwrap();
+        let mechanism = String::from_utf8(body[..nul].to_vec()).unwrap();
+        let first = String::from_utf8(body[nul + 5..].to_vec()).unwrap();
+        Some((mechanism, first))
+    }
+
+    #[tokio::test]
+    async fn scram_plus_binds_to_the_certificate_when_offered() {
+        let config: tokio_postgres::Config = "user=alice password=pw dbname=app".parse().unwrap();
+        let both = [sasl::SCRAM_SHA_256_PLUS, sasl::SCRAM_SHA_256];
+        for (binding, offered, mechanism, gs2) in [
+            (Binding::Tls(Some(vec![7; 32])), &both[..], sasl::SCRAM_SHA_256_PLUS, "p=tls-server-end-point,,"),
+            // TLS, but the server offers no -PLUS: "y" tells it we could have bound.
+            (Binding::Tls(Some(vec![7; 32])), &both[1..], sasl::SCRAM_SHA_256, "y,,"),
+            (Binding::NoTls, &both[..], sasl::SCRAM_SHA_256, "n,,"),
+        ] {
+            let (socket, mut server) = fake_pair();
+            let (result, first) =
+                tokio::join!(ReplicationStream::start_on(socket, binding, &config, COMMAND, Lsn(0)), async {
+                    let first = sasl_first(&mut server, offered).await;
+                    drop(server); // the exchange stops here; only the first message matters
+                    first
+                });
+            assert!(result.is_err());
+            let (got_mechanism, client_first) = first.expect("a SASLInitialResponse");
+            assert_eq!(got_mechanism, mechanism);
+            assert!(client_first.starts_with(gs2), "{client_first}");
+        }
+    }
+
+    #[tokio::test]
+    async fn channel_binding_require_refuses_what_cannot_bind() {
+        let config: tokio_postgres::Config =
+            "user=alice password=pw dbname=app channel_binding=require".parse().unwrap();
+        // SCRAM without -PLUS on offer: refused before anything is sent.
+        let (socket, mut server) = fake_pair();
+        let (result, first) = tokio::join!(
+            ReplicationStream::start_on(socket, Binding::Tls(Some(vec![7; 32])), &config, COMMAND, Lsn(0)),
+            async {
+                let first = sasl_first(&mut server, &[sasl::SCRAM_SHA_256]).await;
+                drop(server);
+                first
+            }
+        );
+        let err = result.unwrap_err();
+        assert!(
+            matches!(err, ReplicationError::Auth(_)) && err.to_string().contains("channel_binding=require"),
+            "{err}"
+        );
+        assert!(first.is_none(), "no password exchange started");
+
+        // A server that lets us in without SCRAM (trust) has proven nothing.
+        let (socket, mut server) = fake_pair();
+        let server_side = async {
+            server.read_startup().await;
+            server.ready().await;
+        };
+        let (result, ()) =
+            tokio::join!(ReplicationStream::start_on(socket, Binding::NoTls, &config, COMMAND, Lsn(0)), server_side);
+        let err = result.unwrap_err();
+        assert!(err.to_string().contains("without channel binding"), "{err}");
+    }
+
     #[tokio::test]
     async fn missing_slot_is_permanent_with_a_hint() {
         let config: tokio_postgres::Config = "user=alice dbname=app".parse().unwrap();
