@@ -306,9 +306,11 @@ async fn replication_stream_checks_the_certificate_too() {
     let stream = ReplicationStream::start(&by_ip, &slot, "p", Lsn(0)).await.unwrap();
     stream.close().await.unwrap();
 
-    // prefer (the default) and allow both end up on TLS against a hostssl-only server.
-    for params in ["", "sslmode=allow"] {
-        let target = PgTarget::parse(&url("localhost", &db.name, params)).unwrap();
+    // prefer (the default) and allow both end up on TLS against a hostssl-only
+    // server; require encrypts without checking the certificate (as libpq), so
+    // a name the certificate does not carry passes.
+    for (host, params) in [("localhost", ""), ("localhost", "sslmode=allow"), ("127.0.0.1", "sslmode=require")] {
+        let target = PgTarget::parse(&url(host, &db.name, params)).unwrap();
         let stream = ReplicationStream::start(&target, &slot, "p", Lsn(0)).await.unwrap();
         stream.close().await.unwrap();
         let (client, conn) = target.connect().await.unwrap();
