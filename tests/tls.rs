@@ -522,3 +522,22 @@ async fn documented_rds_and_supabase_configurations_work() {
         assert!(ssl, "{at}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_full_without_sslrootcert_uses_libpqs_default_file() {
+    let db = fresh_db("home").await;
+    let name = db.name.clone();
+    let env = Env::on_db(Mode::Logical, db, verify_full(&name)).await;
+    let home = tempfile::tempdir().unwrap();
+    std::fs::create_dir(home.path().join(".postgresql")).unwrap();
+    std::fs::copy(&cluster().pki.ca, home.path().join(".postgresql/root.crt")).unwrap();
+    let dsn = url("localhost", &name, "sslmode=verify-full");
+    let envs = [("HOME", home.path().to_str().unwrap())];
+    let (code, out) = spawn(&env, &dsn, &["migrate"], &envs, &|t| t).finish();
+    assert_eq!(code, Some(0), "{out}");
+    // The same file does not vouch for a name the certificate lacks.
+    let (code, out) =
+        spawn(&env, &url("127.0.0.1", &name, "sslmode=verify-full"), &["migrate"], &envs, &|t| t).finish();
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("not issued for the host"), "{out}");
+}

@@ -586,6 +586,11 @@ mod tests {
         assert!(err.to_string().contains("verify-full"), "{err}");
         assert!(TlsSettings::from_keys(&keys(&[("sslmode", "verify_full")])).is_err());
         assert!(TlsSettings::from_keys(&keys(&[("sslcert", "/c")])).is_err());
+        let mut no_sni = keys(&[("sslmode", "require")]);
+        no_sni.sslsni = Some("0".into());
+        let settings = TlsSettings::from_keys(&no_sni).unwrap();
+        assert!(!settings.sni && !settings.client_config().unwrap().enable_sni);
+        assert!(TlsSettings::from_keys(&keys(&[])).unwrap().client_config().unwrap().enable_sni);
         let err = TlsSettings::from_keys(&keys(&[("sslpassword", "hunter2")])).unwrap_err().to_string();
         assert!(!err.contains("hunter2") && err.contains("sslkey"), "{err}");
     }
