@@ -541,3 +541,22 @@ async fn verify_full_without_sslrootcert_uses_libpqs_default_file() {
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("not issued for the host"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslrootcert_system_reads_the_operating_systems_store() {
+    let db = fresh_db("system").await;
+    let name = db.name.clone();
+    let env = Env::on_db(Mode::Logical, db, verify_full(&name)).await;
+    // SSL_CERT_FILE is where OpenSSL, and so the "system" store, look first:
+    // it stands in for a CA installed on the machine. verify-full is implied.
+    let envs = [("SSL_CERT_FILE", cluster().pki.ca.to_str().unwrap())];
+    let (code, out) = spawn(&env, &url("localhost", &name, "sslrootcert=system"), &["migrate"], &envs, &|t| t).finish();
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = spawn(&env, &url("127.0.0.1", &name, "sslrootcert=system"), &["migrate"], &envs, &|t| t).finish();
+    assert_eq!(code, Some(2), "the name is checked: {out}");
+    let (code, out) =
+        spawn(&env, &url("localhost", &name, "sslrootcert=system&sslmode=require"), &["migrate"], &envs, &|t| t)
+            .finish();
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("sslrootcert=system needs sslmode=verify-full"), "{out}");
+}
