@@ -93,8 +93,14 @@ pub fn redact(dsn: &str) -> String {
     const SECRET_KEYS: [&str; 2] = ["password", "sslpassword"];
     if let Some(scheme_end) = dsn.find("://") {
         let (head, rest) = dsn.split_at(scheme_end + 3);
-        // The authority ends at the first '/', '?' or '#'; its userinfo at the last '@'.
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        // The authority ends at the first '/', '?' or '#'; its userinfo at the
+        // last '@'. A password with an unescaped '/' is malformed, but must not
+        // print either: an '@' later in the path moves the end of the userinfo there.
+        let path_end = rest.find(['?', '#']).unwrap_or(rest.len());
+        let authority_end = match rest[..path_end].rfind('@') {
+            Some(at) => rest[at..].find(['/', '?', '#']).map_or(rest.len(), |i| at + i),
+            None => rest.find(['/', '?', '#']).unwrap_or(rest.len()),
+        };
         let (authority, tail) = rest.split_at(authority_end);
         let authority = match authority.rsplit_once('@') {
             Some((userinfo, hosts)) => match userinfo.split_once(':') {
@@ -307,6 +313,7 @@ mod tests {
             ),
             ("postgres://relay@db/app?pass%77ord=hunter2", "postgres://relay@db/app?pass%77ord=***"),
             ("postgres://u:a@b@db/app", "postgres://u:***@db/app"),
+            ("postgres://u:hunter2/x@db/app", "postgres://u:***@db/app"),
             ("host=db password=hunter2 user=relay", "host=db password=*** user=relay"),
             ("host=db password = 'hun ter\\'2' user=relay", "host=db password = *** user=relay"),
             ("host=db sslpassword=hunter2", "host=db sslpassword=***"),
