@@ -202,7 +202,10 @@ fn pairs(s: &str) -> Result<Vec<Pair>, DsnError> {
         let key = s[start..i].to_string();
         i = skip_ws(i);
         if bytes.get(i) != Some(&b'=') {
-            return Err(DsnError(format!("missing \"=\" after {key:?}")));
+            // Not quoted: a stray word here is often half of an unquoted password.
+            return Err(DsnError(format!(
+                "a word at byte {start} has no \"=\" (quote values with spaces: password='a b')"
+            )));
         }
         i = skip_ws(i + 1);
         let value_start = i;
@@ -299,6 +302,8 @@ mod tests {
     fn key_value_errors_quote_no_value() {
         let err = split("host=db password='s3cret").unwrap_err().to_string();
         assert!(!err.contains("s3cret") && err.contains("password"), "{err}");
+        let err = split("host=db password=s3cret tail-of-it").unwrap_err().to_string();
+        assert!(!err.contains("tail-of-it") && err.contains("quote values"), "{err}");
     }
 
     #[test]
