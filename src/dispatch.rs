@@ -192,7 +192,7 @@ pub struct Dispatcher {
 /// guarantees the sections exist; an SMTP URL lettre cannot parse is the one
 /// error left.
 pub fn build_providers(cfg: &Config) -> Result<HashMap<ProviderKind, Provider>, ProviderError> {
-    let http = crate::providers::http_client();
+    let http = crate::providers::http_client_with(&cfg.tls)?;
     let p = &cfg.providers;
     let mut out = HashMap::new();
     for kind in cfg.channels.values().flat_map(|ch| std::iter::once(ch.provider).chain(ch.fallback)) {
@@ -203,7 +203,7 @@ pub fn build_providers(cfg: &Config) -> Result<HashMap<ProviderKind, Provider>, 
             ProviderKind::Pusher => Provider::Pusher(Pusher::new(p.pusher.as_ref().unwrap(), http.clone())),
             ProviderKind::Ably => Provider::Ably(Ably::new(p.ably.as_ref().unwrap(), http.clone())),
             ProviderKind::Brevo => Provider::Brevo(Brevo::new(p.brevo.as_ref().unwrap(), http.clone())),
-            ProviderKind::Smtp => Provider::Smtp(Smtp::new(p.smtp.as_ref().unwrap())?),
+            ProviderKind::Smtp => Provider::Smtp(Smtp::with_tls(p.smtp.as_ref().unwrap(), &cfg.tls)?),
             ProviderKind::Twilio => Provider::Twilio(Twilio::new(p.twilio.as_ref().unwrap(), http.clone())),
             ProviderKind::Log => Provider::Log(Log::new()),
         };
