@@ -55,6 +55,26 @@ pub enum Command {
     AcceptGap,
     /// Config and preflight checks only, no run: exit 0 if `run` would start, 2 listing each fix.
     Check,
+    /// Route existing rows of a table into the ledger, skipping rows already
+    /// delivered: fills a gap the stream cannot (docs/operations.md). Resumable.
+    Backfill {
+        /// `schema.table`, as a route names it.
+        #[arg(long)]
+        table: String,
+        /// Only rows whose --since-column is at or after this timestamp.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value = "created_at")]
+        since_column: String,
+        /// Only rows matching this SQL condition.
+        #[arg(long = "where")]
+        filter: Option<String>,
+        /// Count what would be written, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, default_value_t = 1000)]
+        page_rows: i64,
+    },
     /// Delete settled deliveries older than ledger.retention_days (run does it hourly too).
     Prune {
         /// Count what would be deleted, delete nothing.
@@ -194,6 +214,28 @@ pub async fn main(cli: Cli) -> Result<(), Failure> {
                 gap.map_err(Failure::user)?;
             }
             println!("config and database ready: `run` would start");
+            Ok(())
+        }
+        Command::Backfill { table, since, since_column, filter, dry_run, page_rows } => {
+            let cfg = load()?;
+            let mut client = connect(&cfg).await?;
+            let table = if table.contains('.') { table } else { format!("public.{table}") };
+            let req =
+                crate::backfill::Request { table, since, since_column, filter, dry_run, page_rows: page_rows.max(1) };
+            let counts = crate::backfill::run(&mut client, &cfg, &req, |c| {
+                eprint!(
+                    "\rbackfill {}: {} rows read, {} new, {} already delivered, {} failed",
+                    req.table, c.rows, c.new, c.already_delivered, c.failed
+                );
+            })
+            .await
+            .map_err(Failure::user)?;
+            eprintln!();
+            let verb = if dry_run { "would write" } else { "wrote" };
+            println!(
+                "backfill {}: {} rows; {verb} {} new deliveries, {} already delivered, {} failed",
+                req.table, counts.rows, counts.new, counts.already_delivered, counts.failed
+            );
             Ok(())
         }
         Command::Prune { dry_run } => {

@@ -36,9 +36,7 @@ fn prunable(cfg: &Config) -> String {
         // The change log is read once, behind the watermark: a settled row a day old is never needed again.
         SourceMode::Listen => "AND $2::text IS NOT NULL".to_string(),
     };
-    format!(
-        "status IN ({SETTLED}) AND updated_at < now() - $1::int * interval '1 day' {replay_guard}"
-    )
+    format!("status IN ({SETTLED}) AND updated_at < now() - $1::int * interval '1 day' {replay_guard}")
 }
 
 /// Deletes (or with `dry_run`, counts) what retention allows; returns the count.

@@ -37,10 +37,7 @@ async fn check_says_whether_run_would_start(mode: Mode) {
             client.execute("SELECT pg_drop_replication_slot($1)", &[&env.slot]).await.unwrap();
         }
         Mode::Listen => {
-            client
-                .batch_execute("DROP TRIGGER outbox_relay_capture ON operators_notificationoperateur")
-                .await
-                .unwrap();
+            client.batch_execute("DROP TRIGGER outbox_relay_capture ON operators_notificationoperateur").await.unwrap();
         }
     }
     let bad = tokio::task::block_in_place(|| relay(&env, &["check"]));
@@ -87,7 +84,8 @@ async fn erase_removes_a_persons_data_and_export_shows_it_first() {
     assert_eq!(left[0], (Some("(erased)".into()), "{}".into(), "sent".into()), "kept as proof of delivery");
     assert_eq!(left[1].1, "{}");
     assert_eq!(left[2].0.as_deref(), Some("4"), "others untouched");
-    let all = client.query_one("SELECT string_agg(payload::text, ' ') FROM outbox_relay.deliveries", &[]).await.unwrap();
+    let all =
+        client.query_one("SELECT string_agg(payload::text, ' ') FROM outbox_relay.deliveries", &[]).await.unwrap();
     assert!(!all.get::<_, String>(0).contains("Alice"));
 
     // Idempotent; and export now finds nothing.
@@ -128,7 +126,13 @@ async fn prune_deletes_only_what_is_settled_old_and_beyond_replay(mode: Mode) {
     let dry = tokio::task::block_in_place(|| relay(&env, &["prune", "--dry-run"]));
     assert!(text(&dry).contains(&format!("would delete {prunable} ")), "{}", text(&dry));
     let count = || async {
-        env.db.client().await.query_one("SELECT count(*) FROM outbox_relay.deliveries", &[]).await.unwrap().get::<_, i64>(0)
+        env.db
+            .client()
+            .await
+            .query_one("SELECT count(*) FROM outbox_relay.deliveries", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
     };
     assert_eq!(count().await, 7, "a dry run deletes nothing");
     let done = tokio::task::block_in_place(|| relay(&env, &["prune"]));
@@ -144,4 +148,59 @@ async fn prune_deletes_only_what_is_settled_old_and_beyond_replay(mode: Mode) {
     assert!(left.iter().any(|k| k.ends_with(":pending")), "{left:?}");
     let past_offset_kept = left.iter().any(|k| k.starts_with("past-offset"));
     assert_eq!(past_offset_kept, mode == Mode::Logical, "{left:?}");
+}
+
+crate::both_modes!(backfill_fills_a_gap_without_sending_anything_twice);
+async fn backfill_fills_a_gap_without_sending_anything_twice(mode: Mode) {
+    let env = Env::in_mode(mode, "backfill").await;
+    let client = env.db.client().await;
+    let relay_task = env.start_in_process();
+    env.wait_streaming().await;
+    let before = support::relay::insert_notifications(&client, 5, 5).await;
+    env.wait_settled(5, Duration::from_secs(30)).await;
+    relay_task.stop().await;
+
+    // Rows the stream will never give: written while the slot was gone (logical)
+    // or while the capture trigger was off (listen).
+    let table = "operators_notificationoperateur";
+    let lost = match mode {
+        Mode::Logical => {
+            client.execute("SELECT pg_drop_replication_slot($1)", &[&env.slot]).await.unwrap();
+            let lost = support::relay::insert_notifications(&client, 3, 3).await;
+            client.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&env.slot]).await.unwrap();
+            lost
+        }
+        Mode::Listen => {
+            client.batch_execute(&format!("ALTER TABLE {table} DISABLE TRIGGER USER")).await.unwrap();
+            let lost = support::relay::insert_notifications(&client, 3, 3).await;
+            client.batch_execute(&format!("ALTER TABLE {table} ENABLE TRIGGER USER")).await.unwrap();
+            lost
+        }
+    };
+    let qualified = format!("public.{table}");
+    let dry = tokio::task::block_in_place(|| relay(&env, &["backfill", "--table", &qualified, "--dry-run"]));
+    assert!(
+        text(&dry).contains("8 rows; would write 3 new deliveries, 5 already delivered, 0 failed"),
+        "{}",
+        text(&dry)
+    );
+    let done = tokio::task::block_in_place(|| relay(&env, &["backfill", "--table", &qualified, "--page-rows", "2"]));
+    assert_eq!(done.status.code(), Some(0), "{}", text(&done));
+    assert!(text(&done).contains("wrote 3 new deliveries, 5 already delivered"), "{}", text(&done));
+    let again = tokio::task::block_in_place(|| relay(&env, &["backfill", "--table", &qualified]));
+    assert!(text(&again).contains("wrote 0 new deliveries, 8 already delivered"), "{}", text(&again));
+
+    if mode == Mode::Logical {
+        let accepted = tokio::task::block_in_place(|| relay(&env, &["accept-gap"]));
+        assert_eq!(accepted.status.code(), Some(0), "{}", text(&accepted));
+    }
+    let relay_task = env.start_in_process();
+    env.wait_streaming().await;
+    env.wait_settled(8, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let counts = env.pusher_counts();
+    for id in before.iter().chain(&lost) {
+        assert_eq!(counts.get(id), Some(&1), "{id}: 0 lost, 0 sent twice ({counts:?})");
+    }
+    relay_task.stop().await;
 }
