@@ -240,6 +240,8 @@ async fn housekeeping(cfg: Arc<Config>, health: Arc<Health>, mut stop: watch::Re
 
 async fn observe(l: &Ledger, cfg: &Config, max_wal: i64) -> Result<(), LedgerError> {
     metrics::gauge!(metric::BACKLOG).set(l.backlog().await? as f64);
+    let oldest = l.oldest_pending_age().await?.unwrap_or_default();
+    metrics::gauge!(metric::OLDEST_PENDING).set(oldest.as_secs_f64());
     let mut dead: std::collections::BTreeMap<String, i64> = Default::default();
     for (channel, status, n) in l.counts().await? {
         if status == "dead" {

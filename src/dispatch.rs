@@ -593,10 +593,12 @@ impl Dispatcher {
         let circuit = &self.circuits[provider];
         if results.iter().any(|r| matches!(r, Err(e) if e.is_retryable())) {
             if circuit.failure(Instant::now()) {
+                metrics::gauge!(metric::CIRCUIT_OPEN, "provider" => provider).set(1.0);
                 warn!(provider, "provider keeps failing: circuit open, fresh deliveries go to the fallback if any");
             }
         } else {
             circuit.success();
+            metrics::gauge!(metric::CIRCUIT_OPEN, "provider" => provider).set(0.0);
         }
         let now = Utc::now();
         chunk

@@ -34,6 +34,9 @@ pub mod metric {
     pub const SMTP_STARTTLS_MISSING: &str = "outbox_relay_smtp_starttls_missing_total";
     /// 1 while this process holds the relay's lock and works, 0 as a standby.
     pub const ACTIVE: &str = "outbox_relay_active";
+    pub const OLDEST_PENDING: &str = "outbox_relay_oldest_pending_age_seconds";
+    pub const CIRCUIT_OPEN: &str = "outbox_relay_circuit_open";
+    pub const BUILD_INFO: &str = "outbox_relay_build_info";
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -90,6 +93,10 @@ fn describe() {
     describe_gauge!(metric::REPLICATION_LAG, Unit::Bytes, "Server WAL end minus the offset confirmed to the slot.");
     describe_gauge!(metric::CONFIRMED_LSN, "Offset last confirmed to PostgreSQL, as a number.");
     describe_gauge!(metric::ACTIVE, "1 while this relay holds the slot's lock and works, 0 while it stands by.");
+    describe_gauge!(metric::OLDEST_PENDING, Unit::Seconds, "Age of the oldest delivery not yet settled (0 when none).");
+    describe_gauge!(metric::CIRCUIT_OPEN, "1 while a provider's circuit is open or half-open, by provider.");
+    describe_gauge!(metric::BUILD_INFO, "Always 1; the labels say which build runs.");
+    metrics::gauge!(metric::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     describe_counter!(
         metric::RESENDS_AFTER_RESTART,
         "Deliveries in flight at a crash, sent again after restart (possible duplicates)."
