@@ -120,6 +120,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
     let mut tasks = JoinSet::new();
 
     let dispatcher = Arc::new(Dispatcher::new(&cfg, health.clone()).map_err(RunError::Provider)?);
+    register_zeros(&cfg);
     for _ in 0..cfg.relay.dispatch_workers.max(1) {
         let (d, url, schema, stop) = (dispatcher.clone(), url.clone(), schema.clone(), stop.clone());
         tasks.spawn(async move {
@@ -192,6 +193,30 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
     health.source_connected.store(false, Ordering::Relaxed);
     info!("stopped");
     result
+}
+
+/// Counters that alerts watch with `increase()` exist from the start, at 0:
+/// an alert cannot see the first increment of a series that did not exist.
+fn register_zeros(cfg: &Config) {
+    let mut kinds: Vec<_> = cfg.channels.values().flat_map(|c| std::iter::once(c.provider).chain(c.fallback)).collect();
+    kinds.sort();
+    kinds.dedup();
+    for kind in kinds {
+        metrics::counter!(metric::PROVIDER_UNAUTHORIZED, "provider" => kind.as_str()).increment(0);
+        if kind == crate::config::ProviderKind::Smtp {
+            metrics::counter!(metric::SMTP_STARTTLS_MISSING).increment(0);
+        }
+    }
+    let p = &cfg.providers;
+    let hooks = [
+        ("twilio", p.twilio.as_ref().is_some_and(|t| t.status_callback_url.is_some())),
+        ("brevo", p.brevo.as_ref().is_some_and(|b| b.webhook_token.is_some() || b.webhook_basic.is_some())),
+    ];
+    for (provider, on) in hooks {
+        if on {
+            metrics::counter!(metric::WEBHOOKS, "provider" => provider, "outcome" => "forbidden").increment(0);
+        }
+    }
 }
 
 /// Every few seconds: backlog and dead-letter gauges, retained WAL (with a
