@@ -310,6 +310,8 @@ impl Dispatcher {
             match result {
                 Ok(()) => return,
                 Err(e) => {
+                    // Waiting for the database is not being stuck.
+                    self.health.tick(crate::telemetry::Loop::Dispatch);
                     failures += 1;
                     let delay = reconnect_delay(failures);
                     warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "dispatch lost the ledger; reconnecting");
@@ -336,6 +338,7 @@ impl Dispatcher {
         }
         *failures = 0;
         loop {
+            self.health.tick(crate::telemetry::Loop::Dispatch);
             if *shutdown.borrow() {
                 return Ok(());
             }

@@ -159,6 +159,7 @@ impl Ingest {
         let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.health.tick(crate::telemetry::Loop::Source);
             let deadline = batch.deadline;
             tokio::select! {
                 biased;

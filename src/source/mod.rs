@@ -193,6 +193,7 @@ pub async fn back_off<E: fmt::Display>(
         return Err(e);
     }
     metrics::counter!(metric::SOURCE_RECONNECTS).increment(1);
+    health.tick(crate::telemetry::Loop::Source);
     *failures += 1;
     let delay = reconnect_delay(*failures);
     warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "{what} connection lost; reconnecting");
