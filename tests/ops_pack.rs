@@ -79,6 +79,8 @@ webhook_token = "a-long-random-token"
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let live = reqwest::get(format!("http://127.0.0.1:{port}/livez")).await.unwrap();
+    assert_eq!(live.status().as_u16(), 200, "a relay at work is alive");
     support::relay::sigterm(&child);
     assert!(child.wait().unwrap().success());
     let missing: Vec<_> = named.difference(&exported).collect();
