@@ -12,6 +12,16 @@
 //! BENCH_ROWS, BENCH_RATE and BENCH_SECONDS override the sizes; BENCH_MODE=listen
 //! runs the same on the LISTEN/NOTIFY source; BENCH_RELAY="k = v; k = v" sets
 //! `[relay]` keys.
+//!
+//! BENCH_WRITERS=8 measures instead what listen mode costs the application:
+//! that many connections insert notifications as Django does (single-row
+//! autocommit transactions, then 100-row `bulk_create` statements) for
+//! BENCH_SECONDS each: with no capture trigger; with the trigger while the
+//! relay waits for a notification (every transaction notifies) and while it is
+//! busy reading (none does); with it under `source.notify = false`. First with
+//! fsync off (the bench
+//! cluster's setting, where the trigger's own cost shows most), then with
+//! fsync on (where the NOTIFY commit lock shows). No relay runs meanwhile.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -143,6 +153,89 @@ async fn backlog_memory(client: &tokio_postgres::Client, pusher: &FakePusher, re
     );
 }
 
+/// Rows committed by `writers` connections in `seconds`, each statement
+/// inserting `per_statement` rows in its own (autocommit) transaction.
+async fn insert_rate(url: &str, writers: usize, seconds: u64, per_statement: i32) -> f64 {
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..writers {
+        let url = url.to_string();
+        tasks.spawn(async move {
+            let c = embedded_pg::connect(&url).await.unwrap();
+            let insert = c
+                .prepare(
+                    "INSERT INTO operators_notificationoperateur (user_id, kind, title, body, level, url)
+                     SELECT 1 + (($1::int + g) % 20), 'order_ready', 'Commande ' || g, 'Votre commande est prête',
+                            'info', '/orders/' || g
+                     FROM generate_series(1, $2::int) g",
+                )
+                .await
+                .unwrap();
+            let mut rows = 0u64;
+            while Instant::now() < until {
+                rows += c.execute(&insert, &[&(w as i32), &per_statement]).await.unwrap();
+            }
+            rows
+        });
+    }
+    let mut rows = 0;
+    while let Some(r) = tasks.join_next().await {
+        rows += r.unwrap();
+    }
+    rows as f64 / seconds as f64
+}
+
+/// BENCH_WRITERS: Django's insert rate without the capture trigger, with it,
+/// and with it under `source.notify = false`.
+async fn writer_costs(url: &str, pusher: &str, metrics: u16, writers: usize, seconds: u64) {
+    let client = embedded_pg::connect(url).await.unwrap();
+    let listen = config(url, pusher, metrics, "listen");
+    // (label, config, doorbell armed): armed is a relay waiting for a
+    // notification (every transaction notifies); disarmed is a relay busy
+    // reading, as it is under a steady write load (no transaction notifies).
+    let quiet = listen.replace("mode = \"listen\"", "mode = \"listen\"\nnotify = false");
+    let variants: [(&str, Option<&str>, bool); 4] = [
+        ("no trigger", None, false),
+        ("capture trigger, NOTIFY, relay waiting (doorbell armed)", Some(&listen), true),
+        ("capture trigger, NOTIFY, relay busy (doorbell disarmed)", Some(&listen), false),
+        ("capture trigger, source.notify = false", Some(&quiet), false),
+    ];
+    println!(
+        "\n| fsync | statement | variant | rows/s ({writers} writers) | time vs no trigger |\n|---|---|---|---|---|"
+    );
+    for fsync in ["off", "on"] {
+        client.batch_execute(&format!("ALTER SYSTEM SET fsync = {fsync}")).await.unwrap();
+        client.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for (label, per_statement) in [("1 row per transaction", 1), ("100-row bulk_create", 100)] {
+            let mut base = 0.0;
+            for (variant, cfg, armed) in &variants {
+                client
+                    .batch_execute(
+                        "DROP TRIGGER IF EXISTS outbox_relay_capture_insert ON operators_notificationoperateur;
+                         TRUNCATE operators_notificationoperateur",
+                    )
+                    .await
+                    .unwrap();
+                if let Some(text) = cfg {
+                    let cfg = outbox_relay::config::Config::from_toml(text).unwrap();
+                    outbox_relay::setup::apply(&mut embedded_pg::connect(url).await.unwrap(), &cfg).await.unwrap();
+                    client.batch_execute("TRUNCATE outbox_relay.changes, outbox_relay.listen_doorbell").await.unwrap();
+                    if !armed {
+                        client.batch_execute("INSERT INTO outbox_relay.listen_doorbell VALUES (false)").await.unwrap();
+                    }
+                }
+                client.batch_execute("CHECKPOINT").await.unwrap();
+                let rate = insert_rate(url, writers, seconds, per_statement).await;
+                if cfg.is_none() {
+                    base = rate;
+                }
+                println!("| {fsync} | {label} | {variant} | {rate:.0} | {:.2}x |", base / rate);
+            }
+        }
+    }
+}
+
 fn peak_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -168,6 +261,11 @@ async fn main() {
     // BENCH_RELAY="dispatch_workers = 8" and the like: [relay] tuning under test.
     let tuning = std::env::var("BENCH_RELAY").unwrap_or_default().replace(';', "\n");
     let text = config(&url, &pusher.base_url(), metrics_port, &mode) + "\n[relay]\n" + &tuning + "\n";
+    let writers = env_or("BENCH_WRITERS", 0) as usize;
+    if writers > 0 {
+        writer_costs(&url, &pusher.base_url(), metrics_port, writers, env_or("BENCH_SECONDS", 15)).await;
+        return;
+    }
     let cfg = outbox_relay::config::Config::from_toml(&text).unwrap();
     outbox_relay::setup::apply(&mut embedded_pg::connect(&url).await.unwrap(), &cfg).await.unwrap();
     let dir = tempfile::tempdir().unwrap();

@@ -1,4 +1,4 @@
-//! The operator's door: `run`, `migrate`, `setup`, `status`, `demo`.
+//! The operator's door: `run`, `migrate`, `setup`, `teardown`, `status`, `demo`.
 //!
 //! Exit codes: 0 done; 2 something the user must fix (config, privileges,
 //! missing slot), printed as one line naming the fix; 1 anything else.
@@ -39,6 +39,16 @@ pub enum Command {
         /// Print the SQL instead of running it.
         #[arg(long)]
         print_sql: bool,
+    },
+    /// Remove what `setup` made: capture triggers, change log, functions, slot,
+    /// publication. The relay schema (ledger) only with --ledger. Stop the relay first.
+    Teardown {
+        /// Print the SQL instead of running it.
+        #[arg(long)]
+        print_sql: bool,
+        /// Also drop the relay schema: the ledger and its delivery history.
+        #[arg(long)]
+        ledger: bool,
     },
     /// Show the slot, the stored offset and the ledger.
     Status {
@@ -166,6 +176,21 @@ pub async fn main(cli: Cli) -> Result<(), Failure> {
             let mut client = connect(&cfg).await?;
             crate::setup::apply(&mut client, &cfg).await.map_err(Failure::user)?;
             println!("setup done: publication {:?}, slot {:?}", cfg.source.publication, cfg.source.slot);
+            Ok(())
+        }
+        Command::Teardown { print_sql: true, ledger } => {
+            print!("{}", crate::setup::teardown_script(&load()?, ledger));
+            Ok(())
+        }
+        Command::Teardown { print_sql: false, ledger } => {
+            let cfg = load()?;
+            let client = connect(&cfg).await?;
+            crate::setup::teardown(&client, &cfg, ledger).await.map_err(Failure::user)?;
+            let kept = if ledger { "dropped" } else { "kept (--ledger drops it)" };
+            println!(
+                "teardown done: triggers, change log, slot and publication removed; schema {} {kept}",
+                cfg.relay.schema
+            );
             Ok(())
         }
         Command::Migrate => {
@@ -395,5 +420,7 @@ mod tests {
         assert!(Cli::try_parse_from(["outbox-relay", "dead-letters", "retry"]).is_err());
         let cli = Cli::try_parse_from(["outbox-relay", "--config", "x.toml", "setup", "--print-sql"]).unwrap();
         assert!(matches!(cli.command, Command::Setup { print_sql: true }));
+        let cli = Cli::try_parse_from(["outbox-relay", "teardown", "--print-sql", "--ledger"]).unwrap();
+        assert!(matches!(cli.command, Command::Teardown { print_sql: true, ledger: true }));
     }
 }

@@ -156,6 +156,11 @@ pub struct SourceConfig {
     /// Listen mode: how often the change log is read when no NOTIFY woke the relay.
     #[serde(default = "default_poll_interval_ms")]
     pub poll_interval_ms: u64,
+    /// Listen mode: the capture trigger sends a NOTIFY (one per transaction) to
+    /// wake the relay. `false`: poll only, no NOTIFY queue and no commit-time
+    /// lock in Django's transactions (docs/listen-mode.md). Re-run `setup` after changing it.
+    #[serde(default = "default_true")]
+    pub notify: bool,
 }
 
 fn default_poll_interval_ms() -> u64 {
@@ -171,6 +176,7 @@ impl fmt::Debug for SourceConfig {
             .field("publication", &self.publication)
             .field("role", &self.role)
             .field("poll_interval_ms", &self.poll_interval_ms)
+            .field("notify", &self.notify)
             .finish()
     }
 }
@@ -709,12 +715,6 @@ impl Config {
             }
             if r.channels.is_empty() && r.channels_column.is_none() {
                 return bad(format!("{at}: set channels = [..] or channels_column = \"column\""));
-            }
-            if self.source.mode == SourceMode::Listen && r.operations.contains(&Operation::Delete) {
-                return bad(format!(
-                    "{at}: listen mode cannot route deletes (the row is gone when the relay reads it): \
-                     remove \"delete\" from operations or use mode = \"logical\""
-                ));
             }
             if r.operations.is_empty() {
                 return bad(format!("{at}: operations is empty; list at least \"insert\""));

@@ -14,16 +14,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::collections::HashMap;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::config::Config;
 use crate::dispatch::Intake;
 use crate::ledger::{self, Ledger, LedgerError};
-use crate::routing::{Disposition, NewDelivery, Router};
+use crate::routing::{NewDelivery, Router};
 use crate::source::replication::{ReplicationError, ReplicationEvent, ReplicationStream};
 use crate::source::Lsn;
 use crate::telemetry::{metric, Health};
@@ -250,7 +249,7 @@ impl Ingest {
             let claim = self.intake.claim(&room);
             let inserted = ledger.record(&h.deliveries, &self.cfg.source.slot, h.end, claim).await?;
             metrics::histogram!(metric::LEDGER_FLUSH).record(started.elapsed().as_secs_f64());
-            count_recorded(inserted.fresh.iter().map(|&i| &h.deliveries[i]), &self.cfg);
+            crate::routing::count_recorded(inserted.fresh.iter().map(|&i| &h.deliveries[i]), &self.cfg);
             let (count, handed) = (inserted.count, inserted.claimed.len());
             debug!(deliveries = h.deliveries.len(), inserted = count, handed, offset = %h.end, "ledger batch committed");
             self.intake.committed(room, inserted);
@@ -258,30 +257,6 @@ impl Ingest {
             let _ = written.send(h.end);
         }
         Ok(())
-    }
-}
-
-/// Metrics and warnings for what a batch recorded; counted per (channel,
-/// status) first, so a 5000-row batch costs a handful of metric updates.
-pub fn count_recorded<'a>(deliveries: impl Iterator<Item = &'a NewDelivery>, cfg: &Config) {
-    let mut counts: HashMap<(&str, &'static str), u64> = HashMap::new();
-    for d in deliveries {
-        // Channel names can come from row data: only configured ones become
-        // label values, or a bad column could mint a time series per row.
-        let channel = if cfg.channels.contains_key(&d.channel) { d.channel.as_str() } else { "unknown" };
-        *counts.entry((channel, d.disposition.status())).or_default() += 1;
-        // A bad row is worth a warning; a channel switched off on purpose is not.
-        match &d.disposition {
-            Disposition::Failed(reason) => warn!(key = %d.idempotency_key, table = %d.source_table,
-                pk = %d.source_pk, channel = %d.channel, status = "failed", reason, "delivery recorded without sending"),
-            Disposition::Skipped(reason) => info!(key = %d.idempotency_key, table = %d.source_table,
-                pk = %d.source_pk, channel = %d.channel, status = "skipped", reason, "delivery recorded without sending"),
-            Disposition::Pending => {}
-        }
-    }
-    for ((channel, status), n) in counts {
-        metrics::counter!(metric::DELIVERIES_RECORDED, "channel" => channel.to_string(), "status" => status)
-            .increment(n);
     }
 }
 

@@ -60,6 +60,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (4, include_str!("../sql/migrations/004_webhooks.sql")),
     (5, include_str!("../sql/migrations/005_capture_args.sql")),
     (6, include_str!("../sql/migrations/006_change_keys.sql")),
+    (7, include_str!("../sql/migrations/007_capture_rows.sql")),
 ];
 
 /// The migrations' SQL with the schema name filled in (it is a validated identifier).

@@ -12,6 +12,8 @@
 use tokio_postgres::Client;
 
 use crate::config::{Config, SourceMode};
+use crate::setup;
+use crate::source::Operation;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PreflightError {
@@ -186,24 +188,7 @@ pub async fn check(client: &Client, cfg: &Config) -> Result<(), PreflightError> 
         replica_identity(client, cfg, &mut problems).await?;
     }
     if src.mode == SourceMode::Listen {
-        let trigger = format!("{}_capture", cfg.relay.schema);
-        for route in &cfg.routes {
-            let (schema, table) = route.schema_and_table();
-            let installed = client
-                .query_opt(
-                    "SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
-                     JOIN pg_namespace n ON n.oid = c.relnamespace
-                     WHERE n.nspname = $1 AND c.relname = $2 AND t.tgname = $3",
-                    &[&schema, &table, &trigger],
-                )
-                .await?;
-            if installed.is_none() {
-                problems.push(format!(
-                    "table {} has no {trigger} trigger: run `outbox-relay setup` (listen mode installs it)",
-                    route.qualified_table()
-                ));
-            }
-        }
+        capture_problems(client, cfg, &mut problems).await?;
     }
     for route in &cfg.routes {
         let (schema, table) = route.schema_and_table();
@@ -297,6 +282,74 @@ async fn replica_identity(client: &Client, cfg: &Config, problems: &mut Vec<Stri
                      identity: ALTER TABLE {qualified} REPLICA IDENTITY FULL;",
                     missing.join(", "),
                     key.join(", ")
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Listen mode: each routed table has the capture trigger of this version for
+/// each operation its routes list, capturing every column they read, with the
+/// configured `source.notify`. An earlier install's row-level trigger (keys,
+/// not values) is a mixed state `setup` resolves.
+async fn capture_problems(client: &Client, cfg: &Config, problems: &mut Vec<String>) -> Result<(), PreflightError> {
+    let schema = &cfg.relay.schema;
+    let legacy = setup::legacy_trigger_name(schema);
+    let mut seen: Vec<String> = vec![];
+    for route in &cfg.routes {
+        let qualified = route.qualified_table();
+        if seen.contains(&qualified) {
+            continue;
+        }
+        seen.push(qualified.clone());
+        let (table_schema, table) = route.schema_and_table();
+        let triggers: Vec<(String, Vec<u8>)> = client
+            .query(
+                "SELECT t.tgname::text, t.tgargs FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
+                &[&table_schema, &table],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        if triggers.iter().any(|(name, _)| *name == legacy) {
+            problems.push(format!(
+                "table {qualified} still has the {legacy} trigger of an earlier install, which records keys, not the \
+                 rows' values: run `outbox-relay setup` to replace it"
+            ));
+        }
+        let needed = setup::capture_columns(cfg, &qualified);
+        let flag = if cfg.source.notify { "notify" } else { "quiet" };
+        for op in [Operation::Insert, Operation::Update, Operation::Delete] {
+            if !cfg.routes.iter().any(|r| r.qualified_table() == qualified && r.operations.contains(&op)) {
+                continue;
+            }
+            let name = setup::capture_trigger_name(schema, op);
+            let Some((_, args)) = triggers.iter().find(|(n, _)| *n == name) else {
+                problems.push(format!(
+                    "table {qualified} has no {name} trigger (a route lists {}): run `outbox-relay setup`",
+                    op.as_str()
+                ));
+                continue;
+            };
+            // tgargs: the arguments, each NUL-terminated.
+            let args: Vec<&[u8]> = args.split(|b| *b == 0).filter(|a| !a.is_empty()).collect();
+            if args.first().copied() != Some(flag.as_bytes()) {
+                problems.push(format!(
+                    "trigger {name} on {qualified} does not match source.notify = {}: run `outbox-relay setup` again",
+                    cfg.source.notify
+                ));
+            }
+            // No column arguments: the trigger captures every column.
+            let missing: Vec<&str> =
+                needed.iter().copied().filter(|c| args.len() > 1 && !args[1..].contains(&c.as_bytes())).collect();
+            if !missing.is_empty() {
+                problems.push(format!(
+                    "trigger {name} on {qualified} does not capture column(s) {} that the routes read: \
+                     run `outbox-relay setup` again",
+                    missing.join(", ")
                 ));
             }
         }

@@ -12,7 +12,10 @@ use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
 use serde_json::{Map, Number, Value as Json};
 use sha2::{Digest, Sha256};
 
+use tracing::{info, warn};
+
 use crate::config::{Config, RouteConfig};
+use crate::telemetry::metric;
 use crate::source::{ChangeId, CommittedTx, Lsn, Operation, RowChange, Table, Value};
 
 /// What the ledger records for a new delivery.
@@ -77,6 +80,30 @@ pub fn idempotency_key(change: ChangeId, channel: &str) -> String {
     format!("or2-{}", hex::encode(&h.finalize()[..16]))
 }
 
+/// Metrics and warnings for what a batch recorded; counted per (channel,
+/// status) first, so a 5000-row batch costs a handful of metric updates.
+pub fn count_recorded<'a>(deliveries: impl Iterator<Item = &'a NewDelivery>, cfg: &Config) {
+    let mut counts: HashMap<(&str, &'static str), u64> = HashMap::new();
+    for d in deliveries {
+        // Channel names can come from row data: only configured ones become
+        // label values, or a bad column could mint a time series per row.
+        let channel = if cfg.channels.contains_key(&d.channel) { d.channel.as_str() } else { "unknown" };
+        *counts.entry((channel, d.disposition.status())).or_default() += 1;
+        // A bad row is worth a warning; a channel switched off on purpose is not.
+        match &d.disposition {
+            Disposition::Failed(reason) => warn!(key = %d.idempotency_key, table = %d.source_table,
+                pk = %d.source_pk, channel = %d.channel, status = "failed", reason, "delivery recorded without sending"),
+            Disposition::Skipped(reason) => info!(key = %d.idempotency_key, table = %d.source_table,
+                pk = %d.source_pk, channel = %d.channel, status = "skipped", reason, "delivery recorded without sending"),
+            Disposition::Pending => {}
+        }
+    }
+    for ((channel, status), n) in counts {
+        metrics::counter!(metric::DELIVERIES_RECORDED, "channel" => channel.to_string(), "status" => status)
+            .increment(n);
+    }
+}
+
 /// Routes compiled from config, looked up by `schema.table`.
 #[derive(Clone, Debug)]
 pub struct Router {
@@ -122,37 +149,6 @@ impl Router {
         for change in &tx.changes {
             self.route_change(change, tx.commit_lsn, tx.commit_time, out);
         }
-    }
-
-    /// The row named by a change log entry was gone when the relay read it
-    /// (listen mode): one failed delivery per route, so the ledger says so.
-    pub fn vanished(
-        &self,
-        change: ChangeId,
-        table: &str,
-        pk: &str,
-        op: Operation,
-        committed_at: DateTime<Utc>,
-    ) -> Vec<NewDelivery> {
-        let Some(routes) = self.routes.get(table) else { return vec![] };
-        routes
-            .iter()
-            .filter(|r| r.operations.contains(&op))
-            .map(|r| NewDelivery {
-                change,
-                operation: op,
-                source_table: table.to_string(),
-                source_pk: pk.to_string(),
-                channel: "-".into(),
-                idempotency_key: idempotency_key(change, "-"),
-                event: r.event.clone().unwrap_or_else(|| "-".into()),
-                recipient: None,
-                payload: Json::Object(Map::new()),
-                disposition: Disposition::Failed("the row no longer existed when the relay read it".into()),
-                commit_lsn: Lsn::default(),
-                committed_at,
-            })
-            .collect()
     }
 
     pub fn route_change(

@@ -97,29 +97,22 @@ pub fn statements(cfg: &Config) -> Vec<Statement> {
     if src.mode == SourceMode::Listen {
         let schema = &cfg.relay.schema;
         out.push(Statement {
-            why: "The relay schema: ledger, change log and the capture() trigger function (as `outbox-relay migrate`)."
-                .into(),
+            why: "The relay schema: ledger, change log and the capture functions (as `outbox-relay migrate`).".into(),
             sql: crate::ledger::migration_sql(schema).into_iter().map(|(_, sql)| sql).collect::<Vec<_>>().join("\n"),
             migrations: true,
         });
-        let events = ops.iter().map(|o| o.to_uppercase()).collect::<Vec<_>>().join(" OR ");
         for table in &tables {
-            // The key columns go in as trigger arguments, read from the catalog
-            // here once rather than by the trigger on every row.
             out.push(step(
-                format!("Trigger on {table}: records (table, primary key) in the change log and sends a NOTIFY."),
                 format!(
-                    "DO $$\nDECLARE key_columns text;\nBEGIN\n  \
-                     SELECT string_agg(quote_literal(a.attname), ', ' ORDER BY array_position(i.indkey::int2[], a.attnum))\n    \
-                     INTO key_columns\n    \
-                     FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])\n   \
-                     WHERE i.indrelid = {table_lit}::regclass AND i.indisprimary;\n  \
-                     EXECUTE format('CREATE OR REPLACE TRIGGER %I AFTER {events} ON %s FOR EACH ROW EXECUTE FUNCTION %I.capture(%s)',\n    \
-                     {trigger}, {table_lit}, {schema_lit}, coalesce(key_columns, ''));\nEND $$",
-                    trigger = quote_literal(&format!("{schema}_capture")),
-                    table_lit = quote_literal(table),
-                    schema_lit = quote_literal(schema),
+                    "Capture triggers on {table}: each statement's rows go to the change log, as committed, with \
+                     the columns the routes read{}.",
+                    if src.notify {
+                        ", and one NOTIFY per transaction wakes the relay"
+                    } else {
+                        " (no NOTIFY: source.notify = false)"
+                    }
                 ),
+                capture_triggers_sql(cfg, table),
             ));
         }
     }
@@ -147,6 +140,151 @@ pub fn statements(cfg: &Config) -> Vec<Statement> {
         ));
     }
     out
+}
+
+/// Capture triggers' names: `<schema>_capture_<operation>`.
+pub fn capture_trigger_name(schema: &str, op: Operation) -> String {
+    format!("{schema}_capture_{}", op.as_str())
+}
+
+/// The row-level trigger of installs before migration 7 (table and key only).
+pub fn legacy_trigger_name(schema: &str) -> String {
+    format!("{schema}_capture")
+}
+
+/// Each routed table's columns the capture trigger must record: every route's
+/// columns, in route order, each once. `setup` adds the primary key's.
+pub fn capture_columns<'a>(cfg: &'a Config, qualified: &str) -> Vec<&'a str> {
+    let mut columns: Vec<&str> = vec![];
+    for c in cfg.routes.iter().filter(|r| r.qualified_table() == qualified).flat_map(|r| r.columns()) {
+        if !columns.contains(&c) {
+            columns.push(c);
+        }
+    }
+    columns
+}
+
+/// The call that (re)installs `table`'s capture function and triggers
+/// (`install_capture`, sql/migrations/007): one statement-level trigger per
+/// operation its routes list; the earlier install's row-level trigger and the
+/// triggers of operations no route lists any more are dropped. The primary
+/// key's columns are added from the catalog there, once, not by the trigger.
+fn capture_triggers_sql(cfg: &Config, table: &str) -> String {
+    let routes: Vec<_> = cfg.routes.iter().filter(|r| quote_table(&r.qualified_table()) == table).collect();
+    let qualified = routes.first().map(|r| r.qualified_table()).unwrap_or_default();
+    let columns: Vec<String> = capture_columns(cfg, &qualified).into_iter().map(quote_literal).collect();
+    let operations: Vec<String> = [Operation::Insert, Operation::Update, Operation::Delete]
+        .into_iter()
+        .filter(|op| routes.iter().any(|r| r.operations.contains(op)))
+        .map(|op| quote_literal(op.as_str()))
+        .collect();
+    format!(
+        "SELECT {s}.install_capture({table_lit}::regclass,\n  ARRAY[{operations}]::text[],\n  \
+         ARRAY[{columns}]::text[],\n  {notify})",
+        s = quote_ident(&cfg.relay.schema),
+        table_lit = quote_literal(table),
+        operations = operations.join(", "),
+        columns = columns.join(", "),
+        notify = cfg.source.notify,
+    )
+}
+
+/// Migrations that made listen mode's objects (change log, its position, the
+/// capture functions). Teardown without `--ledger` forgets them so that a later
+/// `setup` makes those objects again. A new migration touching them joins this list.
+const LISTEN_MIGRATIONS: [i32; 3] = [3, 5, 7];
+
+/// What `teardown` runs: everything `setup` made, in either mode (a relay
+/// switched from one mode to the other leaves no slot behind), and the relay
+/// schema with its ledger only if `ledger`. The role, if any, stays: it may own
+/// other things.
+pub fn teardown_statements(cfg: &Config, ledger: bool) -> Vec<Statement> {
+    let schema = &cfg.relay.schema;
+    let s = quote_ident(schema);
+    let schema_lit = quote_literal(schema);
+    let mut out = vec![
+        step(
+            "Capture triggers first, on every table (routed now or earlier): Django's writes stop filling the change log.",
+            format!(
+                "DO $$\nDECLARE r record;\nBEGIN\n  \
+                 FOR r IN SELECT t.tgname, t.tgrelid::regclass AS tbl FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid\n           \
+                 WHERE p.pronamespace = to_regnamespace({schema_lit}) AND p.proname LIKE 'capture%' LOOP\n    \
+                 EXECUTE format('DROP TRIGGER %I ON %s', r.tgname, r.tbl);\n  \
+                 END LOOP;\nEND $$"
+            ),
+        ),
+        step(
+            "The change log, its read position, and the capture functions (those setup wrote per table too).",
+            format!(
+                "DROP TABLE IF EXISTS {s}.changes, {s}.listen_progress, {s}.listen_doorbell;\n\
+                 DO $$\nDECLARE f regprocedure;\nBEGIN\n  \
+                 FOR f IN SELECT p.oid::regprocedure FROM pg_proc p WHERE p.pronamespace = to_regnamespace({schema_lit})\n           \
+                 AND (p.proname IN ('capture', 'capture_expr', 'text_output', 'install_capture') OR p.proname LIKE 'capture\\_%') LOOP\n    \
+                 EXECUTE format('DROP FUNCTION %s', f);\n  \
+                 END LOOP;\nEND $$"
+            ),
+        ),
+        step(
+            "The logical slot (this database's only): it would keep WAL forever. Stop the relay first: an active slot cannot be dropped.",
+            format!(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots\n\
+                 WHERE slot_name = {slot} AND database = current_database()",
+                slot = quote_literal(&cfg.source.slot)
+            ),
+        ),
+        step("The publication.", format!("DROP PUBLICATION IF EXISTS {}", quote_ident(&cfg.source.publication))),
+    ];
+    if ledger {
+        out.push(step(
+            "The relay schema: ledger, offsets, everything in it.",
+            format!("DROP SCHEMA IF EXISTS {s} CASCADE"),
+        ));
+    } else {
+        let versions = LISTEN_MIGRATIONS.map(|v| v.to_string()).join(", ");
+        out.push(step(
+            "The ledger stays (--ledger drops it). Forget the positions and the listen-mode migrations, so a later `setup` starts afresh.",
+            format!(
+                "DO $$ BEGIN\n  \
+                 IF to_regclass({migrations_lit}) IS NOT NULL THEN\n    \
+                 DELETE FROM {s}.schema_migrations WHERE version IN ({versions});\n  END IF;\n  \
+                 IF to_regclass({progress_lit}) IS NOT NULL THEN\n    \
+                 DELETE FROM {s}.progress WHERE slot = {slot};\n  END IF;\nEND $$",
+                slot = quote_literal(&cfg.source.slot),
+                migrations_lit = quote_literal(&format!("{s}.schema_migrations")),
+                progress_lit = quote_literal(&format!("{s}.progress")),
+            ),
+        ));
+    }
+    out
+}
+
+/// The script `teardown --print-sql` shows.
+pub fn teardown_script(cfg: &Config, ledger: bool) -> String {
+    let mut s = String::from(
+        "-- outbox-relay teardown: removes what `setup` made. Run as the role that ran setup.\n\
+         -- Safe to run twice.\n",
+    );
+    for st in teardown_statements(cfg, ledger) {
+        s.push_str(&format!("\n-- {}\n{};\n", st.why, st.sql));
+    }
+    if let Some(role) = &cfg.source.role {
+        s.push_str(&format!(
+            "\n-- The role {} is left in place: DROP ROLE it yourself once nothing uses it.\n",
+            quote_ident(role)
+        ));
+    }
+    s
+}
+
+/// Runs the teardown, statement by statement.
+pub async fn teardown(client: &Client, cfg: &Config, ledger: bool) -> Result<(), SetupError> {
+    for st in teardown_statements(cfg, ledger) {
+        client
+            .batch_execute(&st.sql)
+            .await
+            .map_err(|source| SetupError::Statement { statement: st.sql.clone(), source })?;
+    }
+    Ok(())
 }
 
 /// The script `--print-sql` shows.
@@ -210,15 +348,38 @@ mod tests {
         let cfg = Config::from_toml(&text).unwrap();
         let sql = script(&cfg);
         assert!(!sql.contains("pg_create_logical_replication_slot"), "{sql}");
-        assert!(sql.contains("WHERE i.indrelid = '\"public\".\"operators_outboxevent\"'::regclass"), "{sql}");
         assert!(
             sql.contains(
-                "'CREATE OR REPLACE TRIGGER %I AFTER INSERT ON %s FOR EACH ROW EXECUTE FUNCTION %I.capture(%s)'"
+                "SELECT \"outbox_relay\".install_capture('\"public\".\"operators_outboxevent\"'::regclass,\n  \
+                 ARRAY['insert']::text[],\n  ARRAY['recipient_id', 'event_type', 'channels', 'payload']::text[],\n  true)"
             ),
-            "the key columns become trigger arguments: {sql}"
+            "the route's operations and columns: {sql}"
         );
-        assert!(sql.contains("CREATE OR REPLACE FUNCTION outbox_relay.capture()"));
-        assert!(sql.contains("pg_notify"));
+        assert!(sql.contains("'FOR EACH STATEMENT EXECUTE FUNCTION outbox_relay.%I(%s)'"), "{sql}");
+        assert!(sql.contains("'DROP TRIGGER IF EXISTS %I ON %s', 'outbox_relay_capture', tbl"), "the old one goes");
+        assert!(
+            sql.contains("PERFORM pg_notify(''outbox_relay'', '''')"),
+            "a constant payload, folded per transaction"
+        );
+        let quiet = Config::from_toml(&text.replace("mode = \"listen\"", "mode = \"listen\"\nnotify = false")).unwrap();
+        assert!(script(&quiet).contains("::text[],\n  false)"));
+    }
+
+    #[test]
+    fn teardown_removes_both_modes_and_the_ledger_only_when_asked() {
+        let cfg = Config::from_toml(crate::config::README_EXAMPLE).unwrap();
+        let sql = teardown_script(&cfg, false);
+        for want in [
+            "DROP TRIGGER %I ON %s",
+            "DROP TABLE IF EXISTS \"outbox_relay\".changes, \"outbox_relay\".listen_progress",
+            "pg_drop_replication_slot(slot_name)",
+            "DROP PUBLICATION IF EXISTS \"outbox_relay\"",
+            "DELETE FROM \"outbox_relay\".schema_migrations WHERE version IN (3, 5, 7)",
+        ] {
+            assert!(sql.contains(want), "{want}: {sql}");
+        }
+        assert!(!sql.contains("DROP SCHEMA"), "{sql}");
+        assert!(teardown_script(&cfg, true).contains("DROP SCHEMA IF EXISTS \"outbox_relay\" CASCADE"));
     }
 
     #[test]

@@ -138,40 +138,16 @@ async fn listen_mode_setup_installs_triggers_and_status_shows_the_watermark() {
         assert!(o.status.success(), "setup: {}", stderr(&o));
     }
     let client = db.client().await;
-    let triggers: i64 = client
-        .query_one("SELECT count(*) FROM pg_trigger WHERE tgname = 'outbox_relay_capture'", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(triggers, 1, "one routed table, one trigger, even after two runs");
-    let args: i16 = client
-        .query_one("SELECT tgnargs FROM pg_trigger WHERE tgname = 'outbox_relay_capture'", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(args, 1, "the primary key column is passed to the trigger, not looked up per row");
-    // A composite key, and a trigger installed without arguments (as before
-    // migration 5): both yield the key columns in index order, comma-joined.
-    client
-        .batch_execute(
-            "CREATE TABLE two_keys (b int, a text, n int, PRIMARY KEY (b, a));
-             CREATE TRIGGER with_args AFTER INSERT ON two_keys FOR EACH ROW EXECUTE FUNCTION outbox_relay.capture('b', 'a');
-             INSERT INTO two_keys VALUES (7, 'x', 1);
-             DROP TRIGGER with_args ON two_keys;
-             CREATE TRIGGER without_args AFTER INSERT ON two_keys FOR EACH ROW EXECUTE FUNCTION outbox_relay.capture();
-             INSERT INTO two_keys VALUES (8, 'y', 2);",
-        )
-        .await
-        .unwrap();
-    let keys: Vec<String> = client
-        .query("SELECT source_pk FROM outbox_relay.changes WHERE source_table = 'public.two_keys' ORDER BY id", &[])
+    let triggers: Vec<(String, i16)> = client
+        .query("SELECT tgname::text, tgnargs FROM pg_trigger WHERE tgname LIKE 'outbox_relay_capture%'", &[])
         .await
         .unwrap()
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| (r.get(0), r.get(1)))
         .collect();
-    assert_eq!(keys, ["7,x", "8,y"]);
-    client.batch_execute("DELETE FROM outbox_relay.changes; DROP TABLE two_keys").await.unwrap();
+    // The notify flag, then the route's columns and the primary key, each once:
+    // user_id, id, title. Looked up once by setup, not per statement.
+    assert_eq!(triggers, [("outbox_relay_capture_insert".to_string(), 4)], "one trigger, even after two runs");
     let slots: i64 = client
         .query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[])
         .await
@@ -187,6 +163,78 @@ async fn listen_mode_setup_installs_triggers_and_status_shows_the_watermark() {
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(v["mode"], "listen");
     assert_eq!(v["change_log_unread"], 1, "the insert waits in the change log: {v}");
+    let captured: serde_json::Value =
+        client.query_one("SELECT row_data FROM outbox_relay.changes", &[]).await.unwrap().get(0);
+    assert_eq!(
+        captured,
+        serde_json::json!({"id": "1", "user_id": "1", "title": "t"}),
+        "the route's columns as text output, nothing else (body, ... stay out of the change log)"
+    );
+}
+
+/// `teardown` leaves no trigger, change log, function, slot or publication
+/// behind, in either mode; the ledger goes only with --ledger; `setup` works
+/// again afterwards.
+#[tokio::test]
+async fn teardown_removes_what_setup_made_in_both_modes() {
+    for mode in ["listen", "logical"] {
+        let db = pg::fresh_db(&format!("cli_teardown_{mode}")).await;
+        let text = config(&db.url, &db.name, "").replace("[source]", &format!("[source]\nmode = \"{mode}\""));
+        let case = write(&text);
+        for command in ["setup", "migrate"] {
+            let o = relay(&case.path, &[command]);
+            assert!(o.status.success(), "{command}: {}", stderr(&o));
+        }
+        let client = db.client().await;
+        let count = |sql: &'static str| {
+            let client = &client;
+            async move { client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+        };
+        const TRIGGERS: &str = "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'outbox_relay_capture%'";
+        const LISTEN_OBJECTS: &str = "SELECT (SELECT count(*) FROM pg_proc WHERE proname LIKE 'capture%'
+            AND pronamespace = to_regnamespace('outbox_relay')) + (SELECT count(*) FROM pg_class WHERE relname IN
+            ('changes', 'listen_progress', 'listen_doorbell') AND relnamespace = to_regnamespace('outbox_relay'))";
+        const SLOTS: &str = "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()";
+        const PUBLICATIONS: &str = "SELECT count(*) FROM pg_publication";
+        let (triggers, slots) = (count(TRIGGERS).await, count(SLOTS).await);
+        assert_eq!((triggers, slots), if mode == "listen" { (1, 0) } else { (0, 1) }, "{mode}: setup made them");
+
+        let printed = relay(&case.path, &["teardown", "--print-sql"]);
+        assert!(String::from_utf8_lossy(&printed.stdout).contains("DROP PUBLICATION IF EXISTS"));
+        for _ in 0..2 {
+            let o = relay(&case.path, &["teardown"]);
+            assert!(o.status.success(), "{mode}: teardown (safe twice): {}", stderr(&o));
+        }
+        assert_eq!(count(TRIGGERS).await, 0, "{mode}");
+        assert_eq!(count(LISTEN_OBJECTS).await, 0, "{mode}");
+        assert_eq!(count(SLOTS).await, 0, "{mode}");
+        assert_eq!(count(PUBLICATIONS).await, 0, "{mode}");
+        let ledger = "SELECT count(*) FROM pg_namespace WHERE nspname = 'outbox_relay'";
+        assert_eq!(client.query_one(ledger, &[]).await.unwrap().get::<_, i64>(0), 1, "the ledger stays");
+
+        // setup again makes everything again (the listen migrations were forgotten).
+        let o = relay(&case.path, &["setup"]);
+        assert!(o.status.success(), "{mode}: setup after teardown: {}", stderr(&o));
+        if mode == "listen" {
+            assert_eq!(count(TRIGGERS).await, 1);
+            client
+                .batch_execute(
+                    "INSERT INTO operators_notificationoperateur (user_id, kind, title) VALUES (1, 'k', 't')",
+                )
+                .await
+                .unwrap();
+            assert_eq!(count("SELECT count(*) FROM outbox_relay.changes").await, 1);
+        }
+        let o = relay(&case.path, &["teardown", "--ledger"]);
+        assert!(o.status.success(), "{mode}: teardown --ledger: {}", stderr(&o));
+        assert_eq!(client.query_one(ledger, &[]).await.unwrap().get::<_, i64>(0), 0, "--ledger drops the schema");
+        assert_eq!(count(SLOTS).await + count(TRIGGERS).await, 0);
+        // Django's writes go on without the relay.
+        client
+            .batch_execute("INSERT INTO operators_notificationoperateur (user_id, kind, title) VALUES (1, 'k', 't')")
+            .await
+            .unwrap();
+    }
 }
 
 /// The README's first command: a throwaway PostgreSQL, the Django tables, in-app

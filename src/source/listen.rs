@@ -1,18 +1,36 @@
 //! LISTEN/NOTIFY mode, for databases without logical replication.
 //!
-//! A trigger on each routed table writes (table, key, writing transaction's
-//! xid8) to the relay's change log and sends a NOTIFY. The relay LISTENs only to
-//! wake up early; it also reads the log every `source.poll_interval_ms`, so a
-//! missed notification (connection drop, queue full, relay down) delays a row
-//! but never loses it.
+//! **Capture.** `setup` puts statement-level triggers on each routed table
+//! (function `capture_rows()`, sql/migrations/007): every row a statement
+//! inserts, updates or deletes (the old row for a delete) goes to the relay's
+//! change log with the columns the routes read, as PostgreSQL's text output,
+//! inside the writer's transaction — with the writing transaction's xid8. The
+//! relay routes from the change log only: values as committed, deletes
+//! routable, nothing looked up in the routed tables afterwards.
 //!
-//! Which log rows are safe to read is decided by a transaction-visibility
-//! watermark, not by `max(id)`: in one REPEATABLE READ transaction the relay
-//! takes `W = pg_snapshot_xmin(pg_current_snapshot())` — every transaction below
-//! W has finished, so all its rows are visible now — reads rows with
-//! `previous W <= xid < W`, routes them, writes their deliveries and the new W
-//! in the same transaction. Rows of transactions still running have xid >= W
-//! and wait for a later poll. docs/listen-mode.md has the ids-5-and-6 story.
+//! **Wake-up.** The trigger sends one NOTIFY with a constant payload, which
+//! PostgreSQL folds to one per transaction. A connection of its own LISTENs and
+//! does nothing else: a backend inside a transaction stops consuming the
+//! notification queue, and a listener that falls behind holds the queue for the
+//! whole cluster (docs/listen-mode.md). The reader also polls every
+//! `source.poll_interval_ms`, so a missed notification delays a row, never loses
+//! it; `source.notify = false` drops the NOTIFY and the LISTEN altogether.
+//!
+//! **Watermark.** Which log rows are safe to read is decided by transaction
+//! visibility, not by `max(id)`: in one REPEATABLE READ transaction the relay
+//! takes `H = pg_snapshot_xmin(pg_current_snapshot())` — every transaction below
+//! H has finished, so all its rows are visible now — reads rows with
+//! `watermark <= xid < H`, routes them, and writes their deliveries and the new
+//! position in the same transaction. Rows of transactions still running have
+//! xid >= H and wait for a later read. docs/listen-mode.md has the ids-5-and-6 story.
+//!
+//! **Pages.** A read takes at most `relay.ingest_batch_rows` rows in (xid, id)
+//! order, so memory follows the page, not the transaction. A full page may end
+//! inside a transaction: the watermark then moves only up to that transaction
+//! (every one below it was read whole) and a cursor (xid, last id) says how far
+//! into it the relay got; the next read continues there. Each page's deliveries
+//! and position commit together; a page read twice after a crash yields the
+//! same ledger keys (`ChangeId::Log`), which the ledger ignores.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -21,15 +39,16 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
+use serde_json::Value as Json;
 use tokio::sync::{watch, Notify};
 use tokio_postgres::{AsyncMessage, Client, IsolationLevel};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::dispatch::Intake;
+use crate::dispatch::{reconnect_delay, Intake};
 use crate::ledger::{self, LedgerError};
-use crate::routing::{NewDelivery, Router};
-use crate::setup::{quote_ident, quote_table};
+use crate::routing::{Disposition, NewDelivery, Router};
+use crate::setup::quote_ident;
 use crate::source::{ChangeId, Column, Lsn, Operation, RowChange, Table, Value};
 use crate::telemetry::{metric, Health};
 
@@ -47,8 +66,27 @@ impl ListenError {
     }
 }
 
-/// How often old change-log rows (below the watermark) are pruned.
-const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How often old change-log rows (below the watermark) are pruned and the
+/// NOTIFY queue's fill level is checked.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
+
+/// How soon a relay that just read rows reads again: while writes keep
+/// coming, polling this often costs an indexed read, where a NOTIFY from every
+/// writer would serialise their commits.
+const QUICK_POLL: Duration = Duration::from_millis(10);
+
+/// How long the change log must stay empty before the relay waits for a
+/// notification (or the poll interval) rather than polling every QUICK_POLL.
+const IDLE_BEFORE_WAITING: Duration = Duration::from_millis(200);
+
+/// Above this fill of PostgreSQL's NOTIFY queue the relay warns: when the queue
+/// is full, every transaction that notifies fails at commit.
+const QUEUE_WARN_AT: f64 = 0.1;
+
+/// What a change-log row written by an earlier install's trigger (key only)
+/// records when `setup` could not fill its values in: the row was gone by then.
+const UNCAPTURED: &str = "recorded by the capture trigger of an earlier install, which kept no values, and the \
+                          row was gone when setup upgraded it";
 
 pub struct ListenSource {
     cfg: Arc<Config>,
@@ -60,11 +98,26 @@ pub struct ListenSource {
 /// One change-log row.
 struct Change {
     id: i64,
-    xid: u64,
+    xid: i64,
     table: String,
-    pk: String,
     op: Operation,
     at: DateTime<Utc>,
+    /// Captured columns → text output or null; `None` for a row of an earlier trigger.
+    data: Option<serde_json::Map<String, Json>>,
+}
+
+/// The page read. Public for the test that EXPLAINs it: the (xid, id) index
+/// serves both the range and the order, so a read costs the page, not the log.
+/// $1, $2: read after this (xid, id); $3: the horizon; $4: the page size.
+/// The ORDER BY names the table's columns: a bare `xid` would mean the output
+/// column `xid::text::bigint`, which no index serves (a sort of the whole range).
+pub fn read_page_sql(schema: &str) -> String {
+    format!(
+        "SELECT c.id, c.xid::text::bigint AS xid_number, c.source_table, c.op, c.created_at, c.row_data
+         FROM {schema}.changes c
+         WHERE (c.xid, c.id) > ($1::text::xid8, $2::bigint) AND c.xid < $3::text::xid8
+         ORDER BY c.xid, c.id LIMIT $4"
+    )
 }
 
 impl ListenSource {
@@ -73,9 +126,9 @@ impl ListenSource {
         ListenSource { cfg, router, intake, health }
     }
 
-    /// Change-log rows read per poll, at most (a backlog drains in several
-    /// polls): the same bound as a logical-mode ledger batch, which is what
-    /// bounds memory (a page's deliveries may wait in the hand-over to dispatch).
+    /// Change-log rows read per poll, at most (a backlog, or one large
+    /// transaction, drains in several polls): the same bound as a logical-mode
+    /// ledger batch, which is what bounds memory.
     fn page_rows(&self) -> i64 {
         self.cfg.relay.ingest_batch_rows.max(100) as i64
     }
@@ -83,39 +136,35 @@ impl ListenSource {
     /// Polls until `shutdown` turns true, reconnecting with backoff when the
     /// database goes away; errors that need a human end the run.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), ListenError> {
+        let wake = Arc::new(Notify::new());
+        let listener = self.cfg.source.notify.then(|| {
+            let (url, channel) = (self.cfg.source.database_url.clone(), self.cfg.relay.schema.clone());
+            tokio::spawn(listen_for_wakeups(url, channel, wake.clone(), shutdown.clone()))
+        });
         let mut failures = 0u32;
-        loop {
-            let Err(e) = self.session(&mut shutdown, &mut failures).await else { return Ok(()) };
+        let result = loop {
+            let Err(e) = self.session(&wake, &mut shutdown, &mut failures).await else { break Ok(()) };
             let retry = classify(&e);
-            if !crate::source::back_off("listen", &self.health, e, retry, &mut failures, &mut shutdown).await? {
-                return Ok(());
+            match crate::source::back_off("listen", &self.health, e, retry, &mut failures, &mut shutdown).await {
+                Ok(true) => continue,
+                Ok(false) => break Ok(()),
+                Err(e) => break Err(e),
             }
+        };
+        if let Some(listener) = listener {
+            listener.abort();
         }
+        result
     }
 
-    async fn session(&self, shutdown: &mut watch::Receiver<bool>, failures: &mut u32) -> Result<(), ListenError> {
+    async fn session(
+        &self,
+        wake: &Notify,
+        shutdown: &mut watch::Receiver<bool>,
+        failures: &mut u32,
+    ) -> Result<(), ListenError> {
         let schema = &self.cfg.relay.schema;
-        let (mut client, mut connection) =
-            crate::db::connect(&self.cfg.source.database_url).await.map_err(LedgerError::Connect)?;
-        // The connection is driven here rather than by a plain `await`, to see NOTIFYs.
-        let notified = Arc::new(Notify::new());
-        let ring = notified.clone();
-        tokio::spawn(async move {
-            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(message) = messages.next().await {
-                match message {
-                    Ok(AsyncMessage::Notification(_)) => ring.notify_one(),
-                    Ok(_) => {}
-                    Err(e) => {
-                        debug!(error = %e, "listen connection ended");
-                        break;
-                    }
-                }
-            }
-            // Wake the poller so that its next query reports the broken connection.
-            ring.notify_one();
-        });
-        client.batch_execute(&format!("LISTEN {}", quote_ident(schema))).await?;
+        let mut client = ledger::connect(&self.cfg.source.database_url).await?;
         // Marks the position as existing from the start (status, tests).
         client
             .execute(
@@ -126,27 +175,69 @@ impl ListenSource {
                 &[&self.cfg.source.slot],
             )
             .await?;
+        // Claims whose commit outlived a lost connection go back to the queue
+        // now, not after their lease (as in logical mode; see `dispatch::Intake`).
+        let orphans = ledger::Ledger::new(ledger::connect(&self.cfg.source.database_url).await?, schema);
+        self.intake.release_orphans(&orphans).await?;
+        drop(orphans);
         self.health.source_connected.store(true, Ordering::Relaxed);
         self.health.ledger_connected.store(true, Ordering::Relaxed);
         *failures = 0;
-        info!(name = %self.cfg.source.slot, "listening for changes");
+        info!(name = %self.cfg.source.slot, notify = self.cfg.source.notify, "reading the change log");
 
         let poll = Duration::from_millis(self.cfg.source.poll_interval_ms.max(10));
-        let mut tables: HashMap<String, Arc<Table>> = HashMap::new();
-        let mut last_prune = tokio::time::Instant::now();
+        let mut last_housekeeping = tokio::time::Instant::now();
+        // The doorbell (notify mode): armed while we wait for a notification,
+        // disarmed while busy, so that writers notify only when it wakes us.
+        // `armed_after`: an xid taken once the arming committed; a writer that
+        // still saw the doorbell disarmed has a smaller one. Until every such
+        // transaction has finished (the read horizon passes it), we poll
+        // rather than wait for a notification it will not send.
+        let mut armed_after: Option<i64> = None;
+        let mut quick = QUICK_POLL;
+        let mut last_rows = tokio::time::Instant::now();
         loop {
-            let read = self.poll_once(&mut client, &mut tables).await?;
-            if last_prune.elapsed() >= PRUNE_EVERY {
-                last_prune = tokio::time::Instant::now();
-                self.prune(&client).await?;
+            self.health.tick(crate::telemetry::Loop::Source);
+            let (read, horizon) = self.poll_once(&mut client).await?;
+            if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
+                last_housekeeping = tokio::time::Instant::now();
+                self.housekeeping(&client).await?;
             }
             if read as i64 >= self.page_rows() {
-                continue; // a backlog: keep reading
+                continue; // a backlog or a large transaction: keep reading
             }
+            let wait = if read > 0 {
+                // Busy: read again shortly; writers need not notify meanwhile.
+                last_rows = tokio::time::Instant::now();
+                if armed_after.take().is_some() {
+                    self.ring_doorbell(&client, false).await?;
+                }
+                quick = QUICK_POLL;
+                QUICK_POLL
+            } else if last_rows.elapsed() < IDLE_BEFORE_WAITING {
+                // An empty read amid a stream of commits (the horizon waits
+                // for a writer still running) is a pause, not idleness.
+                QUICK_POLL
+            } else if !self.cfg.source.notify || armed_after.is_some_and(|after| horizon > after) {
+                // Idle; and, with notifications, armed with every writer that
+                // saw the doorbell disarmed done: a notification wakes us.
+                poll
+            } else if armed_after.is_some() {
+                quick = (quick * 2).min(poll);
+                quick
+            } else {
+                armed_after = Some(self.ring_doorbell(&client, true).await?);
+                quick = QUICK_POLL;
+                continue; // read once more: a row may have committed before the doorbell was armed
+            };
             tokio::select! {
-                _ = notified.notified() => {}
-                _ = tokio::time::sleep(poll) => {}
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = crate::stopped(shutdown) => {
+                    // Nobody to wake until a relay runs again (it reads first, then arms).
+                    if self.cfg.source.notify {
+                        self.ring_doorbell(&client, false).await?;
+                    }
                     info!("listen source stopped");
                     return Ok(());
                 }
@@ -154,176 +245,166 @@ impl ListenSource {
         }
     }
 
-    /// One read of the change log behind the watermark; returns rows read.
-    async fn poll_once(
-        &self,
-        client: &mut Client,
-        tables: &mut HashMap<String, Arc<Table>>,
-    ) -> Result<usize, ListenError> {
+    /// Arms or disarms the doorbell the capture triggers read before
+    /// notifying. Arming returns an xid assigned after it committed: every
+    /// writer that saw the doorbell disarmed holds a smaller one.
+    async fn ring_doorbell(&self, client: &Client, armed: bool) -> Result<i64, ListenError> {
+        let schema = &self.cfg.relay.schema;
+        // Empty (new, or after a crash: it is unlogged) means armed; keep one row.
+        client
+            .execute(
+                &format!(
+                    "WITH changed AS (UPDATE {schema}.listen_doorbell SET armed = $1 RETURNING 1)
+                     INSERT INTO {schema}.listen_doorbell (armed) SELECT $1 WHERE NOT EXISTS (SELECT 1 FROM changed)"
+                ),
+                &[&armed],
+            )
+            .await?;
+        if !armed {
+            return Ok(0);
+        }
+        Ok(client.query_one("SELECT pg_current_xact_id()::text::bigint", &[]).await?.get(0))
+    }
+
+    /// One page of the change log behind the watermark; returns the rows read
+    /// and the horizon it read below.
+    async fn poll_once(&self, client: &mut Client) -> Result<(usize, i64), ListenError> {
         let schema = &self.cfg.relay.schema;
         let name = &self.cfg.source.slot;
+        let page = self.page_rows();
         let tx = client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).start().await?;
         // First statement: it takes the snapshot the rest of the transaction sees.
         let horizon: i64 =
             tx.query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint", &[]).await?.get(0);
-        let from: i64 = tx
+        let position = tx
             .query_opt(
-                &format!("SELECT watermark::text::bigint FROM {schema}.listen_progress WHERE name = $1"),
+                &format!(
+                    "SELECT watermark::text::bigint, cursor_xid::text::bigint, cursor_id
+                     FROM {schema}.listen_progress WHERE name = $1"
+                ),
                 &[name],
             )
-            .await?
-            .map(|r| r.get(0))
-            .unwrap_or(0);
-        let rows = tx
-            .query(
-                &format!(
-                    "SELECT xid::text::bigint, source_table, source_pk, op, created_at, id FROM {schema}.changes
-                     WHERE xid >= $1::text::xid8 AND xid < $2::text::xid8 ORDER BY xid, id LIMIT $3"
-                ),
-                &[&from.to_string(), &horizon.to_string(), &(self.page_rows() + 1)],
-            )
             .await?;
-        let mut changes: Vec<Change> = rows
+        let (from, cursor) = match position {
+            Some(r) => (r.get::<_, i64>(0), r.get::<_, Option<i64>>(1).zip(r.get::<_, Option<i64>>(2))),
+            None => (0, None),
+        };
+        // Just after the cursor inside a transaction read in part, else at the watermark.
+        let (after_xid, after_id) = match cursor {
+            Some((xid, id)) if xid >= from => (xid, id),
+            _ => (from, 0),
+        };
+        let rows =
+            tx.query(&read_page_sql(schema), &[&after_xid.to_string(), &after_id, &horizon.to_string(), &page]).await?;
+        let changes: Vec<Change> = rows
             .iter()
             .map(|r| Change {
-                xid: r.get::<_, i64>(0) as u64,
-                table: r.get(1),
-                pk: r.get(2),
+                id: r.get(0),
+                xid: r.get(1),
+                table: r.get(2),
                 op: match r.get::<_, &str>(3) {
                     "update" => Operation::Update,
                     "delete" => Operation::Delete,
                     _ => Operation::Insert,
                 },
                 at: r.get(4),
-                id: r.get(5),
+                data: match r.get::<_, Option<Json>>(5) {
+                    Some(Json::Object(map)) => Some(map),
+                    _ => None,
+                },
             })
             .collect();
-        // The new watermark: the horizon if everything below it was read; else
-        // the xid of the last, possibly incomplete, transaction in this page
-        // (its rows are read again next time; the ledger ignores repeats).
-        let mut next = horizon as u64;
-        if changes.len() as i64 > self.page_rows() {
-            let last = changes[changes.len() - 1].xid;
-            let first = changes[0].xid;
-            if first == last {
-                // One transaction larger than a page: read it whole.
-                changes = self.whole_transaction(&tx, last).await?;
-                next = last + 1;
-            } else {
-                changes.retain(|c| c.xid < last);
-                next = last;
-            }
-        }
-        let read = changes.len();
+        drop(rows);
+        // A full page may stop inside a transaction: the watermark moves up to
+        // that transaction only, and the cursor says how far into it we got. A
+        // short page read everything below the horizon.
+        let (watermark, next_cursor) = match changes.last() {
+            Some(last) if changes.len() as i64 >= page => (last.xid, Some((last.xid, last.id))),
+            _ => (horizon, None),
+        };
         let mut deliveries = Vec::new();
-        self.route(&tx, &changes, tables, &mut deliveries).await?;
+        self.route(&tx, &changes, &mut deliveries).await?;
         // As in logical mode: fresh rows go to dispatch in memory when it has room.
         let room = self.intake.room();
         let inserted = ledger::insert_deliveries(&tx, schema, &deliveries, self.intake.claim(&room)).await?;
-        if next > from as u64 {
+        crate::routing::count_recorded(inserted.fresh.iter().map(|&i| &deliveries[i]), &self.cfg);
+        if !changes.is_empty() || watermark > from || next_cursor != cursor {
             tx.execute(
                 &format!(
                     "UPDATE {schema}.listen_progress
-                     SET watermark = GREATEST(watermark, $2::text::xid8), updated_at = now() WHERE name = $1"
+                     SET watermark = GREATEST(watermark, $2::text::xid8), cursor_xid = $3::text::xid8,
+                         cursor_id = $4, updated_at = now()
+                     WHERE name = $1"
                 ),
-                &[name, &next.to_string()],
+                &[name, &watermark.to_string(), &next_cursor.map(|c| c.0.to_string()), &next_cursor.map(|c| c.1)],
             )
             .await?;
         }
         tx.commit().await?;
+        let read = changes.len();
         if read > 0 {
             metrics::counter!(metric::ROWS_INGESTED).increment(read as u64);
-            debug!(read, deliveries = deliveries.len(), inserted = inserted.count, watermark = next, "change log read");
+            debug!(read, deliveries = deliveries.len(), inserted = inserted.count, watermark, cursor = ?next_cursor,
+                "change log read");
         }
         self.intake.committed(room, inserted);
-        Ok(read)
+        Ok((read, horizon))
     }
 
-    async fn whole_transaction(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
-        xid: u64,
-    ) -> Result<Vec<Change>, ListenError> {
-        let schema = &self.cfg.relay.schema;
-        let rows = tx
-            .query(
-                &format!(
-                    "SELECT source_table, source_pk, op, created_at, id FROM {schema}.changes
-                     WHERE xid = $1::text::xid8 ORDER BY id"
-                ),
-                &[&xid.to_string()],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| Change {
-                xid,
-                table: r.get(0),
-                pk: r.get(1),
-                op: if r.get::<_, &str>(2) == "update" { Operation::Update } else { Operation::Insert },
-                at: r.get(3),
-                id: r.get(4),
-            })
-            .collect())
-    }
-
-    /// Reads the current rows the changes name and routes them, in log order.
+    /// Routes the captured rows, in log order.
     async fn route(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
         changes: &[Change],
-        tables: &mut HashMap<String, Arc<Table>>,
         out: &mut Vec<NewDelivery>,
     ) -> Result<(), ListenError> {
-        let mut keys: HashMap<&str, Vec<&str>> = HashMap::new();
+        // Each table's columns (type OIDs, primary key), read once per page.
+        let mut described: HashMap<&str, Table> = HashMap::new();
+        // The Table for a set of captured columns: shared by the rows that have it.
+        let mut shapes: HashMap<(&str, String), Arc<Table>> = HashMap::new();
         for c in changes.iter().filter(|c| self.router.routes_table(&c.table)) {
-            keys.entry(&c.table).or_default().push(&c.pk);
-        }
-        let mut rows: HashMap<(&str, String), Vec<Value>> = HashMap::new();
-        for (table, pks) in keys {
-            // Looked up each poll: a column Django added since is seen at once.
-            let shape = Arc::new(describe(tx, table).await?);
-            tables.insert(table.to_string(), shape.clone());
-            let key_cols: Vec<&Column> = shape.columns.iter().filter(|c| c.is_key).collect();
-            let key_expr = if key_cols.is_empty() {
-                "id::text".to_string()
-            } else {
-                let parts: Vec<String> = key_cols.iter().map(|c| format!("{}::text", quote_ident(&c.name))).collect();
-                format!("concat_ws(',', {})", parts.join(", "))
-            };
-            let select: Vec<String> = shape.columns.iter().map(|c| format!("{}::text", quote_ident(&c.name))).collect();
-            let sql = format!(
-                "SELECT {key_expr}, {} FROM {} WHERE {key_expr} = ANY($1)",
-                select.join(", "),
-                quote_table(table)
-            );
-            let pk_list: Vec<&str> = pks;
-            for r in tx.query(&sql, &[&pk_list]).await? {
-                let key: String = r.get(0);
-                let values = (1..r.len())
-                    .map(|i| match r.get::<_, Option<String>>(i) {
-                        Some(t) => Value::Text(t),
-                        None => Value::Null,
-                    })
-                    .collect();
-                rows.insert((table, key), values);
+            if !described.contains_key(c.table.as_str()) {
+                described.insert(&c.table, describe(tx, &c.table).await?);
             }
-        }
-        for c in changes.iter().filter(|c| self.router.routes_table(&c.table)) {
-            match (rows.get(&(c.table.as_str(), c.pk.clone())), tables.get(&c.table)) {
-                (Some(values), Some(table)) => {
-                    let change =
-                        RowChange { id: ChangeId::Log(c.id), table: table.clone(), op: c.op, values: values.clone() };
-                    self.router.route_change(&change, Lsn::default(), c.at, out);
+            let full = &described[c.table.as_str()];
+            let Some(data) = &c.data else {
+                // An earlier trigger's row that setup could not fill in: routed
+                // on no columns, so each route records a failure, saying why.
+                let table = Arc::new(Table { columns: vec![], ..full.clone() });
+                let first = out.len();
+                let change = RowChange { id: ChangeId::Log(c.id), table, op: c.op, values: vec![] };
+                self.router.route_change(&change, Lsn::default(), c.at, out);
+                for d in &mut out[first..] {
+                    d.disposition = Disposition::Failed(UNCAPTURED.into());
                 }
-                _ => out.extend(self.router.vanished(ChangeId::Log(c.id), &c.table, &c.pk, c.op, c.at)),
-            }
+                continue;
+            };
+            // serde_json's map iterates in key order: the same columns, the same signature.
+            let signature: String = data.keys().map(|k| k.as_str()).collect::<Vec<_>>().join("\0");
+            let table = shapes
+                .entry((&c.table, signature))
+                .or_insert_with(|| {
+                    let columns = full.columns.iter().filter(|col| data.contains_key(&col.name)).cloned().collect();
+                    Arc::new(Table { columns, ..full.clone() })
+                })
+                .clone();
+            let values = table
+                .columns
+                .iter()
+                .map(|col| match data.get(&col.name) {
+                    Some(Json::String(text)) => Value::Text(text.clone()),
+                    _ => Value::Null,
+                })
+                .collect();
+            let change = RowChange { id: ChangeId::Log(c.id), table, op: c.op, values };
+            self.router.route_change(&change, Lsn::default(), c.at, out);
         }
         Ok(())
     }
 
-    /// Drops change-log rows below the watermark older than an hour, a slice at a time.
-    async fn prune(&self, client: &Client) -> Result<(), ListenError> {
+    /// Drops change-log rows below the watermark older than an hour, a slice
+    /// at a time, and warns when PostgreSQL's NOTIFY queue fills.
+    async fn housekeeping(&self, client: &Client) -> Result<(), ListenError> {
         let schema = &self.cfg.relay.schema;
         let n = client
             .execute(
@@ -339,7 +420,69 @@ impl ListenSource {
         if n > 0 {
             debug!(pruned = n, "change log pruned");
         }
+        let usage: f64 = client.query_one("SELECT pg_notification_queue_usage()", &[]).await?.get(0);
+        if usage >= QUEUE_WARN_AT {
+            warn!(
+                usage_percent = usage * 100.0,
+                "PostgreSQL's NOTIFY queue is filling: a LISTENing session is not reading it (see the server log \
+                 for its PID). When it is full, every notifying transaction fails at commit: find that session, \
+                 or set source.notify = false and re-run setup (docs/listen-mode.md)"
+            );
+        }
         Ok(())
+    }
+}
+
+/// Keeps a connection LISTENing on `channel` and rings `wake` for each
+/// notification; it runs nothing else, so it never sits in a transaction
+/// while notifications queue up. Reconnects by itself, and rings once after
+/// each (re)connection for whatever was written while nobody listened.
+async fn listen_for_wakeups(url: String, channel: String, wake: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
+    let mut failures = 0u32;
+    loop {
+        match crate::db::connect(&url).await {
+            Ok((client, mut connection)) => {
+                let ring = wake.clone();
+                // The connection is driven here rather than by a plain `await`, to see NOTIFYs.
+                let mut driver = tokio::spawn(async move {
+                    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    while let Some(message) = messages.next().await {
+                        match message {
+                            Ok(AsyncMessage::Notification(_)) => ring.notify_one(),
+                            Ok(_) => {}
+                            Err(e) => {
+                                debug!(error = %e, "listen connection ended");
+                                break;
+                            }
+                        }
+                    }
+                });
+                match client.batch_execute(&format!("LISTEN {}", quote_ident(&channel))).await {
+                    Ok(()) => {
+                        failures = 0;
+                        wake.notify_one();
+                        tokio::select! {
+                            _ = &mut driver => {}
+                            _ = crate::stopped(&mut shutdown) => {
+                                driver.abort();
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "LISTEN failed");
+                        driver.abort();
+                    }
+                }
+            }
+            Err(e) => debug!(error = %e, "listen connection failed"),
+        }
+        // Until it is back, the reader's polling alone picks rows up.
+        failures += 1;
+        tokio::select! {
+            _ = tokio::time::sleep(reconnect_delay(failures)) => {}
+            _ = crate::stopped(&mut shutdown) => return,
+        }
     }
 }
 

@@ -87,19 +87,36 @@ impl Env {
         Env::build(mode, prefix, route_extra, "", extra).await
     }
 
+    /// `prepare` runs on the fresh database before setup (tables for routes in `extra`).
+    pub async fn prepared(mode: Mode, prefix: &str, prepare: &str, extra: &str) -> Env {
+        Env::build_on(mode, prefix, prepare, "", "", extra).await
+    }
+
     async fn build(mode: Mode, prefix: &str, route_extra: &str, channel_extra: &str, extra: &str) -> Env {
+        Env::build_on(mode, prefix, "", route_extra, channel_extra, extra).await
+    }
+
+    async fn build_on(
+        mode: Mode,
+        prefix: &str,
+        prepare: &str,
+        route_extra: &str,
+        channel_extra: &str,
+        extra: &str,
+    ) -> Env {
         let db = fresh_db(prefix).await;
+        db.client().await.batch_execute(prepare).await.expect("preparing the database");
         let url = db.url.clone();
-        Env::build_on(mode, db, url, route_extra, channel_extra, extra).await
+        Env::build_with_db(mode, db, url, route_extra, channel_extra, extra).await
     }
 
     /// On a database the caller made (another cluster), the relay connecting
     /// with `database_url` while setup and the test's checks use `db.url`.
     pub async fn on_db(mode: Mode, db: TestDb, database_url: String) -> Env {
-        Env::build_on(mode, db, database_url, "", "", "").await
+        Env::build_with_db(mode, db, database_url, "", "", "").await
     }
 
-    async fn build_on(
+    async fn build_with_db(
         mode: Mode,
         db: TestDb,
         database_url: String,
