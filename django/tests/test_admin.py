@@ -172,3 +172,36 @@ def test_outbox_event_links_to_its_deliveries(admin_client_):
     assert ids_listed(admin_client_.get(link.group(1).replace("&amp;", "&"))) == set(mine)
     # The outbox is written by code in transactions, not typed into the admin.
     assert admin_client_.get("/admin/outbox_relay/outboxevent/add/").status_code == 403
+
+
+@pytest.mark.django_db
+def test_the_readmes_grants_are_enough_for_reading_and_the_actions(pg_server):
+    """A Django role with exactly the README's GRANT can read the ledger and run both actions."""
+    import uuid
+
+    import psycopg
+    from django.conf import settings
+
+    from outbox_relay.ledger import _DISCARD, _RETRY
+
+    grant = re.search(r"`(GRANT USAGE ON SCHEMA outbox_relay TO app;.*?)`", relay.README.read_text(), flags=re.S)
+    assert grant, "the README's GRANT statement"
+    role = f"app_{uuid.uuid4().hex[:8]}"
+    host, port = pg_server
+    dbname = settings.DATABASES["default"]["NAME"]
+    as_admin = f"host={host} port={port} user=postgres dbname={dbname}"
+    with psycopg.connect(as_admin, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(grant.group(1).replace(" TO app;", f" TO {role};"))
+    try:
+        with psycopg.connect(f"host={host} port={port} user={role} dbname={dbname}", autocommit=True) as conn:
+            conn.execute("SELECT id, status, source_table, source_pk FROM outbox_relay.deliveries LIMIT 1")
+            for template in (_RETRY, _DISCARD):
+                sql = template.format(table='"outbox_relay"."deliveries"').replace("%s", "%(ids)s")
+                conn.execute(sql, {"ids": [0]})
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("DELETE FROM outbox_relay.deliveries WHERE id = 0")
+    finally:
+        with psycopg.connect(as_admin, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")

@@ -300,3 +300,16 @@ test("options are checked", () => {
   assert.throws(() => client.subscribePusher(fakePusher(), { onMessage() {} }), /channel/);
   assert.throws(() => client.subscribePusher(fakePusher(), { channel: "x" }), /onMessage/);
 });
+
+test("default back-off: 1 s doubling up to 30 s", () => {
+  const pusher = fakePusher();
+  const clock = manualClock();
+  client.subscribePusher(pusher, collector().opts({ setTimer: clock.setTimer, clearTimer: clock.clearTimer }));
+  const seen = [];
+  for (let i = 0; i < 7; i++) {
+    pusher.current().emit("pusher:subscription_error", { status: 503 });
+    seen.push(clock.delays()[0]);
+    clock.advance(seen[i]);
+  }
+  assert.deepEqual(seen, [1000, 2000, 4000, 8000, 16000, 30000, 30000]);
+});
