@@ -82,7 +82,7 @@ class DeliveryAdmin(admin.ModelAdmin):
     @admin.display(description="last error")
     def short_error(self, obj: Delivery) -> str:
         error = obj.last_error or ""
-        return error if len(error) <= 80 else error[:79] + "…"
+        return error if len(error) <= 60 else error[:59] + "…"
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[Any], search_term: str
