@@ -139,3 +139,21 @@ def test_ably_token_refuses_another_users_channel_or_client_id(as_alice, alice, 
 
 def test_ably_token_refuses_anonymous():
     assert Client().get(ABLY_URL).status_code == 403
+
+
+def test_ably_token_post_needs_the_csrf_token(alice):
+    c = Client(enforce_csrf_checks=True)
+    c.force_login(alice)
+    assert c.post(ABLY_URL).status_code == 403
+    c.get("/admin/login/")  # any page that sets the CSRF cookie
+    assert c.post(ABLY_URL, headers={"X-CSRFToken": c.cookies["csrftoken"].value}).status_code == 200
+
+
+def test_only_the_providers_in_use_need_settings(as_alice, alice, settings):
+    settings.OUTBOX_RELAY = {"PUSHER": {"KEY": "k", "SECRET": "s"}}  # no Ably
+    r = as_alice.post(PUSHER_URL, {"socket_id": "1.2", "channel_name": f"private-user-{alice.pk}"})
+    assert r.status_code == 200
+    from django.core.exceptions import ImproperlyConfigured
+
+    with pytest.raises(ImproperlyConfigured, match="ABLY"):
+        as_alice.get(ABLY_URL)

@@ -38,7 +38,8 @@ class RecipientFilter(admin.SimpleListFilter):
         value = self.value()
         return queryset.filter(recipient=value.strip()) if value else queryset
 
-    def choices(self, changelist: Any) -> Iterator[dict[str, Any]]:
+    # Any: the template (input_filter.html) reads this filter's own keys, not a list entry's.
+    def choices(self, changelist: Any) -> Iterator[Any]:
         # The form must carry the other filters and the search along.
         keep = changelist.get_filters_params()
         keep.pop(self.parameter_name, None)

@@ -33,7 +33,7 @@ def _execute(template: str, ids: Iterable[int]) -> int:
     table = connection.ops.quote_name(Delivery._meta.db_table)
     with connection.cursor() as cursor:
         cursor.execute(template.format(table=table), [id_list])
-        return cursor.rowcount
+        return int(cursor.rowcount)
 
 
 def retry(ids: Iterable[int]) -> int:
