@@ -50,6 +50,9 @@ pub enum Command {
     /// Deliveries that need an operator: list, retry or discard them.
     #[command(subcommand)]
     DeadLetters(DeadLetters),
+    /// After `run` refused a gap (slot recreated or invalidated, database
+    /// restored) and the gap was dealt with: resume from the server's position.
+    AcceptGap,
 }
 
 #[derive(Debug, Subcommand)]
@@ -145,6 +148,17 @@ pub async fn main(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Command::AcceptGap => {
+            let cfg = load()?;
+            let client = connect(&cfg).await?;
+            let logical = cfg.source.mode == crate::config::SourceMode::Logical;
+            let done = crate::gap::accept(&client, &cfg.relay.schema, &cfg.source.slot, logical)
+                .await
+                .map_err(Failure::user)?;
+            tracing::warn!(change = %done, "gap accepted by the operator: changes in it are not delivered by the stream");
+            println!("{done}");
+            Ok(())
+        }
         Command::DeadLetters(cmd) => {
             let cfg = load()?;
             let ledger = crate::ledger::Ledger::new(connect(&cfg).await?, &cfg.relay.schema);
@@ -157,6 +171,7 @@ pub async fn main(cli: Cli) -> Result<(), Failure> {
                 crate::app::RunError::Ingest(i) if !i.is_retryable() => Failure::user(e),
                 crate::app::RunError::ListenSource(l) if !l.is_retryable() => Failure::user(e),
                 crate::app::RunError::Ledger(l) if !l.is_retryable() => Failure::user(e),
+                crate::app::RunError::Gap(g) if !g.is_retryable() => Failure::user(e),
                 crate::app::RunError::Config(_)
                 | crate::app::RunError::MetricsListen { .. }
                 | crate::app::RunError::Provider(_)

@@ -660,6 +660,24 @@ impl Config {
                 return bad(format!("channels.{name}.max_attempts must be at least 1"));
             }
         }
+        // An empty credential would let anyone move the ledger forward: the
+        // webhook compares with "", which an unauthenticated request matches.
+        if let Some(b) = &self.providers.brevo {
+            if b.webhook_token.as_ref().is_some_and(|t| t.expose().trim().is_empty()) {
+                return bad("providers.brevo.webhook_token is empty: set a long random token, or remove the key".into());
+            }
+            if let Some(basic) = &b.webhook_basic {
+                let ok = basic.expose().split_once(':').is_some_and(|(u, p)| !u.is_empty() && !p.is_empty());
+                if !ok {
+                    return bad("providers.brevo.webhook_basic must be \"user:password\", both non-empty".into());
+                }
+            }
+        }
+        if let Some(t) = &self.providers.twilio {
+            if t.status_callback_url.is_some() && t.auth_token.expose().trim().is_empty() {
+                return bad("providers.twilio.auth_token is empty: status callbacks could not be verified".into());
+            }
+        }
         let callbacks = self.providers.twilio.as_ref().is_some_and(|t| t.status_callback_url.is_some())
             || self.providers.brevo.as_ref().is_some_and(|b| b.webhook_token.is_some() || b.webhook_basic.is_some());
         if callbacks && self.metrics.socket_addr()?.is_none() {
@@ -707,6 +725,22 @@ mod tests {
         assert!(err.contains("metrics.listen is empty"), "{err}");
         let without = text.replace("status_callback_url", "# status_callback_url");
         assert!(Config::from_toml(&without).is_ok());
+    }
+
+    #[test]
+    fn empty_webhook_credentials_are_refused() {
+        let with = |line: &str| {
+            let text = README_EXAMPLE.replace("sender_name = \"Alerts\"", &format!("sender_name = \"Alerts\"\n{line}"));
+            Config::from_toml(&text).map(|_| ()).map_err(|e| e.to_string())
+        };
+        assert!(with("webhook_token = \"\"").unwrap_err().contains("webhook_token is empty"));
+        assert!(with("webhook_token = \"   \"").unwrap_err().contains("webhook_token is empty"));
+        for basic in ["\"\"", "\":\"", "\"user:\"", "\":pw\"", "\"nocolon\""] {
+            let err = with(&format!("webhook_basic = {basic}")).unwrap_err();
+            assert!(err.contains("webhook_basic must be"), "{basic}: {err}");
+        }
+        assert_eq!(with("webhook_token = \"a-long-random-token\""), Ok(()));
+        assert_eq!(with("webhook_basic = \"brevo:s3cret\""), Ok(()));
     }
 
     #[test]

@@ -122,15 +122,31 @@ async fn query_one_value(
         params.push(bind(ty, text).map_err(Prepared::Fail)?);
     }
     let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
-    let row = db.query_opt(&statement, &refs).await.map_err(|e| classify(e, sql))?;
-    Ok(row.and_then(|r| {
-        let ty = r.columns().first()?.type_().clone();
-        if ty == Type::BOOL {
-            r.get::<_, Option<bool>>(0).map(Lookup::Bool)
-        } else {
-            r.try_get::<_, Option<String>>(0).ok().flatten().map(Lookup::Text)
-        }
-    }))
+    let rows = db.query(&statement, &refs).await.map_err(|e| classify(e, sql))?;
+    // Two addresses for one person is a query that needs fixing, not a
+    // transient state: retrying would give the same answer until the delivery dies.
+    if rows.len() > 1 {
+        return Err(Prepared::Fail(format!(
+            "lookup query returned {} rows for one recipient; it must return at most one \
+             (add a unique condition or LIMIT 1): {sql}",
+            rows.len()
+        )));
+    }
+    let Some(r) = rows.first() else { return Ok(None) };
+    let Some(column) = r.columns().first() else {
+        return Err(Prepared::Fail(format!("lookup query returns no column: {sql}")));
+    };
+    if *column.type_() == Type::BOOL {
+        return Ok(r.get::<_, Option<bool>>(0).map(Lookup::Bool));
+    }
+    match r.try_get::<_, Option<String>>(0) {
+        Ok(text) => Ok(text.map(Lookup::Text)),
+        // An integer phone column, say: not "no consent", a query to fix.
+        Err(_) => Err(Prepared::Fail(format!(
+            "lookup query's first column is of type {}, not text or boolean: cast it (::text): {sql}",
+            column.type_().name()
+        ))),
+    }
 }
 
 fn bind(ty: &Type, text: &str) -> Result<Box<dyn ToSql + Sync + Send>, String> {

@@ -26,7 +26,7 @@ use crate::providers::{
     ably::Ably, brevo::Brevo, log::Log, pusher::Pusher, smtp::Smtp, twilio::Twilio, OutboundMessage, Provider,
     ProviderError,
 };
-use crate::telemetry::metric;
+use crate::telemetry::{metric, Health};
 
 /// Outcomes by claim (ledger id and the attempt count it was claimed with).
 type Outcomes = Vec<(ClaimRef, Outcome)>;
@@ -137,6 +137,9 @@ pub struct Dispatcher {
     /// Fresh batches from ingestion, already claimed (see [`Intake`]).
     fresh_tx: mpsc::Sender<Vec<Claimed>>,
     fresh_rx: tokio::sync::Mutex<mpsc::Receiver<Vec<Claimed>>>,
+    /// `standby` set: this relay does not hold its lock (see `instance`), so
+    /// it starts no provider call.
+    health: Arc<Health>,
 }
 
 /// Builds every provider client named by a channel. Config validation
@@ -164,7 +167,7 @@ pub fn build_providers(cfg: &Config) -> Result<HashMap<ProviderKind, Provider>, 
 }
 
 impl Dispatcher {
-    pub fn new(cfg: &Config) -> Result<Dispatcher, ProviderError> {
+    pub fn new(cfg: &Config, health: Arc<Health>) -> Result<Dispatcher, ProviderError> {
         let providers = build_providers(cfg)?;
         let channels = cfg
             .channels
@@ -197,6 +200,7 @@ impl Dispatcher {
             .collect();
         let (fresh_tx, fresh_rx) = mpsc::channel(FRESH_BATCHES);
         Ok(Dispatcher {
+            health,
             fresh_tx,
             fresh_rx: tokio::sync::Mutex::new(fresh_rx),
             channels,
@@ -289,6 +293,14 @@ impl Dispatcher {
             if *shutdown.borrow() {
                 return Ok(());
             }
+            // Not holding the relay's lock: claim nothing until it is back.
+            if self.health.standby.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.poll) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
             // Every channel's provider is down with nowhere to fall back: claiming
             // would only defer rows (a write each). Sleep until a probe is due.
             if let Some(until) = self.blocked_until(Instant::now()) {
@@ -324,15 +336,28 @@ impl Dispatcher {
             // Each provider call is recorded as soon as it returns, not when the
             // whole batch is done: that keeps the crash window (accepted by the
             // provider, not yet in the ledger) to one call, not one batch.
+            //
+            // If the ledger goes away meanwhile, the calls already started are
+            // still awaited and their outcomes kept: dropping them would forget
+            // what a provider may have accepted, and the rows would wait out
+            // their lease and be sent again.
             let mut calls = stream::iter(calls).buffer_unordered(self.concurrency);
+            let mut lost: Option<LedgerError> = None;
             while let Some(outcomes) = calls.next().await {
                 unrecorded.extend(outcomes);
                 // Calls that finished meanwhile go into the same statement.
                 while let Some(Some(more)) = calls.next().now_or_never() {
                     unrecorded.extend(more);
                 }
-                ledger.finish(unrecorded).await?;
-                unrecorded.clear();
+                if lost.is_none() {
+                    match ledger.finish(unrecorded).await {
+                        Ok(()) => unrecorded.clear(),
+                        Err(e) => lost = Some(e),
+                    }
+                }
+            }
+            if let Some(e) = lost {
+                return Err(e);
             }
             if !unrecorded.is_empty() {
                 ledger.finish(unrecorded).await?;
@@ -406,24 +431,47 @@ impl Dispatcher {
                 }
             }
             // One chunk per provider call: it is also the unit recorded as soon
-            // as it returns. Several chunks of a channel run at once.
+            // as it returns. Several chunks of a channel run at once. A probe
+            // rides on the first chunk; with no chunk it is handed back, or the
+            // circuit would wait for a result that never comes.
+            let mut probe = admission == Admission::Probe;
+            if probe && primary.is_empty() {
+                self.circuits[plan.provider.name()].probe_unused();
+            }
             for chunk in primary.chunks(plan.provider.batch_size()) {
-                calls.push((plan, &plan.provider, chunk.to_vec()));
+                calls.push((plan, &plan.provider, chunk.to_vec(), std::mem::take(&mut probe)));
             }
             if let Some(f) = &plan.fallback {
                 for chunk in fallback.chunks(f.batch_size()) {
-                    calls.push((plan, f, chunk.to_vec()));
+                    calls.push((plan, f, chunk.to_vec(), false));
                 }
             }
         }
         // Futures built here, polled by the caller: a closure inside the stream
         // would make the worker future non-`Send` (higher-ranked lifetimes).
-        let futures = calls.into_iter().map(|(plan, provider, chunk)| self.call(plan, provider, chunk, db)).collect();
+        let futures = calls
+            .into_iter()
+            .map(|(plan, provider, chunk, probe)| self.call(plan, provider, chunk, probe, db))
+            .collect();
         (outcomes, futures)
     }
 
-    async fn call(&self, plan: &ChannelPlan, target: &Provider, chunk: Vec<&Claimed>, db: &Client) -> Outcomes {
+    /// Sends one chunk to `target`. `probe`: this call is the half-open
+    /// circuit's probe; if no call is made after all, it is handed back.
+    async fn call(
+        &self,
+        plan: &ChannelPlan,
+        target: &Provider,
+        chunk: Vec<&Claimed>,
+        probe: bool,
+        db: &Client,
+    ) -> Outcomes {
         let provider = target.name();
+        let unused_probe = || {
+            if probe {
+                self.circuits[provider].probe_unused();
+            }
+        };
         let mut settled: Outcomes = Vec::new();
         let mut sending: Vec<&Claimed> = Vec::with_capacity(chunk.len());
         let mut messages: Vec<OutboundMessage> = Vec::with_capacity(chunk.len());
@@ -462,13 +510,20 @@ impl Dispatcher {
             sending.push(c);
         }
         if messages.is_empty() {
+            unused_probe();
             return settled;
         }
         let chunk = sending;
         // A slow pace (or a long batch) can outlast the claim: sending after it
         // could race a worker that took the row over. Hand it back untried instead.
         let send_by = chunk.iter().map(|c| c.send_by).min();
-        let Some(permit) = self.pacers[provider].admit(messages.len(), send_by).await else {
+        let permit = match self.health.standby.load(std::sync::atomic::Ordering::Relaxed) {
+            // The lock was lost since the claim: another relay may take over.
+            true => None,
+            false => self.pacers[provider].admit(messages.len(), send_by).await,
+        };
+        let Some(permit) = permit else {
+            unused_probe();
             let error = format!("{provider} pacing: the claim would run out before the call; back to the queue");
             return chunk
                 .iter()

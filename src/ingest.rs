@@ -34,6 +34,8 @@ pub enum IngestError {
     Replication(#[from] ReplicationError),
     #[error("ledger: {0}")]
     Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Gap(#[from] crate::gap::GapError),
     #[error("source.database_url: {0}")]
     Url(String),
     /// The ledger writer stopped; its own error is the one reported.
@@ -46,6 +48,7 @@ impl IngestError {
         match self {
             IngestError::Replication(e) => e.is_retryable(),
             IngestError::Ledger(e) => e.is_retryable(),
+            IngestError::Gap(e) => e.is_retryable(),
             IngestError::Url(_) => false,
             IngestError::WriterGone => true,
         }
@@ -68,6 +71,7 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 
 pub struct Ingest {
     cfg: Arc<Config>,
+    /// Routes as configured; each session adds the tables' primary keys.
     router: Router,
     intake: Intake,
     health: Arc<Health>,
@@ -104,7 +108,14 @@ impl Ingest {
     ) -> Result<(), IngestError> {
         let src = &self.cfg.source;
         let ledger = Ledger::new(ledger::connect(&src.database_url).await?, &self.cfg.relay.schema);
-        let start = ledger.load_offset(&src.slot).await?.unwrap_or_default();
+        let stored = ledger.load_offset(&src.slot).await?;
+        // Checked on every (re)connection: a slot recreated while the relay was
+        // cut off would otherwise skip what was committed in between.
+        crate::gap::check_slot(ledger.client(), &src.slot, stored).await?;
+        let start = stored.unwrap_or_default();
+        // Read per session: a table given a primary key since is seen on reconnect.
+        let keys = crate::source::primary_keys(ledger.client(), self.router.tables()).await.map_err(LedgerError::Db)?;
+        let router = self.router.clone().with_primary_keys(keys);
         let stream = ReplicationStream::start(pg, &src.slot, &src.publication, start).await?;
         self.health.source_connected.store(true, Ordering::Relaxed);
         self.health.ledger_connected.store(true, Ordering::Relaxed);
@@ -116,7 +127,7 @@ impl Ingest {
         // then slows reading (and the slot keeps the WAL) rather than memory growing.
         let (handoff, batches) = mpsc::channel::<Handoff>(1);
         let (written_tx, written) = mpsc::unbounded_channel::<Lsn>();
-        let reader = self.read(stream, start, handoff, written, shutdown);
+        let reader = self.read(&router, stream, start, handoff, written, shutdown);
         let writer = self.write(ledger, batches, written_tx);
         match tokio::join!(reader, writer) {
             (_, Err(e)) | (Err(e), _) => Err(e),
@@ -128,13 +139,21 @@ impl Ingest {
     /// to PostgreSQL each offset the writer reports durable.
     async fn read(
         &self,
+        router: &Router,
         mut stream: ReplicationStream,
         start: Lsn,
         handoff: mpsc::Sender<Handoff>,
         mut written: mpsc::UnboundedReceiver<Lsn>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), IngestError> {
-        let mut batch = Batch { deliveries: Vec::new(), end: None, deadline: None, handed: start, confirmed: start };
+        let mut batch = Batch {
+            deliveries: Vec::new(),
+            end: None,
+            deadline: None,
+            handed: start,
+            confirmed: start,
+            last_idle_write: None,
+        };
         let flush_after = Duration::from_millis(self.cfg.relay.ingest_flush_ms);
         let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -170,12 +189,12 @@ impl Ingest {
                 _ = status_tick.tick() => stream.send_status(batch.confirmed, false).await?,
                 event = stream.next_event() => match event? {
                     ReplicationEvent::Tx(tx) => {
-                        let routed = tx.changes.iter().filter(|c| self.router.routes_table(&c.table.qualified_name()));
+                        let routed = tx.changes.iter().filter(|c| router.routes_table(&c.table.qualified_name()));
                         let rows = routed.count();
                         if rows > 0 {
                             metrics::counter!(metric::ROWS_INGESTED).increment(rows as u64);
                         }
-                        self.router.route_tx(&tx, &mut batch.deliveries);
+                        router.route_tx(&tx, &mut batch.deliveries);
                         if tx.complete {
                             batch.end = Some(tx.end_lsn);
                         }
@@ -192,7 +211,12 @@ impl Ingest {
                         // quiet routed tables would make the slot retain WAL
                         // written by everything else.
                         let idle = batch.end.is_none() && batch.handed <= batch.confirmed && !stream.in_transaction();
-                        if idle && wal_end > batch.handed {
+                        // At most once per STATUS_INTERVAL: each write is WAL
+                        // the walsender then reports, which would be written
+                        // again — the relay's own writes must not feed themselves.
+                        let due = batch.last_idle_write.is_none_or(|t| t.elapsed() >= STATUS_INTERVAL);
+                        if idle && due && wal_end > batch.handed {
+                            batch.last_idle_write = Some(Instant::now());
                             // Through the writer, so the stored offset moves too.
                             batch.end = Some(wal_end);
                             batch.hand_off(&handoff).await?;
@@ -224,7 +248,7 @@ impl Ingest {
             let claim = self.intake.claim(&room);
             let inserted = ledger.record(&h.deliveries, &self.cfg.source.slot, h.end, claim).await?;
             metrics::histogram!(metric::LEDGER_FLUSH).record(started.elapsed().as_secs_f64());
-            count_recorded(&h.deliveries);
+            count_recorded(inserted.fresh.iter().map(|&i| &h.deliveries[i]), &self.cfg);
             let (count, handed) = (inserted.count, inserted.claimed.len());
             debug!(deliveries = h.deliveries.len(), inserted = count, handed, offset = %h.end, "ledger batch committed");
             self.intake.committed(room, inserted);
@@ -237,10 +261,13 @@ impl Ingest {
 
 /// Metrics and warnings for what a batch recorded; counted per (channel,
 /// status) first, so a 5000-row batch costs a handful of metric updates.
-fn count_recorded(deliveries: &[NewDelivery]) {
+pub fn count_recorded<'a>(deliveries: impl Iterator<Item = &'a NewDelivery>, cfg: &Config) {
     let mut counts: HashMap<(&str, &'static str), u64> = HashMap::new();
     for d in deliveries {
-        *counts.entry((d.channel.as_str(), d.disposition.status())).or_default() += 1;
+        // Channel names can come from row data: only configured ones become
+        // label values, or a bad column could mint a time series per row.
+        let channel = if cfg.channels.contains_key(&d.channel) { d.channel.as_str() } else { "unknown" };
+        *counts.entry((channel, d.disposition.status())).or_default() += 1;
         // A bad row is worth a warning; a channel switched off on purpose is not.
         match &d.disposition {
             Disposition::Failed(reason) => warn!(key = %d.idempotency_key, table = %d.source_table,
@@ -274,6 +301,8 @@ struct Batch {
     handed: Lsn,
     /// Last offset the writer reported durable and we confirmed; never moves backwards.
     confirmed: Lsn,
+    /// When an idle stream's position was last written to the ledger.
+    last_idle_write: Option<Instant>,
 }
 
 impl Batch {

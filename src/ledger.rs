@@ -58,6 +58,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (3, include_str!("../sql/migrations/003_listen.sql")),
     (4, include_str!("../sql/migrations/004_webhooks.sql")),
     (5, include_str!("../sql/migrations/005_capture_args.sql")),
+    (6, include_str!("../sql/migrations/006_change_keys.sql")),
 ];
 
 /// The migrations' SQL with the schema name filled in (it is a validated identifier).
@@ -74,7 +75,32 @@ pub async fn connect(url: &str) -> Result<Client, LedgerError> {
             tracing::debug!(error = %e, "ledger connection ended");
         }
     });
+    // Whatever the server's default: a ledger commit must be on disk before the
+    // relay acts on it (confirms the offset past it, or forgets an outcome).
+    // With `synchronous_commit = off` a server crash could undo it afterwards.
+    client.batch_execute("SET synchronous_commit = on").await?;
     Ok(client)
+}
+
+/// Longest error text the ledger keeps: a provider's whole HTML error page
+/// helps nobody, and `last_error` is shown in `status` and dead-letter lists.
+const MAX_ERROR_CHARS: usize = 2000;
+
+/// Longest delay a retry or deferral may ask for. A `Retry-After` of 10^13
+/// seconds would overflow PostgreSQL's timestamp and make the outcome
+/// unstorable; past a week `max_age` has long made the delivery dead anyway.
+pub const MAX_DELAY: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Text the ledger can store: no NUL (PostgreSQL's text refuses it), bounded.
+pub fn storable_text(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.contains('\0') && s.len() <= MAX_ERROR_CHARS {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out: String = s.chars().take(MAX_ERROR_CHARS).map(|c| if c == '\0' { '\u{FFFD}' } else { c }).collect();
+    if s.chars().count() > MAX_ERROR_CHARS {
+        out.push('…');
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Creates or upgrades the relay schema. Safe to run twice, and concurrently:
@@ -338,9 +364,9 @@ impl Ledger {
             };
             statuses.push(status);
             providers.push(provider);
-            msg_ids.push(msg);
-            errors.push(err);
-            delays.push(delay);
+            msg_ids.push(msg.map(storable_text));
+            errors.push(err.map(|e| storable_text(e)));
+            delays.push(delay.clamp(0.0, MAX_DELAY.as_secs_f64()));
         }
         let s = &self.schema;
         self.client
@@ -361,7 +387,15 @@ impl Ledger {
                           AS u(id, st, pr, mid, err, delay, att)
                      WHERE d.id = u.id AND d.status = 'sending' AND d.attempts = u.att"
                 ),
-                &[&ids, &statuses, &providers, &msg_ids, &errors, &delays, &attempts],
+                &[
+                    &ids,
+                    &statuses,
+                    &providers,
+                    &msg_ids.iter().map(|m| m.as_deref()).collect::<Vec<_>>(),
+                    &errors.iter().map(|e| e.as_deref()).collect::<Vec<_>>(),
+                    &delays,
+                    &attempts,
+                ],
             )
             .await?;
         Ok(())
@@ -516,7 +550,13 @@ pub struct Inserted {
     pub count: u64,
     /// New rows written already claimed, to be handed to dispatch in memory.
     pub claimed: Vec<Claimed>,
+    /// Indexes (into the deliveries given) of the rows that were new: what
+    /// metrics count as recorded. A replay is not a second delivery.
+    pub fresh: Vec<usize>,
 }
+
+/// Rows per INSERT: bounds the size of one statement's parameter arrays.
+const CHUNK: usize = 5000;
 
 /// Inserts deliveries, ignoring replays (same idempotency key), inside the
 /// caller's transaction. The one way rows enter the ledger, for both source
@@ -533,43 +573,63 @@ pub async fn insert_deliveries(
     let lease: Option<f64> = claim.map(|l| l.as_secs_f64());
     // Measured before the statement: the lease runs from the server's now().
     let send_by = claim.map(|l| std::time::Instant::now() + l.mul_f64(0.8));
-    // Chunks bound the size of one statement's parameter arrays.
-    for chunk in deliveries.chunks(5000) {
-        let mut cols: [Vec<&str>; 6] = Default::default();
+    for (n, chunk) in deliveries.chunks(CHUNK).enumerate() {
+        let offset = n * CHUNK;
+        let mut cols: [Vec<&str>; 7] = Default::default();
+        let mut changes: Vec<String> = Vec::with_capacity(chunk.len());
+        let mut unstorable: Vec<&str> = Vec::new();
         let mut recipients: Vec<Option<&str>> = Vec::with_capacity(chunk.len());
         let mut errors: Vec<Option<&str>> = Vec::with_capacity(chunk.len());
         let mut payloads: Vec<String> = Vec::with_capacity(chunk.len());
         let mut lsns: Vec<String> = Vec::with_capacity(chunk.len());
         let mut times: Vec<DateTime<Utc>> = Vec::with_capacity(chunk.len());
         for d in chunk {
+            let payload = d.payload.to_string();
+            // Routing already fails payloads jsonb cannot hold; this is the last
+            // line, so that one bad value can never wedge a whole batch (and
+            // every replay of it). serde_json writes U+0000 as this escape.
+            if payload.contains("\\u0000") {
+                unstorable.push(d.idempotency_key.as_str());
+            }
             cols[0].push(&d.source_table);
             cols[1].push(&d.source_pk);
             cols[2].push(&d.channel);
             cols[3].push(&d.idempotency_key);
             cols[4].push(&d.event);
             cols[5].push(d.disposition.status());
+            cols[6].push(d.operation.as_str());
+            changes.push(d.change.to_string());
             recipients.push(d.recipient.as_deref());
             errors.push(d.disposition.reason());
-            payloads.push(d.payload.to_string());
+            payloads.push(payload);
             lsns.push(d.commit_lsn.to_string());
             times.push(d.committed_at);
         }
         let sql = format!(
             "INSERT INTO {schema}.deliveries
                (source_table, source_pk, channel, idempotency_key, event, status,
-                recipient, last_error, payload, commit_lsn, committed_at, attempts, next_attempt_at)
+                recipient, last_error, payload, commit_lsn, committed_at, attempts, next_attempt_at,
+                operation, change_ref)
              SELECT t, pk, ch, k, ev, CASE WHEN x.claim THEN 'sending' ELSE st END,
                     r, e, p::jsonb, l::pg_lsn, c, CASE WHEN x.claim THEN 1 ELSE 0 END,
-                    CASE WHEN x.claim THEN now() + $12::float8 * interval '1 second' ELSE now() END
+                    CASE WHEN x.claim THEN now() + $12::float8 * interval '1 second' ELSE now() END,
+                    op, cr
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                         $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[])
-                  AS u(t, pk, ch, k, ev, st, r, e, p, l, c),
+                         $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[],
+                         $13::text[], $14::text[])
+                  AS u(t, pk, ch, k, ev, st, r, e, p, l, c, op, cr),
                   LATERAL (SELECT u.st = 'pending' AND $12::float8 IS NOT NULL AS claim) x
              ON CONFLICT (idempotency_key) DO NOTHING
-             {returning}",
-            returning = if lease.is_some() { "RETURNING id, idempotency_key, status = 'sending'" } else { "" },
+             RETURNING id, idempotency_key, status = 'sending'",
         );
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 12] = [
+        for (i, d) in chunk.iter().enumerate() {
+            if unstorable.contains(&d.idempotency_key.as_str()) {
+                cols[5][i] = "failed";
+                errors[i] = Some("the payload holds a U+0000 (NUL) character, which jsonb cannot store");
+                payloads[i] = "{}".into();
+            }
+        }
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 14] = [
             &cols[0],
             &cols[1],
             &cols[2],
@@ -582,16 +642,22 @@ pub async fn insert_deliveries(
             &lsns,
             &times,
             &lease,
+            &cols[6],
+            &changes,
         ];
-        let Some(send_by) = send_by else {
-            out.count += client.execute(&sql, &params).await?;
-            continue;
-        };
         let rows = client.query(&sql, &params).await?;
         out.count += rows.len() as u64;
-        let by_key: HashMap<&str, &NewDelivery> = chunk.iter().map(|d| (d.idempotency_key.as_str(), d)).collect();
-        for r in rows.iter().filter(|r| r.get::<_, bool>(2)) {
-            let d = by_key[r.get::<_, &str>(1)];
+        // The first of several deliveries sharing a key is the one ON CONFLICT
+        // kept: the claim handed to dispatch must carry what the ledger holds.
+        let mut by_key: HashMap<&str, usize> = HashMap::with_capacity(chunk.len());
+        for (i, d) in chunk.iter().enumerate() {
+            by_key.entry(d.idempotency_key.as_str()).or_insert(i);
+        }
+        for r in &rows {
+            let i = by_key[r.get::<_, &str>(1)];
+            out.fresh.push(offset + i);
+            let Some(send_by) = send_by.filter(|_| r.get::<_, bool>(2)) else { continue };
+            let d = &chunk[i];
             out.claimed.push(Claimed {
                 id: r.get(0),
                 idempotency_key: d.idempotency_key.clone(),

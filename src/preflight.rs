@@ -74,6 +74,9 @@ pub async fn check(client: &Client, cfg: &Config) -> Result<(), PreflightError> 
             }
         }
     }
+    if src.mode == SourceMode::Logical {
+        replica_identity(client, cfg, &mut problems).await?;
+    }
     if src.mode == SourceMode::Listen {
         let trigger = format!("{}_capture", cfg.relay.schema);
         for route in &cfg.routes {
@@ -133,4 +136,62 @@ pub async fn check(client: &Client, cfg: &Config) -> Result<(), PreflightError> 
     } else {
         Err(PreflightError::Fix(problems.join("\n")))
     }
+}
+
+/// What pgoutput can send for updates and deletes depends on each table's
+/// replica identity: with none (no primary key under DEFAULT, or NOTHING),
+/// PostgreSQL refuses the application's own UPDATE and DELETE on a table
+/// published for them; under DEFAULT or USING INDEX a DELETE carries only the
+/// key columns, so a delete route needing any other column gets NULLs.
+async fn replica_identity(client: &Client, cfg: &Config, problems: &mut Vec<String>) -> Result<(), PreflightError> {
+    use crate::source::Operation;
+    for route in &cfg.routes {
+        let wants_update = route.operations.contains(&Operation::Update);
+        let wants_delete = route.operations.contains(&Operation::Delete);
+        if !wants_update && !wants_delete {
+            continue;
+        }
+        let qualified = route.qualified_table();
+        let row = client
+            .query_opt(
+                "SELECT c.relreplident::text,
+                        (SELECT array_agg(a.attname::text) FROM pg_index i
+                         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])
+                         WHERE i.indrelid = c.oid
+                           AND ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident)))
+                 FROM pg_class c WHERE c.oid = to_regclass($1)",
+                &[&qualified],
+            )
+            .await?;
+        let Some(row) = row else { continue }; // a missing table is reported below
+        let identity: String = row.get(0);
+        let key: Vec<String> = row.get::<_, Option<Vec<String>>>(1).unwrap_or_default();
+        let ops = if wants_delete && wants_update {
+            "UPDATE and DELETE"
+        } else if wants_delete {
+            "DELETE"
+        } else {
+            "UPDATE"
+        };
+        if identity == "n" || (identity != "f" && key.is_empty()) {
+            problems.push(format!(
+                "table {qualified} has no replica identity (no primary key, or REPLICA IDENTITY NOTHING): \
+                 while it is published for {ops}, PostgreSQL refuses the application's own {ops} on it. \
+                 ALTER TABLE {qualified} REPLICA IDENTITY FULL; (or give it a primary key)"
+            ));
+            continue;
+        }
+        if wants_delete && identity != "f" {
+            let missing: Vec<&str> = route.columns().into_iter().filter(|c| !key.iter().any(|k| k == c)).collect();
+            if !missing.is_empty() {
+                problems.push(format!(
+                    "a delete route on {qualified} uses {}, but a DELETE sends only the key ({}) under its replica \
+                     identity: ALTER TABLE {qualified} REPLICA IDENTITY FULL;",
+                    missing.join(", "),
+                    key.join(", ")
+                ));
+            }
+        }
+    }
+    Ok(())
 }

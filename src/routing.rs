@@ -13,7 +13,7 @@ use serde_json::{Map, Number, Value as Json};
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, RouteConfig};
-use crate::source::{CommittedTx, Lsn, Operation, RowChange, Table, Value};
+use crate::source::{ChangeId, CommittedTx, Lsn, Operation, RowChange, Table, Value};
 
 /// What the ledger records for a new delivery.
 #[derive(Clone, Debug, PartialEq)]
@@ -42,10 +42,15 @@ impl Disposition {
     }
 }
 
-/// One (row, channel) to record in the ledger.
+/// One (change, channel) to record in the ledger.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewDelivery {
+    /// The committed change this delivery is for: with the channel, its key.
+    pub change: ChangeId,
+    pub operation: Operation,
     pub source_table: String,
+    /// The row's primary key, for people reading the ledger ("what happened to
+    /// notification 42?"); `-` when the table has none. Never part of the key.
     pub source_pk: String,
     pub channel: String,
     pub idempotency_key: String,
@@ -57,23 +62,29 @@ pub struct NewDelivery {
     pub committed_at: DateTime<Utc>,
 }
 
-/// The stable key of a (table, pk, channel): the same row always yields the same
-/// key, across replays and restarts, so the ledger's unique index and Ably's
-/// message-id deduplication both see a repeat as a repeat.
-pub fn idempotency_key(table: &str, pk: &str, channel: &str) -> String {
+/// The key of a (change, channel): the same change always yields the same key,
+/// across replays and restarts, so the ledger's unique index and the providers
+/// that deduplicate (Ably's message id, Brevo's idempotency key) see a repeat
+/// as a repeat — and two changes of one row are two keys.
+pub fn idempotency_key(change: ChangeId, channel: &str) -> String {
     let mut h = Sha256::new();
-    for part in [table, pk, channel] {
-        // Length-prefixed so ("a:b", "c") and ("a", "b:c") differ.
+    let change = change.to_string();
+    for part in [change.as_str(), channel] {
+        // Length-prefixed so no two (change, channel) pairs share a byte string.
         h.update((part.len() as u64).to_be_bytes());
         h.update(part.as_bytes());
     }
-    format!("or1-{}", hex::encode(&h.finalize()[..16]))
+    format!("or2-{}", hex::encode(&h.finalize()[..16]))
 }
 
 /// Routes compiled from config, looked up by `schema.table`.
 #[derive(Clone, Debug)]
 pub struct Router {
     routes: HashMap<String, Vec<RouteConfig>>,
+    /// Primary-key columns per routed table, from the catalog (see
+    /// [`Router::with_primary_keys`]). pgoutput's key flags describe the
+    /// replica identity, which under `REPLICA IDENTITY FULL` is every column.
+    primary_keys: HashMap<String, Vec<String>>,
     /// Channel name → enabled. Names absent here are unknown channels.
     channels: HashMap<String, bool>,
 }
@@ -85,7 +96,20 @@ impl Router {
             routes.entry(r.qualified_table()).or_default().push(r.clone());
         }
         let channels = cfg.channels.iter().map(|(k, c)| (k.clone(), c.enabled)).collect();
-        Router { routes, channels }
+        Router { routes, channels, primary_keys: HashMap::new() }
+    }
+
+    /// Names each table's primary-key columns (`schema.table` → columns), for
+    /// the ledger's `source_pk`. A table absent here falls back to the replica
+    /// identity's key columns, then to a column named `id`.
+    pub fn with_primary_keys(mut self, keys: HashMap<String, Vec<String>>) -> Router {
+        self.primary_keys = keys;
+        self
+    }
+
+    /// The routed tables, `schema.table`.
+    pub fn tables(&self) -> impl Iterator<Item = &str> {
+        self.routes.keys().map(String::as_str)
     }
 
     /// Is this table routed at all? (Unrouted tables in the publication are ignored.)
@@ -102,16 +126,25 @@ impl Router {
 
     /// The row named by a change log entry was gone when the relay read it
     /// (listen mode): one failed delivery per route, so the ledger says so.
-    pub fn vanished(&self, table: &str, pk: &str, op: Operation, committed_at: DateTime<Utc>) -> Vec<NewDelivery> {
+    pub fn vanished(
+        &self,
+        change: ChangeId,
+        table: &str,
+        pk: &str,
+        op: Operation,
+        committed_at: DateTime<Utc>,
+    ) -> Vec<NewDelivery> {
         let Some(routes) = self.routes.get(table) else { return vec![] };
         routes
             .iter()
             .filter(|r| r.operations.contains(&op))
             .map(|r| NewDelivery {
+                change,
+                operation: op,
                 source_table: table.to_string(),
                 source_pk: pk.to_string(),
                 channel: "-".into(),
-                idempotency_key: idempotency_key(table, pk, "-"),
+                idempotency_key: idempotency_key(change, "-"),
                 event: r.event.clone().unwrap_or_else(|| "-".into()),
                 recipient: None,
                 payload: Json::Object(Map::new()),
@@ -132,39 +165,45 @@ impl Router {
         let table_name = change.table.qualified_name();
         let Some(routes) = self.routes.get(&table_name) else { return };
         let row = RowView { table: &change.table, values: &change.values };
-        let pk = row.primary_key();
+        let pk = match self.primary_keys.get(&table_name) {
+            Some(cols) => row.key_of(cols),
+            None => row.primary_key(),
+        };
+        let base = NewDelivery {
+            change: change.id,
+            operation: change.op,
+            source_table: table_name.clone(),
+            source_pk: pk.unwrap_or_else(|| "-".into()),
+            channel: String::new(),
+            idempotency_key: String::new(),
+            event: String::new(),
+            recipient: None,
+            payload: Json::Object(Map::new()),
+            disposition: Disposition::Pending,
+            commit_lsn,
+            committed_at,
+        };
+        // Several routes on one table each get their own channels; two routes
+        // naming one channel for one change make one delivery (the first
+        // route's), as its key is the same.
+        let first = out.len();
+        let push = |out: &mut Vec<NewDelivery>, d: NewDelivery| {
+            if !out[first..].iter().any(|o| o.channel == d.channel) {
+                out.push(d);
+            }
+        };
         for route in routes.iter().filter(|r| r.operations.contains(&change.op)) {
-            // Several routes on one table each get their own channels; the key
-            // includes the channel, so two routes naming one channel collapse to one delivery.
-            let base = NewDelivery {
-                source_table: table_name.clone(),
-                source_pk: pk.clone().unwrap_or_default(),
-                channel: String::new(),
-                idempotency_key: String::new(),
-                event: String::new(),
-                recipient: None,
-                payload: Json::Object(Map::new()),
-                disposition: Disposition::Pending,
-                commit_lsn,
-                committed_at,
-            };
-            let decided = match &pk {
-                Some(_) => self.decide(route, &row, change.op),
-                None => Err(RouteFailure::whole(format!(
-                    "table {table_name} has no primary key or replica identity: the ledger cannot key its rows"
-                ))),
-            };
-            match decided {
+            match self.decide(route, &row, change.op) {
                 Ok(d) => {
                     for (channel, disposition) in d.channels {
-                        out.push(finish(&base, channel, &d.event, &d.recipient, &d.payload, disposition));
+                        push(out, finish(&base, channel, &d.event, &d.recipient, &d.payload, disposition));
                     }
                 }
                 Err(fail) => {
                     // Record the failure once per channel we could tell, else once under "-".
                     let channels = if fail.channels.is_empty() { vec!["-".to_string()] } else { fail.channels };
                     for channel in channels {
-                        let mut d = finish(
+                        let d = finish(
                             &base,
                             channel,
                             fail.event.as_deref().unwrap_or("-"),
@@ -172,10 +211,7 @@ impl Router {
                             &Json::Object(Map::new()),
                             Disposition::Failed(fail.reason.clone()),
                         );
-                        if d.source_pk.is_empty() {
-                            d.source_pk = "-".into();
-                        }
-                        out.push(d);
+                        push(out, d);
                     }
                 }
             }
@@ -251,6 +287,12 @@ impl Router {
             (None, None) => unreachable!("config validation requires payload_columns or payload_column"),
         };
 
+        // jsonb cannot store U+0000 (a `json` column can): the ledger would
+        // refuse the whole batch, and every replay of it, so the row fails here.
+        if holds_nul(&payload) {
+            return Err(fail.with("the payload holds a U+0000 (NUL) character, which jsonb cannot store".into()));
+        }
+
         // Critical-only and similar: a channel with conditions takes the row
         // only when the payload matches every one of them.
         channels.retain(|ch| match route.only.get(ch) {
@@ -309,13 +351,22 @@ fn finish(
     disposition: Disposition,
 ) -> NewDelivery {
     NewDelivery {
-        idempotency_key: idempotency_key(&base.source_table, &base.source_pk, &channel),
+        idempotency_key: idempotency_key(base.change, &channel),
         channel,
         event: event.to_string(),
         recipient: recipient.clone(),
         payload: payload.clone(),
         disposition,
         ..base.clone()
+    }
+}
+
+fn holds_nul(v: &Json) -> bool {
+    match v {
+        Json::String(s) => s.contains('\0'),
+        Json::Array(a) => a.iter().any(holds_nul),
+        Json::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
     }
 }
 
@@ -369,8 +420,20 @@ impl RowView<'_> {
         self.column(name).map(|(_, v)| v)
     }
 
-    /// Key columns' values joined by ','. Falls back to a column named `id` when
-    /// the table reports no key (replica identity NOTHING).
+    /// The named columns' values joined by ','; `None` if one is missing or NULL.
+    pub fn key_of(&self, columns: &[String]) -> Option<String> {
+        let mut parts = Vec::with_capacity(columns.len());
+        for c in columns {
+            match self.get(c) {
+                Ok(Value::Text(t)) => parts.push(t.as_str()),
+                _ => return None,
+            }
+        }
+        (!parts.is_empty()).then(|| parts.join(","))
+    }
+
+    /// Replica-identity key columns' values joined by ','. Falls back to a
+    /// column named `id` when the table reports no key (replica identity NOTHING).
     pub fn primary_key(&self) -> Option<String> {
         let mut parts = Vec::new();
         for (c, v) in self.table.columns.iter().zip(self.values) {
@@ -585,7 +648,7 @@ mod tests {
     fn route(values: Vec<Value>, tbl: Arc<Table>, op: Operation) -> Vec<NewDelivery> {
         let router = Router::new(&cfg());
         let mut out = vec![];
-        let change = RowChange { table: tbl, op, values };
+        let change = RowChange { id: ChangeId::Wal { commit_lsn: Lsn(42), seq: 0 }, table: tbl, op, values };
         router.route_change(&change, Lsn(42), DateTime::UNIX_EPOCH, &mut out);
         out
     }
@@ -681,7 +744,7 @@ mod tests {
         let route = |payload: &str| {
             let mut out = vec![];
             let values = vec![t("1"), t("e"), t("5"), t("{in_app,sms}"), t(payload)];
-            let change = RowChange { table: outbox_table(), op: Operation::Insert, values };
+            let change = RowChange { id: ChangeId::Log(1), table: outbox_table(), op: Operation::Insert, values };
             router.route_change(&change, Lsn(1), DateTime::UNIX_EPOCH, &mut out);
             out.into_iter().map(|d| d.channel).collect::<Vec<_>>()
         };
@@ -691,10 +754,61 @@ mod tests {
     }
 
     #[test]
-    fn idempotency_keys_are_stable_and_distinct() {
-        assert_eq!(idempotency_key("t", "1", "a"), idempotency_key("t", "1", "a"));
-        assert_ne!(idempotency_key("t", "1", "a"), idempotency_key("t", "1", "b"));
-        assert_ne!(idempotency_key("a:b", "c", "d"), idempotency_key("a", "b:c", "d"));
+    fn two_routes_naming_one_channel_make_one_delivery_from_the_first() {
+        // The second route would send other content on the same key: the
+        // ledger keeps the first (ON CONFLICT DO NOTHING), so must routing.
+        let text = format!(
+            "{}\n[[routes]]\ntable = \"public.operators_outboxevent\"\nrecipient_column = \"recipient_id\"\n\
+             event = \"second_route\"\nchannels = [\"in_app\"]\npayload_columns = [\"id\"]\n",
+            crate::config::README_EXAMPLE
+        );
+        let router = Router::new(&Config::from_toml(&text).unwrap());
+        let mut out = vec![];
+        let values = vec![t("1"), t("first_route"), t("5"), t("{in_app}"), t("{}")];
+        let change = RowChange { id: ChangeId::Log(1), table: outbox_table(), op: Operation::Insert, values };
+        router.route_change(&change, Lsn(1), DateTime::UNIX_EPOCH, &mut out);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].event, "first_route");
+    }
+
+    #[test]
+    fn a_table_under_replica_identity_full_is_keyed_by_its_primary_key() {
+        // pgoutput flags every column as key under FULL; NULLs among them
+        // must not fail the row, and non-key columns must not reach the ledger.
+        let full = table(
+            "operators_notificationoperateur",
+            &[
+                ("id", INT8, true),
+                ("user_id", INT4, true),
+                ("kind", 1043, true),
+                ("title", 1043, true),
+                ("body", 25, true),
+                ("level", 1043, true),
+                ("url", 1043, true),
+                ("is_read", BOOL, true),
+                ("created_at", TIMESTAMPTZ, true),
+            ],
+        );
+        let keys = HashMap::from([("public.operators_notificationoperateur".to_string(), vec!["id".to_string()])]);
+        let router = Router::new(&cfg()).with_primary_keys(keys);
+        let mut out = vec![];
+        let values =
+            vec![t("7"), t("3"), t("k"), t("x"), Value::Null, t("info"), t(""), t("f"), t("2026-11-24 17:35:00+00")];
+        let change = RowChange { id: ChangeId::Log(9), table: full, op: Operation::Insert, values };
+        router.route_change(&change, Lsn(1), DateTime::UNIX_EPOCH, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].disposition, Disposition::Pending);
+        assert_eq!(out[0].source_pk, "7");
+    }
+
+    #[test]
+    fn idempotency_keys_name_the_change_and_channel() {
+        let wal = |lsn, seq| ChangeId::Wal { commit_lsn: Lsn(lsn), seq };
+        assert_eq!(idempotency_key(wal(1, 0), "a"), idempotency_key(wal(1, 0), "a"), "stable across replays");
+        assert_ne!(idempotency_key(wal(1, 0), "a"), idempotency_key(wal(1, 0), "b"));
+        assert_ne!(idempotency_key(wal(1, 0), "a"), idempotency_key(wal(1, 1), "a"), "two changes of one tx");
+        assert_ne!(idempotency_key(wal(1, 0), "a"), idempotency_key(wal(2, 0), "a"), "same row, later tx");
+        assert_ne!(idempotency_key(ChangeId::Log(7), "a"), idempotency_key(ChangeId::Log(8), "a"));
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub mod metric {
     pub const DEAD_LETTERS: &str = "outbox_relay_dead_letters";
     pub const RETAINED_WAL: &str = "outbox_relay_slot_retained_wal_bytes";
     pub const WEBHOOKS: &str = "outbox_relay_webhooks_total";
+    /// 1 while this process holds the relay's lock and works, 0 as a standby.
+    pub const ACTIVE: &str = "outbox_relay_active";
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -86,6 +88,7 @@ fn describe() {
     );
     describe_gauge!(metric::REPLICATION_LAG, Unit::Bytes, "Server WAL end minus the offset confirmed to the slot.");
     describe_gauge!(metric::CONFIRMED_LSN, "Offset last confirmed to PostgreSQL, as a number.");
+    describe_gauge!(metric::ACTIVE, "1 while this relay holds the slot's lock and works, 0 while it stands by.");
     describe_counter!(
         metric::RESENDS_AFTER_RESTART,
         "Deliveries in flight at a crash, sent again after restart (possible duplicates)."
@@ -115,11 +118,16 @@ fn describe() {
 pub struct Health {
     pub source_connected: AtomicBool,
     pub ledger_connected: AtomicBool,
+    /// Not holding the relay's lock (another relay works, or the lock's
+    /// session was lost): nothing is sent. See `instance`.
+    pub standby: AtomicBool,
 }
 
 impl Health {
     pub fn ready(&self) -> bool {
-        self.source_connected.load(Ordering::Relaxed) && self.ledger_connected.load(Ordering::Relaxed)
+        self.source_connected.load(Ordering::Relaxed)
+            && self.ledger_connected.load(Ordering::Relaxed)
+            && !self.standby.load(Ordering::Relaxed)
     }
 }
 
@@ -139,6 +147,8 @@ pub fn router(metrics: PrometheusHandle, health: Arc<Health>) -> Router {
             get(|State(s): State<AppState>| async move {
                 if s.health.ready() {
                     (StatusCode::OK, "ready\n")
+                } else if s.health.standby.load(Ordering::Relaxed) {
+                    (StatusCode::SERVICE_UNAVAILABLE, "standby: another relay holds this slot\n")
                 } else {
                     (StatusCode::SERVICE_UNAVAILABLE, "not ready: source or ledger disconnected\n")
                 }

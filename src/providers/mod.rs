@@ -184,6 +184,10 @@ pub fn http_client() -> reqwest::Client {
         .tcp_keepalive(Duration::from_secs(60))
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(10))
+        // Never follow: a 302 would turn a POST into a GET that "succeeds" and
+        // the message would be recorded sent. A redirect is the provider's
+        // answer, classified like any other status.
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         // Building only fails if the TLS backend cannot initialise; the
         // default client has the same backend, so this is a last resort that

@@ -30,7 +30,7 @@ use crate::dispatch::Intake;
 use crate::ledger::{self, LedgerError};
 use crate::routing::{NewDelivery, Router};
 use crate::setup::{quote_ident, quote_table};
-use crate::source::{Column, Lsn, Operation, RowChange, Table, Value};
+use crate::source::{ChangeId, Column, Lsn, Operation, RowChange, Table, Value};
 use crate::telemetry::{metric, Health};
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +59,7 @@ pub struct ListenSource {
 
 /// One change-log row.
 struct Change {
+    id: i64,
     xid: u64,
     table: String,
     pk: String,
@@ -175,7 +176,7 @@ impl ListenSource {
         let rows = tx
             .query(
                 &format!(
-                    "SELECT xid::text::bigint, source_table, source_pk, op, created_at FROM {schema}.changes
+                    "SELECT xid::text::bigint, source_table, source_pk, op, created_at, id FROM {schema}.changes
                      WHERE xid >= $1::text::xid8 AND xid < $2::text::xid8 ORDER BY xid, id LIMIT $3"
                 ),
                 &[&from.to_string(), &horizon.to_string(), &(self.page_rows() + 1)],
@@ -193,6 +194,7 @@ impl ListenSource {
                     _ => Operation::Insert,
                 },
                 at: r.get(4),
+                id: r.get(5),
             })
             .collect();
         // The new watermark: the horizon if everything below it was read; else
@@ -245,7 +247,7 @@ impl ListenSource {
         let rows = tx
             .query(
                 &format!(
-                    "SELECT source_table, source_pk, op, created_at FROM {schema}.changes
+                    "SELECT source_table, source_pk, op, created_at, id FROM {schema}.changes
                      WHERE xid = $1::text::xid8 ORDER BY id"
                 ),
                 &[&xid.to_string()],
@@ -259,6 +261,7 @@ impl ListenSource {
                 pk: r.get(1),
                 op: if r.get::<_, &str>(2) == "update" { Operation::Update } else { Operation::Insert },
                 at: r.get(3),
+                id: r.get(4),
             })
             .collect())
     }
@@ -308,10 +311,11 @@ impl ListenSource {
         for c in changes.iter().filter(|c| self.router.routes_table(&c.table)) {
             match (rows.get(&(c.table.as_str(), c.pk.clone())), tables.get(&c.table)) {
                 (Some(values), Some(table)) => {
-                    let change = RowChange { table: table.clone(), op: c.op, values: values.clone() };
+                    let change =
+                        RowChange { id: ChangeId::Log(c.id), table: table.clone(), op: c.op, values: values.clone() };
                     self.router.route_change(&change, Lsn::default(), c.at, out);
                 }
-                _ => out.extend(self.router.vanished(&c.table, &c.pk, c.op, c.at)),
+                _ => out.extend(self.router.vanished(ChangeId::Log(c.id), &c.table, &c.pk, c.op, c.at)),
             }
         }
         Ok(())

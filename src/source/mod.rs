@@ -87,9 +87,45 @@ pub enum Value {
     Unchanged,
 }
 
+/// Names one committed change, the same on every replay of it: the ledger's
+/// key is built from it (docs/design.md, "The key"). Not the row's primary
+/// key, which names a row, not a change: a row updated twice, or a key reused
+/// after a delete or `TRUNCATE ... RESTART IDENTITY`, is several changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ChangeId {
+    /// Logical mode: the transaction's commit LSN and the change's position in
+    /// it (0-based, counted over every change pgoutput sends for it). A replay
+    /// decodes the same WAL into the same changes in the same order.
+    Wal { commit_lsn: Lsn, seq: u32 },
+    /// Listen mode: the change-log row's id, written once by the capture
+    /// trigger inside the writer's transaction.
+    Log(i64),
+}
+
+impl fmt::Display for ChangeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChangeId::Wal { commit_lsn, seq } => write!(f, "wal:{commit_lsn}#{seq}"),
+            ChangeId::Log(id) => write!(f, "log:{id}"),
+        }
+    }
+}
+
+impl Operation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Insert => "insert",
+            Operation::Update => "update",
+            Operation::Delete => "delete",
+        }
+    }
+}
+
 /// One row change inside a committed transaction.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RowChange {
+    /// Which change this is, stable across replays.
+    pub id: ChangeId,
     pub table: Arc<Table>,
     pub op: Operation,
     /// New values for inserts and updates, old key values for deletes; same
@@ -111,6 +147,28 @@ pub struct CommittedTx {
     /// yet: more changes follow, and `end_lsn` is unknown (zero) — nothing may
     /// be confirmed on its account.
     pub complete: bool,
+}
+
+/// Each table's primary-key columns, in key order, read from the catalog
+/// (`schema.table` → columns; tables without a primary key are absent). The
+/// ledger's `source_pk` uses these whatever the replica identity says: under
+/// `REPLICA IDENTITY FULL` pgoutput marks every column as key.
+pub async fn primary_keys<'a>(
+    client: &tokio_postgres::Client,
+    tables: impl Iterator<Item = &'a str>,
+) -> Result<std::collections::HashMap<String, Vec<String>>, tokio_postgres::Error> {
+    let tables: Vec<&str> = tables.collect();
+    let rows = client
+        .query(
+            "SELECT t.name, array_agg(a.attname::text ORDER BY array_position(i.indkey::int2[], a.attnum))
+             FROM unnest($1::text[]) AS t(name)
+             JOIN pg_index i ON i.indrelid = to_regclass(t.name) AND i.indisprimary
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])
+             GROUP BY t.name",
+            &[&tables],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// After a source session failed with `e`: marks the source down, and if

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
-use super::{Column, CommittedTx, Lsn, Operation, RowChange, Table, Value};
+use super::{ChangeId, Column, CommittedTx, Lsn, Operation, RowChange, Table, Value};
 
 /// Why a pgoutput message could not be decoded or assembled. Always permanent:
 /// the server replays the same bytes after a reconnect, so retrying cannot help.
@@ -360,6 +360,9 @@ struct OpenTx {
     commit_lsn: Lsn,
     commit_time: DateTime<Utc>,
     changes: Vec<RowChange>,
+    /// Changes seen so far, parts already handed out included: the next
+    /// change's position in the transaction (its [`ChangeId`]).
+    seq: u32,
 }
 
 /// Changes handed out before Commit once a transaction has this many: memory
@@ -409,7 +412,7 @@ impl TxAssembler {
                 if let Some(open) = &self.open {
                     return Err(DecodeError::NestedBegin { xid, open: open.xid });
                 }
-                self.open = Some(OpenTx { xid, commit_lsn: final_lsn, commit_time, changes: Vec::new() });
+                self.open = Some(OpenTx { xid, commit_lsn: final_lsn, commit_time, changes: Vec::new(), seq: 0 });
                 Ok(None)
             }
             PgOutputMessage::Commit { commit_lsn, end_lsn, commit_time } => {
@@ -496,7 +499,9 @@ impl TxAssembler {
         }
         let table = Arc::clone(table);
         let open = self.open.as_mut().ok_or(DecodeError::OutsideTransaction(what))?;
-        open.changes.push(RowChange { table, op, values });
+        let id = ChangeId::Wal { commit_lsn: open.commit_lsn, seq: open.seq };
+        open.seq += 1;
+        open.changes.push(RowChange { id, table, op, values });
         Ok(())
     }
 }

@@ -149,6 +149,10 @@ impl ServerError {
                  (SELECT pg_create_logical_replication_slot('<slot>', 'pgoutput')) or fix source.slot"
             }
             "55000" if msg.contains("wal_level") => "set wal_level = logical in postgresql.conf and restart PostgreSQL",
+            "55000" if msg.contains("can no longer get changes") || msg.contains("invalidated") => {
+                "the slot was invalidated (max_slot_wal_keep_size, or removed WAL): the changes it kept are gone; \
+                 see docs/operations.md \"A gap in the stream\""
+            }
             "55000" => {
                 "the slot cannot serve this connection: it must be a logical slot using pgoutput, \
                  created in the database named in source.database_url"

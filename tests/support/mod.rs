@@ -5,7 +5,7 @@
 
 pub mod fake_ably;
 pub mod fake_brevo;
-mod fake_http;
+pub mod fake_http;
 pub mod fake_pusher;
 pub mod fake_twilio;
 pub mod pg;

@@ -327,3 +327,90 @@ macro_rules! both_modes {
         }
     };
 }
+
+/// Routes for every kind of change on the notification table (beside the
+/// insert route every test config has): updates and deletes, each its own
+/// event, payload enough to tell the changes apart. For `Env`'s `extra`.
+pub const CHANGE_ROUTES: &str = r#"
+[[routes]]
+table = "public.operators_notificationoperateur"
+operations = ["update"]
+recipient_column = "user_id"
+event = "notification_updated"
+channels = ["in_app"]
+payload_columns = ["id", "title"]
+
+[[routes]]
+table = "public.operators_notificationoperateur"
+operations = ["delete"]
+recipient_column = "user_id"
+event = "notification_deleted"
+channels = ["in_app"]
+payload_columns = ["id", "title"]
+"#;
+
+/// A change as Pusher saw it: (event, row id, title).
+pub type SeenChange = (String, i64, String);
+
+impl Env {
+    /// How many times the fake Pusher accepted each change.
+    pub fn change_counts(&self) -> BTreeMap<SeenChange, usize> {
+        let mut out = BTreeMap::new();
+        for e in self.pusher.events() {
+            let id = e.data.get("id").and_then(|v| v.as_i64()).unwrap_or(-1);
+            let title = e.data.get("title").and_then(|v| v.as_str()).unwrap_or("").to_string();
+            *out.entry((e.name.clone(), id, title)).or_default() += 1;
+        }
+        out
+    }
+}
+
+/// One round of every kind of change, tagged `tag` so rounds differ: `n` rows
+/// inserted (two transactions), each updated twice (the second update of half
+/// of them in the same transaction as the first), the even ones deleted.
+/// Returns the changes a route-everything relay must deliver, once each.
+pub async fn churn(client: &tokio_postgres::Client, n: usize, tag: &str) -> Vec<SeenChange> {
+    let mut expect = vec![];
+    let mut ids: Vec<i64> = vec![];
+    for half in [n / 2, n - n / 2] {
+        let rows = client
+            .query(
+                "INSERT INTO operators_notificationoperateur (user_id, kind, title, read_at, extra)
+                 SELECT 1 + g % 5, 'churn', $1, NULL, NULL FROM generate_series(1, $2::int) g RETURNING id",
+                &[&format!("{tag}-v0"), &(half as i32)],
+            )
+            .await
+            .unwrap();
+        ids.extend(rows.iter().map(|r| r.get::<_, i64>(0)));
+    }
+    for id in &ids {
+        expect.push(("notification_created".to_string(), *id, format!("{tag}-v0")));
+    }
+    let (same_tx, own_tx) = ids.split_at(ids.len() / 2);
+    let set = |v: &str, ids: &[i64]| {
+        format!(
+            "UPDATE operators_notificationoperateur SET title = '{tag}-{v}' WHERE id = ANY('{{{}}}'::bigint[]);",
+            ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+        )
+    };
+    client.batch_execute(&format!("BEGIN; {} {} COMMIT;", set("v1", same_tx), set("v2", same_tx))).await.unwrap();
+    client.batch_execute(&set("v1", own_tx)).await.unwrap();
+    client.batch_execute(&set("v2", own_tx)).await.unwrap();
+    for id in &ids {
+        for v in ["v1", "v2"] {
+            expect.push(("notification_updated".to_string(), *id, format!("{tag}-{v}")));
+        }
+    }
+    let even: Vec<i64> = ids.iter().copied().filter(|id| id % 2 == 0).collect();
+    client.execute("DELETE FROM operators_notificationoperateur WHERE id = ANY($1)", &[&even]).await.unwrap();
+    for id in &even {
+        expect.push(("notification_deleted".to_string(), *id, format!("{tag}-v2")));
+    }
+    expect
+}
+
+/// Empties the notification table and restarts its ids, so the next rows
+/// reuse keys already delivered (`TRUNCATE ... RESTART IDENTITY`).
+pub async fn truncate_notifications(client: &tokio_postgres::Client) {
+    client.batch_execute("TRUNCATE operators_notificationoperateur RESTART IDENTITY").await.unwrap();
+}
