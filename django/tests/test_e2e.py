@@ -154,6 +154,9 @@ def test_committed_notifications_arrive_rolled_back_ones_never(running_relay: Pa
     assert outcome[(bob_pk, "sms")] == ("sent", "")
     assert outcome[(str(sentinel.pk), "in_app")] == ("sent", "")
     assert all(r.event != "rolled_back" for r in rows)
+    # Each delivery names the committed change it came from (an insert, in the WAL).
+    assert {r.operation for r in rows} == {"insert"}
+    assert all(r.change_ref and r.change_ref.startswith("wal:") for r in rows)
 
     # The log provider stands in for Brevo and Twilio: what it printed is what they would have got.
     lines = [json.loads(line) for line in running_relay.read_text().splitlines() if line.strip()]

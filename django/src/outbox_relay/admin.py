@@ -54,6 +54,7 @@ class DeliveryAdmin(admin.ModelAdmin):
     list_display = (
         "id",
         "source",
+        "operation",
         "channel",
         "event",
         "recipient",

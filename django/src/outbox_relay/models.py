@@ -140,6 +140,10 @@ class Delivery(models.Model):
     source_pk = models.TextField()
     channel = models.TextField()
     event = models.TextField()
+    # Which committed change made this delivery (relay migration 006): insert, update or
+    # delete, and wal:<commit LSN>#<n> (logical mode) or log:<id> (listen mode).
+    operation = models.TextField(null=True)  # noqa: DJ001 - mirrors the relay's nullable column
+    change_ref = models.TextField(null=True)  # noqa: DJ001 - mirrors the relay's nullable column
     recipient = models.TextField(null=True)  # noqa: DJ001 - mirrors the relay's nullable column
     payload = models.JSONField()
     status = models.TextField(choices=DeliveryStatus.choices)
