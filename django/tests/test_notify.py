@@ -109,3 +109,9 @@ def test_bad_arguments_are_refused_before_writing(user, kwargs, error):
 def test_unsaved_user_is_refused():
     with pytest.raises(ValueError, match="primary key"):
         notify(get_user_model()(username="ghost"), "order_shipped")
+
+
+def test_using_names_the_database(user):
+    # For projects with several databases: the row goes where the caller's transaction is.
+    event = notify(user, "order_shipped", using="default")
+    assert OutboxEvent.objects.using("default").filter(pk=event.pk).exists()
