@@ -79,6 +79,34 @@ pub fn reconnect_delay(failures: u32) -> Duration {
         .unwrap_or(Duration::from_secs(10))
 }
 
+/// The claims this process holds in memory: handed over, being sent, or
+/// with an outcome not yet written. After the ledger connection was lost, a
+/// row `sending` in the ledger but not held here is an orphan — its claim's
+/// commit went through while its acknowledgement was lost — and nobody would
+/// send it before its lease ran out. [`Intake::release_orphans`] gives those
+/// back at once. The gate keeps a claim from being read between its commit
+/// and its registration here.
+#[derive(Default)]
+struct Held {
+    ids: std::sync::Mutex<std::collections::HashSet<i64>>,
+    gate: tokio::sync::RwLock<()>,
+}
+
+impl Held {
+    fn add(&self, claims: &[Claimed]) {
+        self.ids.lock().unwrap_or_else(|p| p.into_inner()).extend(claims.iter().map(|c| c.id));
+    }
+    fn remove(&self, outcomes: &Outcomes) {
+        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        for ((id, _), _) in outcomes {
+            ids.remove(id);
+        }
+    }
+    fn snapshot(&self) -> Vec<i64> {
+        self.ids.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect()
+    }
+}
+
 /// Batches ingestion may hand over in memory at once. Small: rows waiting here
 /// are `sending` in the ledger, so a crash counts them as possible re-sends.
 const FRESH_BATCHES: usize = 2;
@@ -88,6 +116,7 @@ const FRESH_BATCHES: usize = 2;
 /// delivery; otherwise they are written `pending` and `wake` rings.
 pub struct Intake {
     fresh: mpsc::Sender<Vec<Claimed>>,
+    held: Arc<Held>,
     wake: Arc<Notify>,
     lease: Duration,
 }
@@ -109,12 +138,28 @@ impl Intake {
     pub fn committed(&self, room: Option<mpsc::Permit<'_, Vec<Claimed>>>, inserted: Inserted) {
         let waiting = inserted.count > inserted.claimed.len() as u64;
         if let Some(room) = room.filter(|_| !inserted.claimed.is_empty()) {
+            self.held.add(&inserted.claimed);
             room.send(inserted.claimed);
             self.wake.notify_one();
         }
         if waiting {
             self.wake.notify_waiters();
         }
+    }
+}
+
+impl Intake {
+    /// At the start of a source session (after a lost connection, typically):
+    /// rows left `sending` that no worker of this process holds go back to the
+    /// queue at once, instead of waiting out their lease. Sound because this
+    /// process holds the relay's lock (`instance`): no other one claims rows.
+    pub async fn release_orphans(&self, ledger: &Ledger) -> Result<u64, LedgerError> {
+        let _no_claim_in_between = self.held.gate.write().await;
+        let n = ledger.release_unheld(&self.held.snapshot()).await?;
+        if n > 0 {
+            info!(deliveries = n, "claims whose commit outlived the connection given back to the queue");
+        }
+        Ok(n)
     }
 }
 
@@ -137,6 +182,7 @@ pub struct Dispatcher {
     /// Fresh batches from ingestion, already claimed (see [`Intake`]).
     fresh_tx: mpsc::Sender<Vec<Claimed>>,
     fresh_rx: tokio::sync::Mutex<mpsc::Receiver<Vec<Claimed>>>,
+    held: Arc<Held>,
     /// `standby` set: this relay does not hold its lock (see `instance`), so
     /// it starts no provider call.
     health: Arc<Health>,
@@ -146,7 +192,7 @@ pub struct Dispatcher {
 /// guarantees the sections exist; an SMTP URL lettre cannot parse is the one
 /// error left.
 pub fn build_providers(cfg: &Config) -> Result<HashMap<ProviderKind, Provider>, ProviderError> {
-    let http = crate::providers::http_client();
+    let http = crate::providers::http_client_with(&cfg.tls)?;
     let p = &cfg.providers;
     let mut out = HashMap::new();
     for kind in cfg.channels.values().flat_map(|ch| std::iter::once(ch.provider).chain(ch.fallback)) {
@@ -157,7 +203,7 @@ pub fn build_providers(cfg: &Config) -> Result<HashMap<ProviderKind, Provider>, 
             ProviderKind::Pusher => Provider::Pusher(Pusher::new(p.pusher.as_ref().unwrap(), http.clone())),
             ProviderKind::Ably => Provider::Ably(Ably::new(p.ably.as_ref().unwrap(), http.clone())),
             ProviderKind::Brevo => Provider::Brevo(Brevo::new(p.brevo.as_ref().unwrap(), http.clone())),
-            ProviderKind::Smtp => Provider::Smtp(Smtp::new(p.smtp.as_ref().unwrap())?),
+            ProviderKind::Smtp => Provider::Smtp(Smtp::with_tls(p.smtp.as_ref().unwrap(), &cfg.tls)?),
             ProviderKind::Twilio => Provider::Twilio(Twilio::new(p.twilio.as_ref().unwrap(), http.clone())),
             ProviderKind::Log => Provider::Log(Log::new()),
         };
@@ -201,6 +247,7 @@ impl Dispatcher {
         let (fresh_tx, fresh_rx) = mpsc::channel(FRESH_BATCHES);
         Ok(Dispatcher {
             health,
+            held: Arc::default(),
             fresh_tx,
             fresh_rx: tokio::sync::Mutex::new(fresh_rx),
             channels,
@@ -219,7 +266,7 @@ impl Dispatcher {
     }
 
     pub fn intake(&self) -> Intake {
-        Intake { fresh: self.fresh_tx.clone(), wake: self.wake.clone(), lease: self.lease }
+        Intake { fresh: self.fresh_tx.clone(), held: self.held.clone(), wake: self.wake.clone(), lease: self.lease }
     }
 
     /// A batch ingestion handed over, if any (and if no other worker is taking one).
@@ -286,6 +333,7 @@ impl Dispatcher {
     ) -> Result<(), LedgerError> {
         if !unrecorded.is_empty() {
             ledger.finish(unrecorded).await?;
+            self.held.remove(unrecorded);
             unrecorded.clear();
         }
         *failures = 0;
@@ -316,7 +364,12 @@ impl Dispatcher {
             notified.as_mut().enable();
             let batch = match self.take_fresh() {
                 Some(fresh) => fresh,
-                None => ledger.claim(self.batch, self.lease).await?,
+                None => {
+                    let _registered_before_release = self.held.gate.read().await;
+                    let claimed = ledger.claim(self.batch, self.lease).await?;
+                    self.held.add(&claimed);
+                    claimed
+                }
             };
             if batch.is_empty() {
                 tokio::select! {
@@ -351,7 +404,10 @@ impl Dispatcher {
                 }
                 if lost.is_none() {
                     match ledger.finish(unrecorded).await {
-                        Ok(()) => unrecorded.clear(),
+                        Ok(()) => {
+                            self.held.remove(unrecorded);
+                            unrecorded.clear();
+                        }
                         Err(e) => lost = Some(e),
                     }
                 }
@@ -361,6 +417,7 @@ impl Dispatcher {
             }
             if !unrecorded.is_empty() {
                 ledger.finish(unrecorded).await?;
+                self.held.remove(unrecorded);
                 unrecorded.clear();
             }
             if full {

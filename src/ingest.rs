@@ -87,8 +87,8 @@ impl Ingest {
     /// restarting, network) reconnect with backoff and resume from the
     /// confirmed offset; errors that need a human end the run.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), IngestError> {
-        let pg: tokio_postgres::Config =
-            self.cfg.source.database_url.parse().map_err(|e: tokio_postgres::Error| IngestError::Url(e.to_string()))?;
+        let pg =
+            crate::db::PgTarget::parse(&self.cfg.source.database_url).map_err(|e| IngestError::Url(e.to_string()))?;
         let mut failures = 0u32;
         loop {
             let Err(e) = self.session(&pg, &mut shutdown, &mut failures).await else { return Ok(()) };
@@ -102,7 +102,7 @@ impl Ingest {
 
     async fn session(
         &self,
-        pg: &tokio_postgres::Config,
+        pg: &crate::db::PgTarget,
         shutdown: &mut watch::Receiver<bool>,
         failures: &mut u32,
     ) -> Result<(), IngestError> {
@@ -113,6 +113,7 @@ impl Ingest {
         // cut off would otherwise skip what was committed in between.
         crate::gap::check_slot(ledger.client(), &src.slot, stored).await?;
         let start = stored.unwrap_or_default();
+        self.intake.release_orphans(&ledger).await?;
         // Read per session: a table given a primary key since is seen on reconnect.
         let keys = crate::source::primary_keys(ledger.client(), self.router.tables()).await.map_err(LedgerError::Db)?;
         let router = self.router.clone().with_primary_keys(keys);

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value as Json;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tracing::{info, warn};
 
 use crate::routing::NewDelivery;
@@ -23,7 +23,7 @@ pub enum LedgerError {
     #[error("database: {0}")]
     Db(#[from] tokio_postgres::Error),
     #[error("connecting to the database: {0}")]
-    Connect(tokio_postgres::Error),
+    Connect(crate::db::ConnectError),
 }
 
 impl LedgerError {
@@ -31,7 +31,8 @@ impl LedgerError {
     /// (missing privilege, missing schema) needs a human.
     pub fn is_retryable(&self) -> bool {
         match self {
-            LedgerError::Db(e) | LedgerError::Connect(e) => db_error_is_retryable(e),
+            LedgerError::Db(e) => db_error_is_retryable(e),
+            LedgerError::Connect(e) => e.is_retryable(),
         }
     }
 }
@@ -66,9 +67,9 @@ pub fn migration_sql(schema: &str) -> Vec<(i32, String)> {
     MIGRATIONS.iter().map(|(v, sql)| (*v, sql.replace("__SCHEMA__", schema))).collect()
 }
 
-/// Opens a plain connection and drives it on the runtime.
+/// Opens a connection (TLS as `url` says) and drives it on the runtime.
 pub async fn connect(url: &str) -> Result<Client, LedgerError> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await.map_err(LedgerError::Connect)?;
+    let (client, conn) = crate::db::connect(url).await.map_err(LedgerError::Connect)?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             // The owner sees the error on its next query; this is for the log.
@@ -285,6 +286,23 @@ impl Ledger {
             warn!(deliveries = n, "deliveries were in flight when the relay stopped; sending them again");
         }
         Ok(n)
+    }
+
+    /// Rows `sending` whose id is not in `held` go back to `pending`, their
+    /// attempt given back (it never reached a provider: nobody held the claim).
+    pub async fn release_unheld(&self, held: &[i64]) -> Result<u64, LedgerError> {
+        Ok(self
+            .client
+            .execute(
+                &format!(
+                    "UPDATE {}.deliveries SET status = 'pending', attempts = greatest(attempts - 1, 0),
+                         next_attempt_at = now(), updated_at = now()
+                     WHERE status = 'sending' AND NOT (id = ANY($1))",
+                    self.schema
+                ),
+                &[&held],
+            )
+            .await?)
     }
 
     /// Claims up to `limit` due deliveries, oldest first, for `lease`. SKIP

@@ -31,6 +31,7 @@ pub mod metric {
     pub const DEAD_LETTERS: &str = "outbox_relay_dead_letters";
     pub const RETAINED_WAL: &str = "outbox_relay_slot_retained_wal_bytes";
     pub const WEBHOOKS: &str = "outbox_relay_webhooks_total";
+    pub const SMTP_STARTTLS_MISSING: &str = "outbox_relay_smtp_starttls_missing_total";
     /// 1 while this process holds the relay's lock and works, 0 as a standby.
     pub const ACTIVE: &str = "outbox_relay_active";
 }
@@ -102,6 +103,10 @@ fn describe() {
         metric::LEDGER_FLUSH,
         Unit::Seconds,
         "Time to write one ingestion batch and its offset to the ledger."
+    );
+    describe_counter!(
+        metric::SMTP_STARTTLS_MISSING,
+        "E-mails sent unencrypted because an SMTP server (tls=opportunistic) offered no STARTTLS."
     );
     describe_counter!(metric::SOURCE_RECONNECTS, "Times the source connection was lost and re-established.");
     describe_gauge!(metric::BACKLOG, "Deliveries pending or in flight in the ledger.");

@@ -399,3 +399,44 @@ async fn row_data_cannot_mint_metric_labels_and_idle_relays_do_not_feed_on_their
     assert!(child.wait().unwrap().success());
     assert!(during <= 1, "{during} offset writes in 5 quiet seconds (at most one per 10 s)");
 }
+
+crate::both_modes!(a_claim_whose_commit_outlived_its_connection_is_not_left_for_a_lease);
+async fn a_claim_whose_commit_outlived_its_connection_is_not_left_for_a_lease(mode: Mode) {
+    // A claim (or a fast-path insert) can commit while its acknowledgement is
+    // lost with the connection: the row is `sending`, held by nobody. With a
+    // 10-minute lease, waiting it out would be a 10-minute stall.
+    let env = Env::in_mode(mode, "orphan").await;
+    let port = free_port();
+    let mut child = env.spawn_binary_env(port, &[("OUTBOX_RELAY__RELAY__CLAIM_LEASE_MS", "600000")]);
+    env.wait_streaming().await;
+    let client = env.db.client().await;
+    support::relay::insert_notifications(&client, 1, 1).await;
+    env.wait_settled(1, Duration::from_secs(30)).await;
+    // The orphan, as such a commit leaves it.
+    client
+        .batch_execute(
+            r#"INSERT INTO outbox_relay.deliveries (source_table, source_pk, channel, idempotency_key, event,
+                   recipient, payload, status, attempts, commit_lsn, committed_at, next_attempt_at)
+               SELECT source_table, '999', channel, 'orphan', event, recipient, '{"id": 999}', 'sending', 1,
+                      commit_lsn, committed_at, now() + interval '10 minutes'
+               FROM outbox_relay.deliveries LIMIT 1"#,
+        )
+        .await
+        .unwrap();
+    // The database drops the relay's connections (a failover, a restart).
+    client
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE pid <> pg_backend_pid() AND (datname = current_database() OR backend_type = 'walsender')",
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !env.pusher_counts().contains_key(&999) {
+        assert!(started.elapsed() < Duration::from_secs(30), "the orphan waited for its lease");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    support::relay::sigterm(&child);
+    assert!(child.wait().unwrap().success());
+    assert_eq!(env.pusher_counts().get(&999), Some(&1));
+}

@@ -22,7 +22,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use tokio::sync::{watch, Notify};
-use tokio_postgres::{AsyncMessage, Client, IsolationLevel, NoTls};
+use tokio_postgres::{AsyncMessage, Client, IsolationLevel};
 use tracing::{debug, info};
 
 use crate::config::Config;
@@ -95,7 +95,8 @@ impl ListenSource {
 
     async fn session(&self, shutdown: &mut watch::Receiver<bool>, failures: &mut u32) -> Result<(), ListenError> {
         let schema = &self.cfg.relay.schema;
-        let (mut client, mut connection) = tokio_postgres::connect(&self.cfg.source.database_url, NoTls).await?;
+        let (mut client, mut connection) =
+            crate::db::connect(&self.cfg.source.database_url).await.map_err(LedgerError::Connect)?;
         // The connection is driven here rather than by a plain `await`, to see NOTIFYs.
         let notified = Arc::new(Notify::new());
         let ring = notified.clone();

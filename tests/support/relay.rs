@@ -44,6 +44,9 @@ pub struct Env {
     /// Extra keys inside the outbox route (`only = ...`).
     pub route_extra: String,
     pub dir: tempfile::TempDir,
+    /// `source.database_url` of the relay: `db.url` unless the test connects
+    /// the relay differently from its own admin connections (TLS, another role).
+    pub database_url: String,
 }
 
 pub struct InProcess {
@@ -86,6 +89,24 @@ impl Env {
 
     async fn build(mode: Mode, prefix: &str, route_extra: &str, channel_extra: &str, extra: &str) -> Env {
         let db = fresh_db(prefix).await;
+        let url = db.url.clone();
+        Env::build_on(mode, db, url, route_extra, channel_extra, extra).await
+    }
+
+    /// On a database the caller made (another cluster), the relay connecting
+    /// with `database_url` while setup and the test's checks use `db.url`.
+    pub async fn on_db(mode: Mode, db: TestDb, database_url: String) -> Env {
+        Env::build_on(mode, db, database_url, "", "", "").await
+    }
+
+    async fn build_on(
+        mode: Mode,
+        db: TestDb,
+        database_url: String,
+        route_extra: &str,
+        channel_extra: &str,
+        extra: &str,
+    ) -> Env {
         let pusher = FakePusher::start("123", "key", "secret");
         let env = Env {
             mode,
@@ -96,6 +117,7 @@ impl Env {
             channel_extra: channel_extra.to_string(),
             route_extra: route_extra.to_string(),
             dir: tempfile::tempdir().unwrap(),
+            database_url,
         };
         let cfg = env.config();
         outbox_relay::setup::apply(&mut env.db.client().await, &cfg).await.expect("setup");
@@ -154,7 +176,7 @@ heartbeat_ms = 1000
 circuit_open_ms = 500
 {extra}
 "#,
-            url = self.db.url,
+            url = self.database_url,
             slot = self.slot,
             pusher = self.pusher.base_url(),
             extra = self.extra,
