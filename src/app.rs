@@ -202,6 +202,8 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
 async fn housekeeping(cfg: Arc<Config>, health: Arc<Health>, mut stop: watch::Receiver<bool>) -> Result<(), ()> {
     let mut ledger: Option<Ledger> = None;
     let heartbeat = Duration::from_millis(cfg.relay.heartbeat_ms);
+    // First prune a minute after start (not during a restart's catch-up), then hourly.
+    let mut next_prune = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut last_beat = tokio::time::Instant::now();
     let max_wal = cfg.relay.max_retained_wal_mb.saturating_mul(1024 * 1024) as i64;
     loop {
@@ -221,6 +223,12 @@ async fn housekeeping(cfg: Arc<Config>, health: Arc<Health>, mut stop: watch::Re
                 if let Err(e) = beat.await {
                     warn!(error = %e, "heartbeat failed (needs EXECUTE on pg_logical_emit_message)");
                 }
+            }
+        }
+        if let Some(l) = ledger.as_ref().filter(|_| tokio::time::Instant::now() >= next_prune) {
+            next_prune = tokio::time::Instant::now() + Duration::from_secs(3600);
+            if let Err(e) = crate::retention::prune(l.client(), &cfg, false).await {
+                warn!(error = %e, "pruning settled deliveries failed; trying again in an hour");
             }
         }
         tokio::select! {

@@ -94,6 +94,30 @@ pub struct Config {
     pub relay: RelayConfig,
     #[serde(default)]
     pub tls: TlsConfig,
+    #[serde(default)]
+    pub ledger: LedgerConfig,
+}
+
+/// How long the ledger keeps what it has settled.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// Settled deliveries (sent, delivered, read, bounced, skipped, failed,
+    /// discarded, dead) are pruned this many days after their last change;
+    /// 0 keeps them for ever. The ledger holds recipients and payloads: keep
+    /// it as short as your audit needs (docs/gdpr.md).
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u32,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig { retention_days: default_retention_days() }
+    }
+}
+
+fn default_retention_days() -> u32 {
+    30
 }
 
 /// TLS to providers (HTTP APIs and SMTP). PostgreSQL's TLS is set in

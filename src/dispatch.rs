@@ -146,9 +146,7 @@ impl Intake {
             self.wake.notify_waiters();
         }
     }
-}
 
-impl Intake {
     /// At the start of a source session (after a lost connection, typically):
     /// rows left `sending` that no worker of this process holds go back to the
     /// queue at once, instead of waiting out their lease. Sound because this

@@ -7,6 +7,7 @@
 //! `db` is how every connection to PostgreSQL is made (TLS included).
 
 pub mod app;
+pub mod backfill;
 pub mod circuit;
 pub mod cli;
 pub mod config;
@@ -16,12 +17,14 @@ pub mod demo;
 pub mod dispatch;
 pub mod embedded_pg;
 pub mod gap;
+pub mod gdpr;
 pub mod ingest;
 pub mod instance;
 pub mod ledger;
 pub mod limits;
 pub mod preflight;
 pub mod providers;
+pub mod retention;
 pub mod routing;
 pub mod setup;
 pub mod smtp_sink;

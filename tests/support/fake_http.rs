@@ -113,13 +113,16 @@ impl AsyncWrite for KillableStream {
     }
 }
 
+/// A verbatim answer: status, headers, body.
+type RawAnswer = (StatusCode, Vec<(String, String)>, Vec<u8>);
+
 /// Failures a test asks for, consumed in arrival order by the next requests.
 #[derive(Default)]
 pub struct Faults {
     fail: Mutex<VecDeque<(StatusCode, Option<String>)>>,
     /// Answers given verbatim instead of the provider's wording: odd bodies
     /// (a NUL byte), redirects (status and Location).
-    raw: Mutex<VecDeque<(StatusCode, Vec<(String, String)>, Vec<u8>)>>,
+    raw: Mutex<VecDeque<RawAnswer>>,
     delay: Mutex<Duration>,
     resets: AtomicUsize,
 }
