@@ -65,10 +65,8 @@ pub async fn prepare(
 ) -> Prepared {
     let Some(recipient) = recipient else { return Prepared::Fail("the delivery has no recipient".into()) };
     if let Some(sql) = &plan.preferences_query {
-        match query_one_value(db, sql, recipient, Some(event)).await {
-            Ok(Some(Lookup::Bool(true))) => {}
-            Ok(_) => return Prepared::Skip("preference: the user does not want this event on this channel".into()),
-            Err(e) => return e,
+        if let Some(not_wanted) = preference_refuses(db, sql, recipient, event).await {
+            return not_wanted;
         }
     }
     let address = match query_one_value(db, &plan.address_query, recipient, None).await {
@@ -99,6 +97,17 @@ pub async fn prepare(
 enum Lookup {
     Text(String),
     Bool(bool),
+}
+
+/// The channel's `preferences_query` for this recipient and event: `None` if
+/// the delivery may go, else what to record instead (skipped, or the lookup's
+/// own failure). Used for app channels too (Pusher, Ably), which have no address.
+pub async fn preference_refuses(db: &Client, sql: &str, recipient: &str, event: &str) -> Option<Prepared> {
+    match query_one_value(db, sql, recipient, Some(event)).await {
+        Ok(Some(Lookup::Bool(true))) => None,
+        Ok(_) => Some(Prepared::Skip("preference: the user does not want this event on this channel".into())),
+        Err(e) => Some(e),
+    }
 }
 
 /// Runs a lookup with the recipient (and event) bound to whatever types the

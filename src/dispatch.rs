@@ -44,6 +44,8 @@ struct ChannelPlan {
     max_attempts: u32,
     /// E-mail, SMS, WhatsApp: how to find the address and word the message.
     contact: Option<ContactPlan>,
+    /// App channels' `preferences_query` (address channels check theirs in `contact`).
+    preferences_query: Option<String>,
 }
 
 /// Retry timing; from `[relay]`.
@@ -224,6 +226,7 @@ impl Dispatcher {
                     channel_name: ch.channel_name.clone(),
                     max_attempts: ch.max_attempts,
                     contact: ContactPlan::from_config(name, ch),
+                    preferences_query: ch.preferences_query.clone().filter(|_| ch.address_query.is_none()),
                 };
                 (name.clone(), plan)
             })
@@ -514,6 +517,21 @@ impl Dispatcher {
         (outcomes, futures)
     }
 
+    /// What to record for a delivery the contact lookup settled without a call.
+    fn unprepared(&self, prepared: Prepared, provider: &'static str, c: &Claimed, plan: &ChannelPlan) -> Outcome {
+        match prepared {
+            Prepared::Skip(reason) => Outcome::Skipped { provider, reason },
+            Prepared::Fail(error) => Outcome::Failed { provider, error },
+            Prepared::Retry(reason) => {
+                let age = (Utc::now() - c.committed_at).to_std().unwrap_or_default();
+                let limits = Limits { max_attempts: plan.max_attempts, max_age: plan.max_age };
+                let err = ProviderError::Retryable { reason, retry_after: None };
+                decide(&err, provider, c.attempts as u32, age, &limits, &self.backoff)
+            }
+            Prepared::Ready(_) => unreachable!("a ready contact is sent, not settled"),
+        }
+    }
+
     /// Sends one chunk to `target`. `probe`: this call is the half-open
     /// circuit's probe; if no call is made after all, it is handed back.
     async fn call(
@@ -534,28 +552,21 @@ impl Dispatcher {
         let mut sending: Vec<&Claimed> = Vec::with_capacity(chunk.len());
         let mut messages: Vec<OutboundMessage> = Vec::with_capacity(chunk.len());
         for c in chunk {
-            // The address is looked up now, not stored: consent is checked at send time.
-            let contact = match &plan.contact {
+            // Looked up now, not stored: consent and preferences are those at send time.
+            let prepared = match (&plan.contact, &plan.preferences_query, c.recipient.as_deref()) {
+                (Some(cp), _, _) => Some(contacts::prepare(db, cp, c.recipient.as_deref(), &c.event, &c.payload).await),
+                (None, Some(sql), Some(recipient)) => contacts::preference_refuses(db, sql, recipient, &c.event).await,
+                _ => None,
+            };
+            let contact = match prepared {
                 None => None,
-                Some(cp) => match contacts::prepare(db, cp, c.recipient.as_deref(), &c.event, &c.payload).await {
-                    Prepared::Ready(contact) => Some(contact),
-                    prepared => {
-                        let outcome = match prepared {
-                            Prepared::Skip(reason) => Outcome::Skipped { provider, reason },
-                            Prepared::Fail(error) => Outcome::Failed { provider, error },
-                            Prepared::Retry(reason) => {
-                                let age = (Utc::now() - c.committed_at).to_std().unwrap_or_default();
-                                let limits = Limits { max_attempts: plan.max_attempts, max_age: plan.max_age };
-                                let err = ProviderError::Retryable { reason, retry_after: None };
-                                decide(&err, provider, c.attempts as u32, age, &limits, &self.backoff)
-                            }
-                            Prepared::Ready(_) => unreachable!("handled above"),
-                        };
-                        record(c, provider, &outcome, Utc::now(), 0.0);
-                        settled.push((c.claim_ref(), outcome));
-                        continue;
-                    }
-                },
+                Some(Prepared::Ready(contact)) => Some(contact),
+                Some(prepared) => {
+                    let outcome = self.unprepared(prepared, provider, c, plan);
+                    record(c, provider, &outcome, Utc::now(), 0.0);
+                    settled.push((c.claim_ref(), outcome));
+                    continue;
+                }
             };
             messages.push(OutboundMessage {
                 delivery_id: c.id,

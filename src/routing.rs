@@ -15,8 +15,8 @@ use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use crate::config::{Config, RouteConfig};
-use crate::telemetry::metric;
 use crate::source::{ChangeId, CommittedTx, Lsn, Operation, RowChange, Table, Value};
+use crate::telemetry::metric;
 
 /// What the ledger records for a new delivery.
 #[derive(Clone, Debug, PartialEq)]

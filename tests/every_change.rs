@@ -440,3 +440,31 @@ async fn a_claim_whose_commit_outlived_its_connection_is_not_left_for_a_lease(mo
     assert!(child.wait().unwrap().success());
     assert_eq!(env.pusher_counts().get(&999), Some(&1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preferences_apply_to_in_app_channels_too() {
+    // In-app channels have no address_query; their preferences_query must
+    // still be asked (it once was only for e-mail, SMS and WhatsApp).
+    let prefs = r#"preferences_query = "SELECT $1::int <> 2 AND $2::text = 'notification_created'""#;
+    let env = Env::with_mode(Mode::Logical, "inapp_prefs", prefs, "").await;
+    let relay = env.start_in_process();
+    env.wait_streaming().await;
+    let client = env.db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO operators_notificationoperateur (user_id, kind, title) VALUES (1, 'k', 'for 1'), (2, 'k', 'for 2'), (3, 'k', 'for 3')",
+        )
+        .await
+        .unwrap();
+    let s = env.wait_settled(3, Duration::from_secs(30)).await;
+    assert_eq!((s.get("sent"), s.get("skipped")), (Some(&2), Some(&1)), "{s:?}");
+    let reason: String = client
+        .query_one("SELECT last_error FROM outbox_relay.deliveries WHERE recipient = '2'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(reason.starts_with("preference:"), "{reason}");
+    let channels: Vec<String> = env.pusher.events().into_iter().map(|e| e.channel).collect();
+    assert!(!channels.contains(&"private-user-2".to_string()), "{channels:?}");
+    relay.stop().await;
+}

@@ -37,7 +37,10 @@ async fn check_says_whether_run_would_start(mode: Mode) {
             client.execute("SELECT pg_drop_replication_slot($1)", &[&env.slot]).await.unwrap();
         }
         Mode::Listen => {
-            client.batch_execute("DROP TRIGGER outbox_relay_capture_insert ON operators_notificationoperateur").await.unwrap();
+            client
+                .batch_execute("DROP TRIGGER outbox_relay_capture_insert ON operators_notificationoperateur")
+                .await
+                .unwrap();
         }
     }
     let bad = tokio::task::block_in_place(|| relay(&env, &["check"]));
