@@ -17,11 +17,8 @@ fn total(expect: &[support::relay::SeenChange]) -> i64 {
 
 crate::both_modes!(every_insert_update_and_delete_is_delivered_once);
 async fn every_insert_update_and_delete_is_delivered_once(mode: Mode) {
-    let env = Env::with_mode(mode, "changes", "", CHANGE_ROUTES).await;
+    let env = Env::for_every_change(mode, "changes").await;
     let client = env.db.client().await;
-    // Deletes carry the whole old row only under FULL (logical mode); with it,
-    // pgoutput flags every column as key, NULL ones (read_at, extra) included.
-    client.batch_execute("ALTER TABLE operators_notificationoperateur REPLICA IDENTITY FULL").await.unwrap();
     let relay = env.start_in_process();
     env.wait_streaming().await;
 

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::relay::{churn, free_port, scrape_counter, sigterm, truncate_notifications, Env, Mode, CHANGE_ROUTES};
+use support::relay::{churn, free_port, scrape_counter, sigterm, truncate_notifications, Env, Mode};
 
 crate::both_modes!(relay_reconnects_after_an_immediate_postgres_restart);
 /// The two modes' runs restart the same cluster: one at a time.
@@ -13,13 +13,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn relay_reconnects_after_an_immediate_postgres_restart(mode: Mode) {
     let _one_at_a_time = SERIAL.lock().await;
-    let env = Env::with_mode(mode, "pgrestart", "", CHANGE_ROUTES).await;
-    env.db
-        .client()
-        .await
-        .batch_execute("ALTER TABLE operators_notificationoperateur REPLICA IDENTITY FULL")
-        .await
-        .unwrap();
+    let env = Env::for_every_change(mode, "pgrestart").await;
     let port = free_port();
     let mut child = env.spawn_binary(port);
     env.wait_streaming().await;

@@ -456,14 +456,8 @@ async fn an_outcome_from_a_lapsed_claim_is_ignored() {
 
 crate::both_modes!(kill_9_with_updates_deletes_and_reused_keys_loses_nothing);
 async fn kill_9_with_updates_deletes_and_reused_keys_loses_nothing(mode: Mode) {
-    use support::relay::{churn, truncate_notifications, CHANGE_ROUTES};
-    let env = Env::with_mode(mode, "kill9churn", "", CHANGE_ROUTES).await;
-    env.db
-        .client()
-        .await
-        .batch_execute("ALTER TABLE operators_notificationoperateur REPLICA IDENTITY FULL")
-        .await
-        .unwrap();
+    use support::relay::{churn, truncate_notifications};
+    let env = Env::for_every_change(mode, "kill9churn").await;
     let port = free_port();
     let mut child = env.spawn_binary(port);
     env.wait_streaming().await;

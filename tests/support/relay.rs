@@ -388,6 +388,18 @@ channels = ["in_app"]
 payload_columns = ["id", "title"]
 "#;
 
+impl Env {
+    /// Every kind of change routed ([`CHANGE_ROUTES`]), the notification
+    /// table under `REPLICA IDENTITY FULL` so that deletes carry the whole old
+    /// row in logical mode (and pgoutput flags every column, NULLs included, as key).
+    pub async fn for_every_change(mode: Mode, prefix: &str) -> Env {
+        let env = Env::with_mode(mode, prefix, "", CHANGE_ROUTES).await;
+        let client = env.db.client().await;
+        client.batch_execute("ALTER TABLE operators_notificationoperateur REPLICA IDENTITY FULL").await.unwrap();
+        env
+    }
+}
+
 /// A change as Pusher saw it: (event, row id, title).
 pub type SeenChange = (String, i64, String);
 
