@@ -1,5 +1,5 @@
 //! The ops pack: the alerting rules pass their unit tests, and every metric
-//! they name is one the relay exports.
+//! they and the Grafana dashboard name is one the relay exports.
 
 mod support;
 
@@ -43,8 +43,12 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_the_rules_name_is_exported() {
     let rules = std::fs::read_to_string(repo("docker/prometheus/rules.yml")).unwrap();
-    let named = metric_names(&rules);
-    assert!(named.len() >= 10, "{named:?}");
+    let dashboard = std::fs::read_to_string(repo("docker/grafana/outbox-relay.json")).unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    assert!(parsed["panels"].as_array().is_some_and(|p| p.len() >= 10), "a dashboard with its panels");
+    let mut named = metric_names(&rules);
+    named.extend(metric_names(&dashboard));
+    assert!(named.len() >= 15, "{named:?}");
 
     // Every provider feature the rules watch: deliveries (Pusher), an SMTP
     // channel (STARTTLS), a webhook (Brevo reports).
@@ -84,5 +88,5 @@ webhook_token = "a-long-random-token"
     support::relay::sigterm(&child);
     assert!(child.wait().unwrap().success());
     let missing: Vec<_> = named.difference(&exported).collect();
-    assert!(missing.is_empty(), "named by docker/prometheus/rules.yml but not exported: {missing:?}");
+    assert!(missing.is_empty(), "named by the rules or the dashboard but not exported: {missing:?}");
 }
