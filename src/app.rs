@@ -98,9 +98,14 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
     ledger::migrate(&mut client, &schema).await?;
     // One relay works at a time; a second one waits here as a standby.
     let mut waiting = shutdown.clone();
-    let Some(lock) = InstanceLock::acquire(&url, &schema, &cfg.source.slot, &health, &mut waiting).await? else {
+    let takeover = Duration::from_millis(cfg.relay.takeover_ms.max(1000));
+    let Some(lock) = InstanceLock::acquire(&url, &schema, &cfg.source.slot, takeover, &health, &mut waiting).await?
+    else {
         return Ok(());
     };
+    if cfg.source.mode == SourceMode::Logical {
+        lock.free_slot().await?;
+    }
     if cfg.source.mode == SourceMode::Listen {
         let client = ledger::connect(&url).await?;
         crate::gap::check_watermark(&client, &schema, &cfg.source.slot).await?;

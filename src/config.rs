@@ -555,6 +555,11 @@ pub struct RelayConfig {
     pub retry_base_ms: u64,
     #[serde(default = "default_retry_max_ms")]
     pub retry_max_ms: u64,
+    /// How soon a standby takes over from an active relay that stopped
+    /// answering (frozen, cut off): the server ends the active relay's lock
+    /// session after this long without a word from it.
+    #[serde(default = "default_takeover_ms")]
+    pub takeover_ms: u64,
 }
 
 impl Default for RelayConfig {
@@ -574,10 +579,14 @@ impl Default for RelayConfig {
             circuit_open_ms: default_circuit_open_ms(),
             retry_base_ms: default_retry_base_ms(),
             retry_max_ms: default_retry_max_ms(),
+            takeover_ms: default_takeover_ms(),
         }
     }
 }
 
+fn default_takeover_ms() -> u64 {
+    10_000
+}
 fn default_schema() -> String {
     "outbox_relay".into()
 }

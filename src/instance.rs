@@ -22,8 +22,28 @@ use tracing::{error, info, warn};
 use crate::ledger::{self, LedgerError};
 use crate::telemetry::{metric, Health};
 
-/// How often a standby asks for the lock, and the holder checks it still has it.
+/// How often a standby asks for the lock.
 const POLL: Duration = Duration::from_secs(1);
+
+/// A connection for the lock: the server ends the session after `takeover` of
+/// silence (`idle_session_timeout`, PostgreSQL 14+), so a holder that is
+/// frozen (SIGSTOP) or cut off loses the lock within that time, and TCP
+/// keepalives find a dead peer about as fast on older servers. The holder
+/// speaks every fifth of it.
+async fn lock_connection(url: &str, takeover: Duration) -> Result<Client, LedgerError> {
+    let client = ledger::connect(url).await?;
+    let secs = takeover.as_secs().max(1);
+    client
+        .batch_execute(&format!(
+            "SET tcp_keepalives_idle = {}; SET tcp_keepalives_interval = {}; SET tcp_keepalives_count = 2",
+            (secs / 2).max(1),
+            (secs / 4).max(1)
+        ))
+        .await?;
+    // Refused before PostgreSQL 14: keepalives then do the job.
+    let _ = client.batch_execute(&format!("SET idle_session_timeout = {}", takeover.as_millis())).await;
+    Ok(client)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
@@ -43,6 +63,7 @@ pub struct InstanceLock {
     keys: (i32, i32),
     url: String,
     slot: String,
+    takeover: Duration,
 }
 
 /// The advisory lock's two keys: the relay, then schema and slot, so relays
@@ -72,11 +93,12 @@ impl InstanceLock {
         url: &str,
         schema: &str,
         slot: &str,
+        takeover: Duration,
         health: &Health,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Option<InstanceLock>, LedgerError> {
         let keys = lock_keys(schema, slot);
-        let client = ledger::connect(url).await?;
+        let client = lock_connection(url, takeover).await?;
         let mut said = false;
         loop {
             if try_lock(&client, keys).await? {
@@ -85,7 +107,8 @@ impl InstanceLock {
                 if said {
                     info!(slot, "the other relay is gone: this one takes over");
                 }
-                return Ok(Some(InstanceLock { client, keys, url: url.to_string(), slot: slot.to_string() }));
+                let lock = InstanceLock { client, keys, url: url.to_string(), slot: slot.to_string(), takeover };
+                return Ok(Some(lock));
             }
             health.standby.store(true, Ordering::Relaxed);
             metrics::gauge!(metric::ACTIVE).set(0.0);
@@ -100,13 +123,32 @@ impl InstanceLock {
         }
     }
 
+    /// Logical mode, just after taking over: a walsender still streaming the
+    /// slot belongs to the relay that lost the lock (frozen, cut off) — ours
+    /// has not started — so it is ended rather than waited out
+    /// (`wal_sender_timeout`, a minute by default).
+    pub async fn free_slot(&self) -> Result<(), LedgerError> {
+        let ended = self
+            .client
+            .query(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                &[&self.slot],
+            )
+            .await?;
+        if !ended.is_empty() {
+            warn!(slot = %self.slot, "ended the previous relay's replication connection to the slot");
+        }
+        Ok(())
+    }
+
     /// Holds the lock until `shutdown`. If its session ends, the relay stops
     /// sending (`health.standby`) until the lock is taken back; if another
     /// relay got it first, this returns [`InstanceError::TakenOver`].
     pub async fn hold(mut self, health: Arc<Health>, mut shutdown: watch::Receiver<bool>) -> Result<(), InstanceError> {
+        let ping = (self.takeover / 5).max(Duration::from_millis(100));
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(POLL) => {}
+                _ = tokio::time::sleep(ping) => {}
                 _ = crate::stopped(&mut shutdown) => return Ok(()),
             }
             if !self.client.is_closed() && self.client.simple_query("").await.is_ok() {
@@ -119,7 +161,7 @@ impl InstanceLock {
                     _ = tokio::time::sleep(POLL) => {}
                     _ = crate::stopped(&mut shutdown) => return Ok(()),
                 }
-                let Ok(client) = ledger::connect(&self.url).await else { continue };
+                let Ok(client) = lock_connection(&self.url, self.takeover).await else { continue };
                 match try_lock(&client, self.keys).await {
                     Ok(true) => {
                         self.client = client;

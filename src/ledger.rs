@@ -80,9 +80,22 @@ pub async fn connect(url: &str) -> Result<Client, LedgerError> {
     // Whatever the server's default: a ledger commit must be on disk before the
     // relay acts on it (confirms the offset past it, or forgets an outcome).
     // With `synchronous_commit = off` a server crash could undo it afterwards.
-    client.batch_execute("SET synchronous_commit = on").await?;
+    //
+    // And a transaction the relay left open (its process frozen by SIGSTOP, or
+    // cut off) must not hold its row locks for ever: the relay that takes
+    // over would wait on them. The relay never waits inside a transaction.
+    client
+        .batch_execute(&format!(
+            "SET synchronous_commit = on; SET idle_in_transaction_session_timeout = {}",
+            IDLE_IN_TRANSACTION.as_millis()
+        ))
+        .await?;
     Ok(client)
 }
+
+/// How long a relay connection may sit idle inside a transaction before the
+/// server ends it (see [`connect`]).
+pub const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(10);
 
 /// Longest error text the ledger keeps: a provider's whole HTML error page
 /// helps nobody, and `last_error` is shown in `status` and dead-letter lists.

@@ -207,3 +207,59 @@ async fn backfill_fills_a_gap_without_sending_anything_twice(mode: Mode) {
     }
     relay_task.stop().await;
 }
+
+crate::both_modes!(a_frozen_relay_is_taken_over_within_takeover_ms);
+async fn a_frozen_relay_is_taken_over_within_takeover_ms(mode: Mode) {
+    // SIGSTOP: the process keeps its sockets (the kernel still answers TCP),
+    // so only the server's idle_session_timeout on the lock session ends it.
+    let env = Env::in_mode(mode, "frozen").await;
+    let fast = [("OUTBOX_RELAY__RELAY__TAKEOVER_MS", "2000")];
+    let (port_a, port_b) = (support::relay::free_port(), support::relay::free_port());
+    let mut a = env.spawn_binary_env(port_a, &fast);
+    env.wait_streaming().await;
+    let mut b = env.spawn_binary_env(port_b, &fast);
+    let client = env.db.client().await;
+    let mut ids = support::relay::insert_notifications(&client, 20, 10).await;
+    env.wait_settled(20, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await; // B is up and standing by
+
+    let stop = |sig: &str, pid: u32| Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
+    assert!(stop("-STOP", a.id()).success());
+    let frozen = std::time::Instant::now();
+    let ready = |port: u16| async move {
+        reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await.map(|r| r.status().as_u16()).unwrap_or(0)
+    };
+    while ready(port_b).await != 200 {
+        assert!(frozen.elapsed() < Duration::from_secs(30), "the standby never took over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = frozen.elapsed();
+    ids.extend(support::relay::insert_notifications(&client, 20, 10).await);
+    env.wait_settled(40, Duration::from_secs(30)).await;
+
+    // The frozen one wakes up, finds its lock gone to B, and stops.
+    assert!(stop("-CONT", a.id()).success());
+    let status = tokio::task::block_in_place(|| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = a.try_wait().unwrap() {
+                return Some(s);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = a.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    support::relay::sigterm(&b);
+    assert!(b.wait().unwrap().success());
+    eprintln!("takeover of a frozen relay ({mode:?}): {took:?}");
+    assert!(took < Duration::from_secs(8), "takeover in {took:?} with takeover_ms = 2000");
+    let status = status.expect("the relay that lost its lock exits");
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    let counts = env.pusher_counts();
+    for id in &ids {
+        assert!(counts.contains_key(id), "{id} lost");
+    }
+}
