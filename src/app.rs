@@ -6,9 +6,11 @@
 //! 2. dispatch workers finish the batch in hand and record it;
 //! 3. the HTTP server stops.
 //!
-//! Steps 1–2 get [`SHUTDOWN_GRACE`]; a worker still waiting on a provider then
-//! is abandoned, and its rows, left `sending`, are re-sent (and counted) on the
-//! next start. That keeps the exit within 10 s whatever the providers do.
+//! The whole sequence shares one deadline, [`SHUTDOWN_GRACE`] from the signal:
+//! a worker still waiting on a provider then is abandoned, and its rows, left
+//! `sending`, are re-sent (and counted) on the next start; releasing untried
+//! hand-overs gets what is left, at most [`RELEASE_GRACE`]. That keeps the
+//! exit within 10 s whatever the providers and the database do.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,11 +23,14 @@ use tracing::{info, warn};
 use crate::config::{Config, SourceMode};
 use crate::dispatch::Dispatcher;
 use crate::ingest::{Ingest, IngestError};
+use crate::instance::{InstanceError, InstanceLock};
 use crate::ledger::{self, Ledger, LedgerError};
 use crate::source::listen::{ListenError, ListenSource};
 use crate::telemetry::{self, metric, Health};
 
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
+/// For giving back untried hand-overs after the grace (one short statement).
+pub const RELEASE_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -43,6 +48,20 @@ pub enum RunError {
     Preflight(#[from] crate::preflight::PreflightError),
     #[error("{0}")]
     Provider(crate::providers::ProviderError),
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
+    #[error(transparent)]
+    Gap(#[from] crate::gap::GapError),
+}
+
+/// Sends the stop signal when dropped, so that tasks started early (the
+/// metrics server) end with `run` on every path out of it.
+struct StopOnDrop(watch::Sender<bool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send(true);
+    }
 }
 
 /// Runs the relay until `shutdown` turns true (or a fatal error).
@@ -50,28 +69,11 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
     let cfg = Arc::new(cfg);
     let metrics = telemetry::install_metrics();
     let health = Arc::new(Health::default());
-    let url = cfg.source.database_url.clone();
-    let schema = cfg.relay.schema.clone();
-
-    {
-        let mut client = ledger::connect(&url).await?;
-        crate::preflight::check(&client, &cfg).await?;
-        ledger::migrate(&mut client, &schema).await?;
-        let resent = Ledger::new(client, &schema).recover_in_flight().await?;
-        metrics::counter!(metric::RESENDS_AFTER_RESTART).increment(resent);
-    }
-
-    // No call starts after 4/5 of a claim's lease; the last fifth must hold a whole call.
-    let lease = Duration::from_millis(cfg.relay.claim_lease_ms);
-    if cfg.providers.longest_timeout() > lease / 5 {
-        warn!(claim_lease_ms = cfg.relay.claim_lease_ms, longest_timeout_ms = cfg.providers.longest_timeout().as_millis() as u64,
-            "relay.claim_lease_ms is under 5 x the longest provider timeout: a slow call may outlive its claim and be sent twice");
-    }
-
-    // Our own stop signal: set on outside shutdown or when ingestion fails for good.
+    // Our own stop signal: set on outside shutdown or when ingestion fails for
+    // good — and whenever `run` returns, early or not (the guard).
     let (stop_tx, stop) = watch::channel(false);
-    let mut tasks = JoinSet::new();
-
+    let stop_tx = StopOnDrop(stop_tx);
+    // Served from the start: a standby answers /readyz (503, "standby") and /metrics.
     if let Some(addr) = cfg.metrics.socket_addr()? {
         let listener =
             telemetry::bind(addr).await.map_err(|source| RunError::MetricsListen { addr: addr.to_string(), source })?;
@@ -88,7 +90,42 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
         });
     }
 
-    let dispatcher = Arc::new(Dispatcher::new(&cfg).map_err(RunError::Provider)?);
+    let url = cfg.source.database_url.clone();
+    let schema = cfg.relay.schema.clone();
+
+    let mut client = ledger::connect(&url).await?;
+    crate::preflight::check(&client, &cfg).await?;
+    ledger::migrate(&mut client, &schema).await?;
+    // One relay works at a time; a second one waits here as a standby.
+    let mut waiting = shutdown.clone();
+    let takeover = Duration::from_millis(cfg.relay.takeover_ms.max(1000));
+    let Some(lock) = InstanceLock::acquire(&url, &schema, &cfg.source.slot, takeover, &health, &mut waiting).await?
+    else {
+        return Ok(());
+    };
+    if cfg.source.mode == SourceMode::Logical {
+        lock.free_slot().await?;
+    }
+    if cfg.source.mode == SourceMode::Listen {
+        let client = ledger::connect(&url).await?;
+        crate::gap::check_watermark(&client, &schema, &cfg.source.slot).await?;
+    }
+    // Holding the lock, every row left `sending` belongs to a process that is
+    // gone: its call may have reached the provider, so each is counted.
+    let resent = Ledger::new(client, &schema).recover_in_flight().await?;
+    metrics::counter!(metric::RESENDS_AFTER_RESTART).increment(resent);
+
+    // No call starts after 4/5 of a claim's lease; the last fifth must hold a whole call.
+    let lease = Duration::from_millis(cfg.relay.claim_lease_ms);
+    if cfg.providers.longest_timeout() > lease / 5 {
+        warn!(claim_lease_ms = cfg.relay.claim_lease_ms, longest_timeout_ms = cfg.providers.longest_timeout().as_millis() as u64,
+            "relay.claim_lease_ms is under 5 x the longest provider timeout: a slow call may outlive its claim and be sent twice");
+    }
+
+    let mut tasks = JoinSet::new();
+
+    let dispatcher = Arc::new(Dispatcher::new(&cfg, health.clone()).map_err(RunError::Provider)?);
+    register_zeros(&cfg);
     for _ in 0..cfg.relay.dispatch_workers.max(1) {
         let (d, url, schema, stop) = (dispatcher.clone(), url.clone(), schema.clone(), stop.clone());
         tasks.spawn(async move {
@@ -112,19 +149,30 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
         }
     };
     tokio::pin!(ingest_task);
+    let keeper = lock.hold(health.clone(), stop.clone());
+    tokio::pin!(keeper);
 
+    // One deadline for the whole stop, fixed when it starts.
+    let mut stop_at: Option<tokio::time::Instant> = None;
+    let mut deadline = || *stop_at.get_or_insert_with(|| tokio::time::Instant::now() + SHUTDOWN_GRACE);
     let result = tokio::select! {
+        r = &mut keeper => {
+            // Only returns early when another relay took over: stop everything.
+            let _ = stop_tx.0.send(true);
+            let _ = tokio::time::timeout_at(deadline(), &mut ingest_task).await;
+            r.map_err(RunError::from)
+        }
         _ = crate::stopped(&mut outside) => {
             info!("shutting down");
-            let _ = stop_tx.send(true);
-            match tokio::time::timeout(SHUTDOWN_GRACE, &mut ingest_task).await {
+            let _ = stop_tx.0.send(true);
+            match tokio::time::timeout_at(deadline(), &mut ingest_task).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(join)) => { warn!(error = %join, "ingestion task failed"); Ok(()) }
                 Err(_) => { warn!("ingestion did not stop in time"); Ok(()) }
             }
         }
         r = &mut ingest_task => {
-            let _ = stop_tx.send(true);
+            let _ = stop_tx.0.send(true);
             match r {
                 Ok(r) => r,
                 Err(join) => { warn!(error = %join, "ingestion task failed"); Ok(()) }
@@ -132,20 +180,48 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
         }
     };
 
-    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async { while tasks.join_next().await.is_some() {} }).await;
+    // Set when shutdown starts (or now, if ingestion ended first).
+    let deadline = *stop_at.get_or_insert_with(|| tokio::time::Instant::now() + SHUTDOWN_GRACE);
+    let drained = tokio::time::timeout_at(deadline, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         warn!("dispatch did not finish in time; rows in flight are re-sent on the next start");
         tasks.abort_all();
     }
     // Handed-over batches no worker took: back to the queue, untried.
-    match dispatcher.release_fresh(&cfg.source.database_url, &cfg.relay.schema).await {
-        Ok(0) => {}
-        Ok(n) => info!(deliveries = n, "released deliveries handed over but not tried"),
-        Err(e) => warn!(error = %e, "could not release untried deliveries; the next start re-sends them"),
+    let release = dispatcher.release_fresh(&cfg.source.database_url, &cfg.relay.schema);
+    match tokio::time::timeout(RELEASE_GRACE, release).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => info!(deliveries = n, "released deliveries handed over but not tried"),
+        Ok(Err(e)) => warn!(error = %e, "could not release untried deliveries; the next start re-sends them"),
+        Err(_) => warn!("releasing untried deliveries took too long; the next start re-sends them"),
     }
     health.source_connected.store(false, Ordering::Relaxed);
     info!("stopped");
     result
+}
+
+/// Counters that alerts watch with `increase()` exist from the start, at 0:
+/// an alert cannot see the first increment of a series that did not exist.
+fn register_zeros(cfg: &Config) {
+    let mut kinds: Vec<_> = cfg.channels.values().flat_map(|c| std::iter::once(c.provider).chain(c.fallback)).collect();
+    kinds.sort();
+    kinds.dedup();
+    for kind in kinds {
+        metrics::counter!(metric::PROVIDER_UNAUTHORIZED, "provider" => kind.as_str()).increment(0);
+        if kind == crate::config::ProviderKind::Smtp {
+            metrics::counter!(metric::SMTP_STARTTLS_MISSING).increment(0);
+        }
+    }
+    let p = &cfg.providers;
+    let hooks = [
+        ("twilio", p.twilio.as_ref().is_some_and(|t| t.status_callback_url.is_some())),
+        ("brevo", p.brevo.as_ref().is_some_and(|b| b.webhook_token.is_some() || b.webhook_basic.is_some())),
+    ];
+    for (provider, on) in hooks {
+        if on {
+            metrics::counter!(metric::WEBHOOKS, "provider" => provider, "outcome" => "forbidden").increment(0);
+        }
+    }
 }
 
 /// Every few seconds: backlog and dead-letter gauges, retained WAL (with a
@@ -156,6 +232,8 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
 async fn housekeeping(cfg: Arc<Config>, health: Arc<Health>, mut stop: watch::Receiver<bool>) -> Result<(), ()> {
     let mut ledger: Option<Ledger> = None;
     let heartbeat = Duration::from_millis(cfg.relay.heartbeat_ms);
+    // First prune a minute after start (not during a restart's catch-up), then hourly.
+    let mut next_prune = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut last_beat = tokio::time::Instant::now();
     let max_wal = cfg.relay.max_retained_wal_mb.saturating_mul(1024 * 1024) as i64;
     loop {
@@ -177,6 +255,12 @@ async fn housekeeping(cfg: Arc<Config>, health: Arc<Health>, mut stop: watch::Re
                 }
             }
         }
+        if let Some(l) = ledger.as_ref().filter(|_| tokio::time::Instant::now() >= next_prune) {
+            next_prune = tokio::time::Instant::now() + Duration::from_secs(3600);
+            if let Err(e) = crate::retention::prune(l.client(), &cfg, false).await {
+                warn!(error = %e, "pruning settled deliveries failed; trying again in an hour");
+            }
+        }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             _ = crate::stopped(&mut stop) => return Ok(()),
@@ -186,6 +270,8 @@ async fn housekeeping(cfg: Arc<Config>, health: Arc<Health>, mut stop: watch::Re
 
 async fn observe(l: &Ledger, cfg: &Config, max_wal: i64) -> Result<(), LedgerError> {
     metrics::gauge!(metric::BACKLOG).set(l.backlog().await? as f64);
+    let oldest = l.oldest_pending_age().await?.unwrap_or_default();
+    metrics::gauge!(metric::OLDEST_PENDING).set(oldest.as_secs_f64());
     let mut dead: std::collections::BTreeMap<String, i64> = Default::default();
     for (channel, status, n) in l.counts().await? {
         if status == "dead" {

@@ -21,10 +21,24 @@ pub enum Admission {
 
 #[derive(Debug)]
 enum State {
-    Closed { failures: u32 },
-    Open { until: Instant },
-    HalfOpen { probing: bool },
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
+    /// `probing`: when the probe was handed out, if one is out. A probe that
+    /// never reports (its caller made no call, or vanished) is given up after
+    /// [`PROBE_PATIENCE`], so the circuit cannot stay half-open for ever.
+    HalfOpen {
+        probing: Option<Instant>,
+    },
 }
+
+/// How long a probe may stay out without a result before another is let through:
+/// longer than any provider call (timeouts are seconds), short enough that a
+/// lost probe costs one pause, not an outage.
+pub const PROBE_PATIENCE: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 pub struct Circuit {
@@ -43,12 +57,24 @@ impl Circuit {
         match *s {
             State::Closed { .. } => Admission::Call,
             State::Open { until } if now < until => Admission::Refuse(until),
-            State::Open { .. } | State::HalfOpen { probing: false } => {
-                *s = State::HalfOpen { probing: true };
+            // One probe at a time; the others wait a moment and ask again.
+            State::HalfOpen { probing: Some(since) } if now < since + PROBE_PATIENCE => {
+                Admission::Refuse(now + Duration::from_millis(500))
+            }
+            State::Open { .. } | State::HalfOpen { .. } => {
+                *s = State::HalfOpen { probing: Some(now) };
                 Admission::Probe
             }
-            // One probe at a time; the others wait a moment and ask again.
-            State::HalfOpen { probing: true } => Admission::Refuse(now + Duration::from_millis(500)),
+        }
+    }
+
+    /// The probe admitted by [`Circuit::admit`] made no call after all (its rows
+    /// went to the fallback, were settled by the contact lookup, or the pacer
+    /// gave up): the next caller may probe at once.
+    pub fn probe_unused(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let State::HalfOpen { probing: Some(_) } = *s {
+            *s = State::HalfOpen { probing: None };
         }
     }
 
@@ -81,7 +107,9 @@ impl Circuit {
     pub fn blocked_until(&self, now: Instant) -> Option<Instant> {
         match *self.state.lock().unwrap_or_else(|p| p.into_inner()) {
             State::Open { until } if now < until => Some(until),
-            State::HalfOpen { probing: true } => Some(now + Duration::from_millis(500)),
+            State::HalfOpen { probing: Some(since) } if now < since + PROBE_PATIENCE => {
+                Some(now + Duration::from_millis(500))
+            }
             _ => None,
         }
     }
@@ -129,5 +157,28 @@ mod tests {
         c.failure(t);
         c.success();
         assert!(!c.failure(t), "the count restarted");
+    }
+
+    #[test]
+    fn an_unused_probe_is_handed_back() {
+        let c = Circuit::new(1, Duration::from_secs(5));
+        let t = Instant::now();
+        c.failure(t);
+        let later = t + Duration::from_secs(6);
+        assert_eq!(c.admit(later), Admission::Probe);
+        c.probe_unused();
+        assert_eq!(c.admit(later), Admission::Probe, "the next caller probes at once");
+    }
+
+    #[test]
+    fn a_probe_that_never_reports_is_given_up() {
+        let c = Circuit::new(1, Duration::from_secs(5));
+        let t = Instant::now();
+        c.failure(t);
+        let later = t + Duration::from_secs(6);
+        assert_eq!(c.admit(later), Admission::Probe);
+        assert!(matches!(c.admit(later + Duration::from_secs(1)), Admission::Refuse(_)));
+        assert_eq!(c.blocked_until(later + PROBE_PATIENCE), None);
+        assert_eq!(c.admit(later + PROBE_PATIENCE), Admission::Probe, "not half-open for ever");
     }
 }

@@ -60,6 +60,47 @@ pub enum Command {
     /// Deliveries that need an operator: list, retry or discard them.
     #[command(subcommand)]
     DeadLetters(DeadLetters),
+    /// After `run` refused a gap (slot recreated or invalidated, database
+    /// restored) and the gap was dealt with: resume from the server's position.
+    AcceptGap,
+    /// Config and preflight checks only, no run: exit 0 if `run` would start, 2 listing each fix.
+    Check,
+    /// Route existing rows of a table into the ledger, skipping rows already
+    /// delivered: fills a gap the stream cannot (docs/operations.md). Resumable.
+    Backfill {
+        /// `schema.table`, as a route names it.
+        #[arg(long)]
+        table: String,
+        /// Only rows whose --since-column is at or after this timestamp.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value = "created_at")]
+        since_column: String,
+        /// Only rows matching this SQL condition.
+        #[arg(long = "where")]
+        filter: Option<String>,
+        /// Count what would be written, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, default_value_t = 1000)]
+        page_rows: i64,
+    },
+    /// Delete settled deliveries older than ledger.retention_days (run does it hourly too).
+    Prune {
+        /// Count what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove a person's data from the ledger (GDPR erasure). Idempotent.
+    Erase {
+        #[arg(long)]
+        recipient: String,
+    },
+    /// Print what the ledger holds about a person, as JSON (GDPR access).
+    Export {
+        #[arg(long)]
+        recipient: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -170,6 +211,96 @@ pub async fn main(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Command::Check => {
+            let cfg = load()?;
+            let client = connect(&cfg).await?;
+            crate::preflight::check(&client, &cfg).await.map_err(|e| match e {
+                crate::preflight::PreflightError::Fix(_) => Failure::user(e),
+                other => Failure::other(other),
+            })?;
+            // `run` would also refuse a gap in the source; a relay never run has none.
+            let schema = &cfg.relay.schema;
+            let migrated: bool = client
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&format!("{schema}.progress")])
+                .await
+                .map_err(Failure::other)?
+                .get(0);
+            if migrated {
+                let gap = match cfg.source.mode {
+                    crate::config::SourceMode::Logical => {
+                        let ledger = crate::ledger::Ledger::new(client, schema);
+                        let stored = ledger.load_offset(&cfg.source.slot).await.map_err(Failure::other)?;
+                        crate::gap::check_slot(ledger.client(), &cfg.source.slot, stored).await
+                    }
+                    crate::config::SourceMode::Listen => {
+                        crate::gap::check_watermark(&client, schema, &cfg.source.slot).await
+                    }
+                };
+                gap.map_err(Failure::user)?;
+            }
+            println!("config and database ready: `run` would start");
+            Ok(())
+        }
+        Command::Backfill { table, since, since_column, filter, dry_run, page_rows } => {
+            let cfg = load()?;
+            let mut client = connect(&cfg).await?;
+            let table = if table.contains('.') { table } else { format!("public.{table}") };
+            let req =
+                crate::backfill::Request { table, since, since_column, filter, dry_run, page_rows: page_rows.max(1) };
+            let counts = crate::backfill::run(&mut client, &cfg, &req, |c| {
+                eprint!(
+                    "\rbackfill {}: {} rows read, {} new, {} already delivered, {} failed",
+                    req.table, c.rows, c.new, c.already_delivered, c.failed
+                );
+            })
+            .await
+            .map_err(Failure::user)?;
+            eprintln!();
+            let verb = if dry_run { "would write" } else { "wrote" };
+            println!(
+                "backfill {}: {} rows; {verb} {} new deliveries, {} already delivered, {} failed",
+                req.table, counts.rows, counts.new, counts.already_delivered, counts.failed
+            );
+            Ok(())
+        }
+        Command::Prune { dry_run } => {
+            let cfg = load()?;
+            let client = connect(&cfg).await?;
+            let n = crate::retention::prune(&client, &cfg, dry_run).await.map_err(Failure::user)?;
+            let verb = if dry_run { "would delete" } else { "deleted" };
+            println!("{verb} {n} settled deliveries older than {} days", cfg.ledger.retention_days);
+            Ok(())
+        }
+        Command::Erase { recipient } => {
+            let cfg = load()?;
+            let mut client = connect(&cfg).await?;
+            let done = crate::gdpr::erase(&mut client, &cfg.relay.schema, &recipient).await.map_err(Failure::user)?;
+            println!(
+                "recipient {}: {} ledger row(s) anonymised, {} unsent delivery(ies) discarded",
+                crate::gdpr::pseudonym(&recipient),
+                done.anonymised,
+                done.discarded
+            );
+            Ok(())
+        }
+        Command::Export { recipient } => {
+            let cfg = load()?;
+            let client = connect(&cfg).await?;
+            let data = crate::gdpr::export(&client, &cfg.relay.schema, &recipient).await.map_err(Failure::user)?;
+            println!("{}", serde_json::to_string_pretty(&data).map_err(Failure::other)?);
+            Ok(())
+        }
+        Command::AcceptGap => {
+            let cfg = load()?;
+            let client = connect(&cfg).await?;
+            let logical = cfg.source.mode == crate::config::SourceMode::Logical;
+            let done = crate::gap::accept(&client, &cfg.relay.schema, &cfg.source.slot, logical)
+                .await
+                .map_err(Failure::user)?;
+            tracing::warn!(change = %done, "gap accepted by the operator: changes in it are not delivered by the stream");
+            println!("{done}");
+            Ok(())
+        }
         Command::DeadLetters(cmd) => {
             let cfg = load()?;
             let ledger = crate::ledger::Ledger::new(connect(&cfg).await?, &cfg.relay.schema);
@@ -182,6 +313,7 @@ pub async fn main(cli: Cli) -> Result<(), Failure> {
                 crate::app::RunError::Ingest(i) if !i.is_retryable() => Failure::user(e),
                 crate::app::RunError::ListenSource(l) if !l.is_retryable() => Failure::user(e),
                 crate::app::RunError::Ledger(l) if !l.is_retryable() => Failure::user(e),
+                crate::app::RunError::Gap(g) if !g.is_retryable() => Failure::user(e),
                 crate::app::RunError::Config(_)
                 | crate::app::RunError::MetricsListen { .. }
                 | crate::app::RunError::Provider(_)

@@ -5,13 +5,19 @@
 //! Unknown keys are errors naming the key: a typo must not silently fall back to
 //! a default. Validation that spans keys (a route naming a missing channel)
 //! happens here too, so `run` never starts half-configured.
+//!
+//! Secrets can live in files (Docker and Kubernetes secrets): any key can be
+//! set from `OUTBOX_RELAY__SECTION__KEY_FILE` (and `DATABASE_URL_FILE`), and any
+//! secret value, `source.database_url` and `providers.smtp.url` can be written
+//! `file:/path`. The file's content is used minus a trailing newline; its path
+//! may appear in errors, its content never does.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 use crate::source::Operation;
 
@@ -23,10 +29,36 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// A string that never prints: passwords, API secrets, tokens.
-#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
+/// A string that never prints: passwords, API secrets, tokens. A value
+/// `file:/path` is read from that file (see the module docs).
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret(String);
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        read_file_value(&raw).map(Secret).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `file:/path` → the file's content without its trailing newline; anything
+/// else as is. The error names the path, never a value.
+pub fn read_file_value(value: &str) -> Result<String, String> {
+    match value.strip_prefix("file:") {
+        Some(path) => read_secret_file(Path::new(path)),
+        None => Ok(value.to_string()),
+    }
+}
+
+fn read_secret_file(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
+    // `echo secret > file` and Kubernetes' editors leave a newline the secret never had.
+    Ok(text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text).to_string())
+}
+
+/// Keys whose own name ends in `_file`: their `..._FILE` env variable sets the
+/// key itself rather than naming a file to read it from.
+const KEYS_NAMED_FILE: [&str; 1] = ["ca_file"];
 
 impl Secret {
     pub fn new(s: impl Into<String>) -> Self {
@@ -60,6 +92,43 @@ pub struct Config {
     pub limits: BTreeMap<ProviderKind, LimitConfig>,
     #[serde(default)]
     pub relay: RelayConfig,
+    #[serde(default)]
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub ledger: LedgerConfig,
+}
+
+/// How long the ledger keeps what it has settled.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// Settled deliveries (sent, delivered, read, bounced, skipped, failed,
+    /// discarded, dead) are pruned this many days after their last change;
+    /// 0 keeps them for ever. The ledger holds recipients and payloads: keep
+    /// it as short as your audit needs (docs/gdpr.md).
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u32,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig { retention_days: default_retention_days() }
+    }
+}
+
+fn default_retention_days() -> u32 {
+    30
+}
+
+/// TLS to providers (HTTP APIs and SMTP). PostgreSQL's TLS is set in
+/// `source.database_url`, libpq style.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM bundle of extra CAs to trust (an inspecting proxy, an internal mail
+    /// relay), in addition to the usual public roots.
+    #[serde(default)]
+    pub ca_file: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -112,14 +181,10 @@ impl fmt::Debug for SourceConfig {
     }
 }
 
-/// `postgres://user:pw@host/db` → `postgres://user:***@host/db`, for logs.
+/// `postgres://user:pw@host/db` → `postgres://user:***@host/db`, for logs; also
+/// `?password=` and key=value `password='...'` ([`crate::db::dsn::redact`]).
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let Some((creds, host)) = rest.rsplit_once('@') else { return url.to_string() };
-    match creds.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_string(),
-    }
+    crate::db::dsn::redact(url)
 }
 
 fn default_slot() -> String {
@@ -490,6 +555,11 @@ pub struct RelayConfig {
     pub retry_base_ms: u64,
     #[serde(default = "default_retry_max_ms")]
     pub retry_max_ms: u64,
+    /// How soon a standby takes over from an active relay that stopped
+    /// answering (frozen, cut off): the server ends the active relay's lock
+    /// session after this long without a word from it.
+    #[serde(default = "default_takeover_ms")]
+    pub takeover_ms: u64,
 }
 
 impl Default for RelayConfig {
@@ -509,10 +579,14 @@ impl Default for RelayConfig {
             circuit_open_ms: default_circuit_open_ms(),
             retry_base_ms: default_retry_base_ms(),
             retry_max_ms: default_retry_max_ms(),
+            takeover_ms: default_takeover_ms(),
         }
     }
 }
 
+fn default_takeover_ms() -> u64 {
+    10_000
+}
 fn default_schema() -> String {
     "outbox_relay".into()
 }
@@ -564,29 +638,62 @@ impl Config {
         if explicit || path.exists() {
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
         }
+        let (env, from_files) = env_overrides(std::env::vars())?;
         builder = builder.add_source(
-            config::Environment::with_prefix("OUTBOX_RELAY").prefix_separator("__").separator("__").try_parsing(true),
+            config::Environment::with_prefix("OUTBOX_RELAY")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env)),
         );
-        if let Ok(url) = std::env::var("DATABASE_URL") {
+        for (key, value) in from_files {
+            builder = builder
+                .set_override(key, value)
+                .map_err(|source| ConfigError::Load { path: display.clone(), source })?;
+        }
+        let url = match (std::env::var("DATABASE_URL"), std::env::var_os("DATABASE_URL_FILE")) {
+            (Ok(_), Some(_)) => {
+                return Err(ConfigError::Invalid("both DATABASE_URL and DATABASE_URL_FILE are set: keep one".into()))
+            }
+            (Ok(url), None) => Some(url),
+            (Err(_), Some(path)) => Some(read_secret_file(Path::new(&path)).map_err(ConfigError::Invalid)?),
+            (Err(_), None) => None,
+        };
+        if let Some(url) = url {
             builder = builder
                 .set_override("source.database_url", url)
                 .map_err(|source| ConfigError::Load { path: display.clone(), source })?;
         }
-        let cfg: Config = builder
+        let mut cfg: Config = builder
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|source| ConfigError::Load { path: display, source })?;
+        cfg.read_file_values()?;
         cfg.validate()?;
         Ok(cfg)
     }
 
+    /// `file:` values of the keys that are not [`Secret`]s but may hold one.
+    fn read_file_values(&mut self) -> Result<(), ConfigError> {
+        let read = |key: &str, v: &mut String| {
+            *v = read_file_value(v).map_err(|e| ConfigError::Invalid(format!("{key}: {e}")))?;
+            Ok::<_, ConfigError>(())
+        };
+        read("source.database_url", &mut self.source.database_url)?;
+        if let Some(smtp) = &mut self.providers.smtp {
+            read("providers.smtp.url", &mut smtp.url)?;
+        }
+        Ok(())
+    }
+
     /// Parses TOML text only (no env): for tests and the embedded demo.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = config::Config::builder()
+        let mut cfg: Config = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|source| ConfigError::Load { path: "<inline>".into(), source })?;
+        cfg.read_file_values()?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -660,6 +767,24 @@ impl Config {
                 return bad(format!("channels.{name}.max_attempts must be at least 1"));
             }
         }
+        // An empty credential would let anyone move the ledger forward: the
+        // webhook compares with "", which an unauthenticated request matches.
+        if let Some(b) = &self.providers.brevo {
+            if b.webhook_token.as_ref().is_some_and(|t| t.expose().trim().is_empty()) {
+                return bad("providers.brevo.webhook_token is empty: set a long random token, or remove the key".into());
+            }
+            if let Some(basic) = &b.webhook_basic {
+                let ok = basic.expose().split_once(':').is_some_and(|(u, p)| !u.is_empty() && !p.is_empty());
+                if !ok {
+                    return bad("providers.brevo.webhook_basic must be \"user:password\", both non-empty".into());
+                }
+            }
+        }
+        if let Some(t) = &self.providers.twilio {
+            if t.status_callback_url.is_some() && t.auth_token.expose().trim().is_empty() {
+                return bad("providers.twilio.auth_token is empty: status callbacks could not be verified".into());
+            }
+        }
         let callbacks = self.providers.twilio.as_ref().is_some_and(|t| t.status_callback_url.is_some())
             || self.providers.brevo.as_ref().is_some_and(|b| b.webhook_token.is_some() || b.webhook_basic.is_some());
         if callbacks && self.metrics.socket_addr()?.is_none() {
@@ -672,6 +797,42 @@ impl Config {
         self.metrics.socket_addr()?;
         Ok(())
     }
+}
+
+type EnvMap = std::collections::HashMap<String, String>;
+
+/// Splits the environment into what the `config` crate reads as
+/// `OUTBOX_RELAY__...` overrides and the `..._FILE` variants, read here into
+/// (dotted key, content). Setting both forms of one key is an error.
+fn env_overrides(vars: impl Iterator<Item = (String, String)>) -> Result<(EnvMap, Vec<(String, String)>), ConfigError> {
+    const PREFIX: &str = "OUTBOX_RELAY__";
+    let mut env = std::collections::HashMap::new();
+    let mut files = Vec::new();
+    for (name, value) in vars {
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            env.insert(name, value);
+            continue;
+        };
+        let key = rest.to_ascii_lowercase().replace("__", ".");
+        let literal = KEYS_NAMED_FILE.iter().any(|k| key == *k || key.ends_with(&format!(".{k}")));
+        match key.strip_suffix("_file") {
+            Some(target) if !literal => {
+                let content =
+                    read_secret_file(Path::new(&value)).map_err(|e| ConfigError::Invalid(format!("{name}: {e}")))?;
+                files.push((target.to_string(), content));
+            }
+            _ => {
+                env.insert(name, value);
+            }
+        }
+    }
+    for (target, _) in &files {
+        let plain = format!("{PREFIX}{}", target.to_ascii_uppercase().replace('.', "__"));
+        if env.contains_key(&plain) {
+            return Err(ConfigError::Invalid(format!("both {plain} and {plain}_FILE are set: keep one")));
+        }
+    }
+    Ok((env, files))
 }
 
 fn is_identifier(s: &str) -> bool {
@@ -710,6 +871,22 @@ mod tests {
     }
 
     #[test]
+    fn empty_webhook_credentials_are_refused() {
+        let with = |line: &str| {
+            let text = README_EXAMPLE.replace("sender_name = \"Alerts\"", &format!("sender_name = \"Alerts\"\n{line}"));
+            Config::from_toml(&text).map(|_| ()).map_err(|e| e.to_string())
+        };
+        assert!(with("webhook_token = \"\"").unwrap_err().contains("webhook_token is empty"));
+        assert!(with("webhook_token = \"   \"").unwrap_err().contains("webhook_token is empty"));
+        for basic in ["\"\"", "\":\"", "\"user:\"", "\":pw\"", "\"nocolon\""] {
+            let err = with(&format!("webhook_basic = {basic}")).unwrap_err();
+            assert!(err.contains("webhook_basic must be"), "{basic}: {err}");
+        }
+        assert_eq!(with("webhook_token = \"a-long-random-token\""), Ok(()));
+        assert_eq!(with("webhook_basic = \"brevo:s3cret\""), Ok(()));
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let text = README_EXAMPLE.replace("slot = \"outbox_relay\"", "slott = \"x\"");
         let err = Config::from_toml(&text).unwrap_err().to_string();
@@ -722,6 +899,65 @@ mod tests {
         let dbg = format!("{cfg:?}");
         assert!(!dbg.contains("appid.keyid:secret"), "{dbg}");
         assert!(dbg.contains("***"));
+    }
+
+    #[test]
+    fn secrets_and_urls_read_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        let secret = write("pusher", "from-a-file\n");
+        let url = write("url", "postgres://relay:pw@db/app\n");
+        let text = README_EXAMPLE.replace("secret = \"secret\"", &format!("secret = \"file:{secret}\"")).replace(
+            "database_url = \"postgres://relay@127.0.0.1:5432/app\"",
+            &format!("database_url = \"file:{url}\""),
+        );
+        let cfg = Config::from_toml(&text).unwrap();
+        assert_eq!(cfg.providers.pusher.unwrap().secret.expose(), "from-a-file");
+        assert_eq!(cfg.source.database_url, "postgres://relay:pw@db/app");
+
+        let missing = README_EXAMPLE.replace("secret = \"secret\"", "secret = \"file:/no/such/secret\"");
+        let err = Config::from_toml(&missing).unwrap_err().to_string();
+        assert!(err.contains("/no/such/secret"), "{err}");
+    }
+
+    #[test]
+    fn file_variants_of_env_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        std::fs::write(&path, "s3cret\r\n").unwrap();
+        let p = path.display().to_string();
+        let vars = [
+            ("OUTBOX_RELAY__PROVIDERS__PUSHER__SECRET_FILE".to_string(), p.clone()),
+            ("OUTBOX_RELAY__TLS__CA_FILE".to_string(), "/etc/ca.pem".to_string()),
+            ("PATH".to_string(), "/bin".to_string()),
+        ];
+        let (env, files) = env_overrides(vars.clone().into_iter()).unwrap();
+        assert_eq!(files, vec![("providers.pusher.secret".to_string(), "s3cret".to_string())]);
+        assert_eq!(env.get("OUTBOX_RELAY__TLS__CA_FILE").map(String::as_str), Some("/etc/ca.pem"));
+        assert!(!env.contains_key("OUTBOX_RELAY__PROVIDERS__PUSHER__SECRET_FILE"));
+
+        let both = vars.into_iter().chain([("OUTBOX_RELAY__PROVIDERS__PUSHER__SECRET".to_string(), "x".to_string())]);
+        let err = env_overrides(both).unwrap_err().to_string();
+        assert!(err.contains("keep one"), "{err}");
+        let unreadable = [("OUTBOX_RELAY__PROVIDERS__ABLY__API_KEY_FILE".to_string(), "/no/such".to_string())];
+        assert!(env_overrides(unreadable.into_iter()).unwrap_err().to_string().contains("/no/such"));
+    }
+
+    #[test]
+    fn source_debug_hides_passwords_in_every_dsn_form() {
+        for url in [
+            "postgres://relay:hunter2@db/app",
+            "postgres://relay@db/app?password=hunter2&sslmode=require",
+            "host=db user=relay password='hunter2 x' sslmode=verify-full",
+        ] {
+            let text = README_EXAMPLE.replace("postgres://relay@127.0.0.1:5432/app", url);
+            let dbg = format!("{:?}", Config::from_toml(&text).unwrap());
+            assert!(!dbg.contains("hunter2") && dbg.contains("***"), "{dbg}");
+        }
     }
 
     #[test]

@@ -65,10 +65,8 @@ pub async fn prepare(
 ) -> Prepared {
     let Some(recipient) = recipient else { return Prepared::Fail("the delivery has no recipient".into()) };
     if let Some(sql) = &plan.preferences_query {
-        match query_one_value(db, sql, recipient, Some(event)).await {
-            Ok(Some(Lookup::Bool(true))) => {}
-            Ok(_) => return Prepared::Skip("preference: the user does not want this event on this channel".into()),
-            Err(e) => return e,
+        if let Some(not_wanted) = preference_refuses(db, sql, recipient, event).await {
+            return not_wanted;
         }
     }
     let address = match query_one_value(db, &plan.address_query, recipient, None).await {
@@ -101,6 +99,17 @@ enum Lookup {
     Bool(bool),
 }
 
+/// The channel's `preferences_query` for this recipient and event: `None` if
+/// the delivery may go, else what to record instead (skipped, or the lookup's
+/// own failure). Used for app channels too (Pusher, Ably), which have no address.
+pub async fn preference_refuses(db: &Client, sql: &str, recipient: &str, event: &str) -> Option<Prepared> {
+    match query_one_value(db, sql, recipient, Some(event)).await {
+        Ok(Some(Lookup::Bool(true))) => None,
+        Ok(_) => Some(Prepared::Skip("preference: the user does not want this event on this channel".into())),
+        Err(e) => Some(e),
+    }
+}
+
 /// Runs a lookup with the recipient (and event) bound to whatever types the
 /// query's parameters have: `WHERE id = $1` on an integer column gets an integer.
 async fn query_one_value(
@@ -122,15 +131,31 @@ async fn query_one_value(
         params.push(bind(ty, text).map_err(Prepared::Fail)?);
     }
     let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
-    let row = db.query_opt(&statement, &refs).await.map_err(|e| classify(e, sql))?;
-    Ok(row.and_then(|r| {
-        let ty = r.columns().first()?.type_().clone();
-        if ty == Type::BOOL {
-            r.get::<_, Option<bool>>(0).map(Lookup::Bool)
-        } else {
-            r.try_get::<_, Option<String>>(0).ok().flatten().map(Lookup::Text)
-        }
-    }))
+    let rows = db.query(&statement, &refs).await.map_err(|e| classify(e, sql))?;
+    // Two addresses for one person is a query that needs fixing, not a
+    // transient state: retrying would give the same answer until the delivery dies.
+    if rows.len() > 1 {
+        return Err(Prepared::Fail(format!(
+            "lookup query returned {} rows for one recipient; it must return at most one \
+             (add a unique condition or LIMIT 1): {sql}",
+            rows.len()
+        )));
+    }
+    let Some(r) = rows.first() else { return Ok(None) };
+    let Some(column) = r.columns().first() else {
+        return Err(Prepared::Fail(format!("lookup query returns no column: {sql}")));
+    };
+    if *column.type_() == Type::BOOL {
+        return Ok(r.get::<_, Option<bool>>(0).map(Lookup::Bool));
+    }
+    match r.try_get::<_, Option<String>>(0) {
+        Ok(text) => Ok(text.map(Lookup::Text)),
+        // An integer phone column, say: not "no consent", a query to fix.
+        Err(_) => Err(Prepared::Fail(format!(
+            "lookup query's first column is of type {}, not text or boolean: cast it (::text): {sql}",
+            column.type_().name()
+        ))),
+    }
 }
 
 fn bind(ty: &Type, text: &str) -> Result<Box<dyn ToSql + Sync + Send>, String> {

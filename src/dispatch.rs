@@ -26,7 +26,7 @@ use crate::providers::{
     ably::Ably, brevo::Brevo, log::Log, pusher::Pusher, smtp::Smtp, twilio::Twilio, OutboundMessage, Provider,
     ProviderError,
 };
-use crate::telemetry::metric;
+use crate::telemetry::{metric, Health};
 
 /// Outcomes by claim (ledger id and the attempt count it was claimed with).
 type Outcomes = Vec<(ClaimRef, Outcome)>;
@@ -44,6 +44,8 @@ struct ChannelPlan {
     max_attempts: u32,
     /// E-mail, SMS, WhatsApp: how to find the address and word the message.
     contact: Option<ContactPlan>,
+    /// App channels' `preferences_query` (address channels check theirs in `contact`).
+    preferences_query: Option<String>,
 }
 
 /// Retry timing; from `[relay]`.
@@ -79,6 +81,34 @@ pub fn reconnect_delay(failures: u32) -> Duration {
         .unwrap_or(Duration::from_secs(10))
 }
 
+/// The claims this process holds in memory: handed over, being sent, or
+/// with an outcome not yet written. After the ledger connection was lost, a
+/// row `sending` in the ledger but not held here is an orphan — its claim's
+/// commit went through while its acknowledgement was lost — and nobody would
+/// send it before its lease ran out. [`Intake::release_orphans`] gives those
+/// back at once. The gate keeps a claim from being read between its commit
+/// and its registration here.
+#[derive(Default)]
+struct Held {
+    ids: std::sync::Mutex<std::collections::HashSet<i64>>,
+    gate: tokio::sync::RwLock<()>,
+}
+
+impl Held {
+    fn add(&self, claims: &[Claimed]) {
+        self.ids.lock().unwrap_or_else(|p| p.into_inner()).extend(claims.iter().map(|c| c.id));
+    }
+    fn remove(&self, outcomes: &Outcomes) {
+        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        for ((id, _), _) in outcomes {
+            ids.remove(id);
+        }
+    }
+    fn snapshot(&self) -> Vec<i64> {
+        self.ids.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect()
+    }
+}
+
 /// Batches ingestion may hand over in memory at once. Small: rows waiting here
 /// are `sending` in the ledger, so a crash counts them as possible re-sends.
 const FRESH_BATCHES: usize = 2;
@@ -88,6 +118,7 @@ const FRESH_BATCHES: usize = 2;
 /// delivery; otherwise they are written `pending` and `wake` rings.
 pub struct Intake {
     fresh: mpsc::Sender<Vec<Claimed>>,
+    held: Arc<Held>,
     wake: Arc<Notify>,
     lease: Duration,
 }
@@ -109,12 +140,26 @@ impl Intake {
     pub fn committed(&self, room: Option<mpsc::Permit<'_, Vec<Claimed>>>, inserted: Inserted) {
         let waiting = inserted.count > inserted.claimed.len() as u64;
         if let Some(room) = room.filter(|_| !inserted.claimed.is_empty()) {
+            self.held.add(&inserted.claimed);
             room.send(inserted.claimed);
             self.wake.notify_one();
         }
         if waiting {
             self.wake.notify_waiters();
         }
+    }
+
+    /// At the start of a source session (after a lost connection, typically):
+    /// rows left `sending` that no worker of this process holds go back to the
+    /// queue at once, instead of waiting out their lease. Sound because this
+    /// process holds the relay's lock (`instance`): no other one claims rows.
+    pub async fn release_orphans(&self, ledger: &Ledger) -> Result<u64, LedgerError> {
+        let _no_claim_in_between = self.held.gate.write().await;
+        let n = ledger.release_unheld(&self.held.snapshot()).await?;
+        if n > 0 {
+            info!(deliveries = n, "claims whose commit outlived the connection given back to the queue");
+        }
+        Ok(n)
     }
 }
 
@@ -137,13 +182,17 @@ pub struct Dispatcher {
     /// Fresh batches from ingestion, already claimed (see [`Intake`]).
     fresh_tx: mpsc::Sender<Vec<Claimed>>,
     fresh_rx: tokio::sync::Mutex<mpsc::Receiver<Vec<Claimed>>>,
+    held: Arc<Held>,
+    /// `standby` set: this relay does not hold its lock (see `instance`), so
+    /// it starts no provider call.
+    health: Arc<Health>,
 }
 
 /// Builds every provider client named by a channel. Config validation
 /// guarantees the sections exist; an SMTP URL lettre cannot parse is the one
 /// error left.
 pub fn build_providers(cfg: &Config) -> Result<HashMap<ProviderKind, Provider>, ProviderError> {
-    let http = crate::providers::http_client();
+    let http = crate::providers::http_client_with(&cfg.tls)?;
     let p = &cfg.providers;
     let mut out = HashMap::new();
     for kind in cfg.channels.values().flat_map(|ch| std::iter::once(ch.provider).chain(ch.fallback)) {
@@ -154,7 +203,7 @@ pub fn build_providers(cfg: &Config) -> Result<HashMap<ProviderKind, Provider>, 
             ProviderKind::Pusher => Provider::Pusher(Pusher::new(p.pusher.as_ref().unwrap(), http.clone())),
             ProviderKind::Ably => Provider::Ably(Ably::new(p.ably.as_ref().unwrap(), http.clone())),
             ProviderKind::Brevo => Provider::Brevo(Brevo::new(p.brevo.as_ref().unwrap(), http.clone())),
-            ProviderKind::Smtp => Provider::Smtp(Smtp::new(p.smtp.as_ref().unwrap())?),
+            ProviderKind::Smtp => Provider::Smtp(Smtp::with_tls(p.smtp.as_ref().unwrap(), &cfg.tls)?),
             ProviderKind::Twilio => Provider::Twilio(Twilio::new(p.twilio.as_ref().unwrap(), http.clone())),
             ProviderKind::Log => Provider::Log(Log::new()),
         };
@@ -164,7 +213,7 @@ pub fn build_providers(cfg: &Config) -> Result<HashMap<ProviderKind, Provider>, 
 }
 
 impl Dispatcher {
-    pub fn new(cfg: &Config) -> Result<Dispatcher, ProviderError> {
+    pub fn new(cfg: &Config, health: Arc<Health>) -> Result<Dispatcher, ProviderError> {
         let providers = build_providers(cfg)?;
         let channels = cfg
             .channels
@@ -177,6 +226,7 @@ impl Dispatcher {
                     channel_name: ch.channel_name.clone(),
                     max_attempts: ch.max_attempts,
                     contact: ContactPlan::from_config(name, ch),
+                    preferences_query: ch.preferences_query.clone().filter(|_| ch.address_query.is_none()),
                 };
                 (name.clone(), plan)
             })
@@ -197,6 +247,8 @@ impl Dispatcher {
             .collect();
         let (fresh_tx, fresh_rx) = mpsc::channel(FRESH_BATCHES);
         Ok(Dispatcher {
+            health,
+            held: Arc::default(),
             fresh_tx,
             fresh_rx: tokio::sync::Mutex::new(fresh_rx),
             channels,
@@ -215,7 +267,7 @@ impl Dispatcher {
     }
 
     pub fn intake(&self) -> Intake {
-        Intake { fresh: self.fresh_tx.clone(), wake: self.wake.clone(), lease: self.lease }
+        Intake { fresh: self.fresh_tx.clone(), held: self.held.clone(), wake: self.wake.clone(), lease: self.lease }
     }
 
     /// A batch ingestion handed over, if any (and if no other worker is taking one).
@@ -261,6 +313,8 @@ impl Dispatcher {
             match result {
                 Ok(()) => return,
                 Err(e) => {
+                    // Waiting for the database is not being stuck.
+                    self.health.tick(crate::telemetry::Loop::Dispatch);
                     failures += 1;
                     let delay = reconnect_delay(failures);
                     warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "dispatch lost the ledger; reconnecting");
@@ -282,12 +336,22 @@ impl Dispatcher {
     ) -> Result<(), LedgerError> {
         if !unrecorded.is_empty() {
             ledger.finish(unrecorded).await?;
+            self.held.remove(unrecorded);
             unrecorded.clear();
         }
         *failures = 0;
         loop {
+            self.health.tick(crate::telemetry::Loop::Dispatch);
             if *shutdown.borrow() {
                 return Ok(());
+            }
+            // Not holding the relay's lock: claim nothing until it is back.
+            if self.health.standby.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.poll) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
             }
             // Every channel's provider is down with nowhere to fall back: claiming
             // would only defer rows (a write each). Sleep until a probe is due.
@@ -304,7 +368,12 @@ impl Dispatcher {
             notified.as_mut().enable();
             let batch = match self.take_fresh() {
                 Some(fresh) => fresh,
-                None => ledger.claim(self.batch, self.lease).await?,
+                None => {
+                    let _registered_before_release = self.held.gate.read().await;
+                    let claimed = ledger.claim(self.batch, self.lease).await?;
+                    self.held.add(&claimed);
+                    claimed
+                }
             };
             if batch.is_empty() {
                 tokio::select! {
@@ -324,18 +393,35 @@ impl Dispatcher {
             // Each provider call is recorded as soon as it returns, not when the
             // whole batch is done: that keeps the crash window (accepted by the
             // provider, not yet in the ledger) to one call, not one batch.
+            //
+            // If the ledger goes away meanwhile, the calls already started are
+            // still awaited and their outcomes kept: dropping them would forget
+            // what a provider may have accepted, and the rows would wait out
+            // their lease and be sent again.
             let mut calls = stream::iter(calls).buffer_unordered(self.concurrency);
+            let mut lost: Option<LedgerError> = None;
             while let Some(outcomes) = calls.next().await {
                 unrecorded.extend(outcomes);
                 // Calls that finished meanwhile go into the same statement.
                 while let Some(Some(more)) = calls.next().now_or_never() {
                     unrecorded.extend(more);
                 }
-                ledger.finish(unrecorded).await?;
-                unrecorded.clear();
+                if lost.is_none() {
+                    match ledger.finish(unrecorded).await {
+                        Ok(()) => {
+                            self.held.remove(unrecorded);
+                            unrecorded.clear();
+                        }
+                        Err(e) => lost = Some(e),
+                    }
+                }
+            }
+            if let Some(e) = lost {
+                return Err(e);
             }
             if !unrecorded.is_empty() {
                 ledger.finish(unrecorded).await?;
+                self.held.remove(unrecorded);
                 unrecorded.clear();
             }
             if full {
@@ -406,50 +492,81 @@ impl Dispatcher {
                 }
             }
             // One chunk per provider call: it is also the unit recorded as soon
-            // as it returns. Several chunks of a channel run at once.
+            // as it returns. Several chunks of a channel run at once. A probe
+            // rides on the first chunk; with no chunk it is handed back, or the
+            // circuit would wait for a result that never comes.
+            let mut probe = admission == Admission::Probe;
+            if probe && primary.is_empty() {
+                self.circuits[plan.provider.name()].probe_unused();
+            }
             for chunk in primary.chunks(plan.provider.batch_size()) {
-                calls.push((plan, &plan.provider, chunk.to_vec()));
+                calls.push((plan, &plan.provider, chunk.to_vec(), std::mem::take(&mut probe)));
             }
             if let Some(f) = &plan.fallback {
                 for chunk in fallback.chunks(f.batch_size()) {
-                    calls.push((plan, f, chunk.to_vec()));
+                    calls.push((plan, f, chunk.to_vec(), false));
                 }
             }
         }
         // Futures built here, polled by the caller: a closure inside the stream
         // would make the worker future non-`Send` (higher-ranked lifetimes).
-        let futures = calls.into_iter().map(|(plan, provider, chunk)| self.call(plan, provider, chunk, db)).collect();
+        let futures = calls
+            .into_iter()
+            .map(|(plan, provider, chunk, probe)| self.call(plan, provider, chunk, probe, db))
+            .collect();
         (outcomes, futures)
     }
 
-    async fn call(&self, plan: &ChannelPlan, target: &Provider, chunk: Vec<&Claimed>, db: &Client) -> Outcomes {
+    /// What to record for a delivery the contact lookup settled without a call.
+    fn unprepared(&self, prepared: Prepared, provider: &'static str, c: &Claimed, plan: &ChannelPlan) -> Outcome {
+        match prepared {
+            Prepared::Skip(reason) => Outcome::Skipped { provider, reason },
+            Prepared::Fail(error) => Outcome::Failed { provider, error },
+            Prepared::Retry(reason) => {
+                let age = (Utc::now() - c.committed_at).to_std().unwrap_or_default();
+                let limits = Limits { max_attempts: plan.max_attempts, max_age: plan.max_age };
+                let err = ProviderError::Retryable { reason, retry_after: None };
+                decide(&err, provider, c.attempts as u32, age, &limits, &self.backoff)
+            }
+            Prepared::Ready(_) => unreachable!("a ready contact is sent, not settled"),
+        }
+    }
+
+    /// Sends one chunk to `target`. `probe`: this call is the half-open
+    /// circuit's probe; if no call is made after all, it is handed back.
+    async fn call(
+        &self,
+        plan: &ChannelPlan,
+        target: &Provider,
+        chunk: Vec<&Claimed>,
+        probe: bool,
+        db: &Client,
+    ) -> Outcomes {
         let provider = target.name();
+        let unused_probe = || {
+            if probe {
+                self.circuits[provider].probe_unused();
+            }
+        };
         let mut settled: Outcomes = Vec::new();
         let mut sending: Vec<&Claimed> = Vec::with_capacity(chunk.len());
         let mut messages: Vec<OutboundMessage> = Vec::with_capacity(chunk.len());
         for c in chunk {
-            // The address is looked up now, not stored: consent is checked at send time.
-            let contact = match &plan.contact {
+            // Looked up now, not stored: consent and preferences are those at send time.
+            let prepared = match (&plan.contact, &plan.preferences_query, c.recipient.as_deref()) {
+                (Some(cp), _, _) => Some(contacts::prepare(db, cp, c.recipient.as_deref(), &c.event, &c.payload).await),
+                (None, Some(sql), Some(recipient)) => contacts::preference_refuses(db, sql, recipient, &c.event).await,
+                _ => None,
+            };
+            let contact = match prepared {
                 None => None,
-                Some(cp) => match contacts::prepare(db, cp, c.recipient.as_deref(), &c.event, &c.payload).await {
-                    Prepared::Ready(contact) => Some(contact),
-                    prepared => {
-                        let outcome = match prepared {
-                            Prepared::Skip(reason) => Outcome::Skipped { provider, reason },
-                            Prepared::Fail(error) => Outcome::Failed { provider, error },
-                            Prepared::Retry(reason) => {
-                                let age = (Utc::now() - c.committed_at).to_std().unwrap_or_default();
-                                let limits = Limits { max_attempts: plan.max_attempts, max_age: plan.max_age };
-                                let err = ProviderError::Retryable { reason, retry_after: None };
-                                decide(&err, provider, c.attempts as u32, age, &limits, &self.backoff)
-                            }
-                            Prepared::Ready(_) => unreachable!("handled above"),
-                        };
-                        record(c, provider, &outcome, Utc::now(), 0.0);
-                        settled.push((c.claim_ref(), outcome));
-                        continue;
-                    }
-                },
+                Some(Prepared::Ready(contact)) => Some(contact),
+                Some(prepared) => {
+                    let outcome = self.unprepared(prepared, provider, c, plan);
+                    record(c, provider, &outcome, Utc::now(), 0.0);
+                    settled.push((c.claim_ref(), outcome));
+                    continue;
+                }
             };
             messages.push(OutboundMessage {
                 delivery_id: c.id,
@@ -462,13 +579,20 @@ impl Dispatcher {
             sending.push(c);
         }
         if messages.is_empty() {
+            unused_probe();
             return settled;
         }
         let chunk = sending;
         // A slow pace (or a long batch) can outlast the claim: sending after it
         // could race a worker that took the row over. Hand it back untried instead.
         let send_by = chunk.iter().map(|c| c.send_by).min();
-        let Some(permit) = self.pacers[provider].admit(messages.len(), send_by).await else {
+        let permit = match self.health.standby.load(std::sync::atomic::Ordering::Relaxed) {
+            // The lock was lost since the claim: another relay may take over.
+            true => None,
+            false => self.pacers[provider].admit(messages.len(), send_by).await,
+        };
+        let Some(permit) = permit else {
+            unused_probe();
             let error = format!("{provider} pacing: the claim would run out before the call; back to the queue");
             return chunk
                 .iter()
@@ -483,10 +607,12 @@ impl Dispatcher {
         let circuit = &self.circuits[provider];
         if results.iter().any(|r| matches!(r, Err(e) if e.is_retryable())) {
             if circuit.failure(Instant::now()) {
+                metrics::gauge!(metric::CIRCUIT_OPEN, "provider" => provider).set(1.0);
                 warn!(provider, "provider keeps failing: circuit open, fresh deliveries go to the fallback if any");
             }
         } else {
             circuit.success();
+            metrics::gauge!(metric::CIRCUIT_OPEN, "provider" => provider).set(0.0);
         }
         let now = Utc::now();
         chunk

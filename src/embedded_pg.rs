@@ -177,6 +177,20 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// What a test may add to a cluster: TLS settings, its own pg_hba.conf, and
+/// the files they name (certificates, keys), written into the data directory
+/// with mode 0600 and owned by the server's user, as PostgreSQL requires of a
+/// key file.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterOptions {
+    /// Lines appended to the generated settings, e.g. `ssl = on`.
+    pub extra_conf: String,
+    /// Replaces initdb's pg_hba.conf when set.
+    pub hba: Option<String>,
+    /// (file name in the data directory, contents).
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
 /// A running, private PostgreSQL cluster in a temporary directory. See the module docs.
 pub struct EmbeddedPg {
     bins: Binaries,
@@ -190,6 +204,7 @@ pub struct EmbeddedPg {
     server: Mutex<Option<Child>>,
     watchdog: Mutex<Option<Child>>,
     destroyed: AtomicBool,
+    extra_conf: String,
 }
 
 impl std::fmt::Debug for EmbeddedPg {
@@ -202,6 +217,11 @@ impl EmbeddedPg {
     /// Creates and starts a brand-new cluster; returns once it accepts connections (about a
     /// second: initdb is most of it). Blocking: from async code, call it in `spawn_blocking`.
     pub fn start() -> Result<EmbeddedPg, EmbeddedPgError> {
+        Self::start_with(ClusterOptions::default())
+    }
+
+    /// [`Self::start`], with extra settings, pg_hba.conf and files (see [`ClusterOptions`]).
+    pub fn start_with(options: ClusterOptions) -> Result<EmbeddedPg, EmbeddedPgError> {
         let bins = Binaries::find()?;
         // SAFETY: geteuid has no preconditions and cannot fail.
         let run_as = if unsafe { libc::geteuid() } == 0 { Some(postgres_user()?) } else { None };
@@ -228,10 +248,12 @@ impl EmbeddedPg {
             server: Mutex::new(None),
             watchdog: Mutex::new(None),
             destroyed: AtomicBool::new(false),
+            extra_conf: options.extra_conf.clone(),
         };
         // From here on, Drop cleans up whatever got created.
         pg.spawn_watchdog();
         pg.initdb()?;
+        pg.install(&options)?;
         pg.start_on_free_port()?;
         Ok(pg)
     }
@@ -403,6 +425,26 @@ impl EmbeddedPg {
         Ok(())
     }
 
+    /// Writes the options' pg_hba.conf and files into the data directory.
+    fn install(&self, options: &ClusterOptions) -> Result<(), EmbeddedPgError> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut files = options.files.clone();
+        if let Some(hba) = &options.hba {
+            files.push(("pg_hba.conf".into(), hba.clone().into_bytes()));
+        }
+        for (name, contents) in files {
+            let path = self.data.join(&name);
+            fs::write(&path, contents).map_err(io_err(format!("writing {}", path.display())))?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                .map_err(io_err(format!("chmod {}", path.display())))?;
+            if let Some((uid, gid)) = self.run_as {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                    .map_err(io_err(format!("giving {} to the postgres user", path.display())))?;
+            }
+        }
+        Ok(())
+    }
+
     fn write_settings(&self, port: u16) -> Result<(), EmbeddedPgError> {
         // fsync=off makes commits cheap; synchronous_commit stays on because with it off a commit
         // can still sit in shared WAL buffers when `restart_immediate` kills the server, and crash
@@ -421,7 +463,9 @@ impl EmbeddedPg {
              synchronous_commit = on\n\
              full_page_writes = off\n\
              shared_buffers = '128MB'\n\
-             max_connections = 200\n"
+             max_connections = 200\n\
+             {extra}\n",
+            extra = self.extra_conf
         );
         fs::write(self.data.join("embedded.conf"), settings).map_err(io_err("writing embedded.conf"))
     }

@@ -14,16 +14,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::collections::HashMap;
-
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::config::Config;
 use crate::dispatch::Intake;
 use crate::ledger::{self, Ledger, LedgerError};
-use crate::routing::{Disposition, NewDelivery, Router};
+use crate::routing::{NewDelivery, Router};
 use crate::source::replication::{ReplicationError, ReplicationEvent, ReplicationStream};
 use crate::source::Lsn;
 use crate::telemetry::{metric, Health};
@@ -34,6 +32,8 @@ pub enum IngestError {
     Replication(#[from] ReplicationError),
     #[error("ledger: {0}")]
     Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Gap(#[from] crate::gap::GapError),
     #[error("source.database_url: {0}")]
     Url(String),
     /// The ledger writer stopped; its own error is the one reported.
@@ -46,6 +46,7 @@ impl IngestError {
         match self {
             IngestError::Replication(e) => e.is_retryable(),
             IngestError::Ledger(e) => e.is_retryable(),
+            IngestError::Gap(e) => e.is_retryable(),
             IngestError::Url(_) => false,
             IngestError::WriterGone => true,
         }
@@ -84,8 +85,8 @@ impl Ingest {
     /// restarting, network) reconnect with backoff and resume from the
     /// confirmed offset; errors that need a human end the run.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), IngestError> {
-        let pg: tokio_postgres::Config =
-            self.cfg.source.database_url.parse().map_err(|e: tokio_postgres::Error| IngestError::Url(e.to_string()))?;
+        let pg =
+            crate::db::PgTarget::parse(&self.cfg.source.database_url).map_err(|e| IngestError::Url(e.to_string()))?;
         let mut failures = 0u32;
         loop {
             let Err(e) = self.session(&pg, &mut shutdown, &mut failures).await else { return Ok(()) };
@@ -99,13 +100,18 @@ impl Ingest {
 
     async fn session(
         &self,
-        pg: &tokio_postgres::Config,
+        pg: &crate::db::PgTarget,
         shutdown: &mut watch::Receiver<bool>,
         failures: &mut u32,
     ) -> Result<(), IngestError> {
         let src = &self.cfg.source;
         let ledger = Ledger::new(ledger::connect(&src.database_url).await?, &self.cfg.relay.schema);
-        let start = ledger.load_offset(&src.slot).await?.unwrap_or_default();
+        let stored = ledger.load_offset(&src.slot).await?;
+        // Checked on every (re)connection: a slot recreated while the relay was
+        // cut off would otherwise skip what was committed in between.
+        crate::gap::check_slot(ledger.client(), &src.slot, stored).await?;
+        let start = stored.unwrap_or_default();
+        self.intake.release_orphans(&ledger).await?;
         // Read per session: a table given a primary key since is seen on reconnect.
         let keys = crate::source::primary_keys(ledger.client(), self.router.tables()).await.map_err(LedgerError::Db)?;
         let router = self.router.clone().with_primary_keys(keys);
@@ -139,11 +145,19 @@ impl Ingest {
         mut written: mpsc::UnboundedReceiver<Lsn>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), IngestError> {
-        let mut batch = Batch { deliveries: Vec::new(), end: None, deadline: None, handed: start, confirmed: start };
+        let mut batch = Batch {
+            deliveries: Vec::new(),
+            end: None,
+            deadline: None,
+            handed: start,
+            confirmed: start,
+            last_idle_write: None,
+        };
         let flush_after = Duration::from_millis(self.cfg.relay.ingest_flush_ms);
         let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.health.tick(crate::telemetry::Loop::Source);
             let deadline = batch.deadline;
             tokio::select! {
                 biased;
@@ -197,7 +211,12 @@ impl Ingest {
                         // quiet routed tables would make the slot retain WAL
                         // written by everything else.
                         let idle = batch.end.is_none() && batch.handed <= batch.confirmed && !stream.in_transaction();
-                        if idle && wal_end > batch.handed {
+                        // At most once per STATUS_INTERVAL: each write is WAL
+                        // the walsender then reports, which would be written
+                        // again — the relay's own writes must not feed themselves.
+                        let due = batch.last_idle_write.is_none_or(|t| t.elapsed() >= STATUS_INTERVAL);
+                        if idle && due && wal_end > batch.handed {
+                            batch.last_idle_write = Some(Instant::now());
                             // Through the writer, so the stored offset moves too.
                             batch.end = Some(wal_end);
                             batch.hand_off(&handoff).await?;
@@ -229,7 +248,7 @@ impl Ingest {
             let claim = self.intake.claim(&room);
             let inserted = ledger.record(&h.deliveries, &self.cfg.source.slot, h.end, claim).await?;
             metrics::histogram!(metric::LEDGER_FLUSH).record(started.elapsed().as_secs_f64());
-            count_recorded(&h.deliveries);
+            crate::routing::count_recorded(inserted.fresh.iter().map(|&i| &h.deliveries[i]), &self.cfg);
             let (count, handed) = (inserted.count, inserted.claimed.len());
             debug!(deliveries = h.deliveries.len(), inserted = count, handed, offset = %h.end, "ledger batch committed");
             self.intake.committed(room, inserted);
@@ -237,27 +256,6 @@ impl Ingest {
             let _ = written.send(h.end);
         }
         Ok(())
-    }
-}
-
-/// Metrics and warnings for what a batch recorded; counted per (channel,
-/// status) first, so a 5000-row batch costs a handful of metric updates.
-fn count_recorded(deliveries: &[NewDelivery]) {
-    let mut counts: HashMap<(&str, &'static str), u64> = HashMap::new();
-    for d in deliveries {
-        *counts.entry((d.channel.as_str(), d.disposition.status())).or_default() += 1;
-        // A bad row is worth a warning; a channel switched off on purpose is not.
-        match &d.disposition {
-            Disposition::Failed(reason) => warn!(key = %d.idempotency_key, table = %d.source_table,
-                pk = %d.source_pk, channel = %d.channel, status = "failed", reason, "delivery recorded without sending"),
-            Disposition::Skipped(reason) => info!(key = %d.idempotency_key, table = %d.source_table,
-                pk = %d.source_pk, channel = %d.channel, status = "skipped", reason, "delivery recorded without sending"),
-            Disposition::Pending => {}
-        }
-    }
-    for ((channel, status), n) in counts {
-        metrics::counter!(metric::DELIVERIES_RECORDED, "channel" => channel.to_string(), "status" => status)
-            .increment(n);
     }
 }
 
@@ -279,6 +277,8 @@ struct Batch {
     handed: Lsn,
     /// Last offset the writer reported durable and we confirmed; never moves backwards.
     confirmed: Lsn,
+    /// When an idle stream's position was last written to the ledger.
+    last_idle_write: Option<Instant>,
 }
 
 impl Batch {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value as Json;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tracing::{info, warn};
 
 use crate::routing::NewDelivery;
@@ -23,7 +23,7 @@ pub enum LedgerError {
     #[error("database: {0}")]
     Db(#[from] tokio_postgres::Error),
     #[error("connecting to the database: {0}")]
-    Connect(tokio_postgres::Error),
+    Connect(crate::db::ConnectError),
 }
 
 impl LedgerError {
@@ -31,7 +31,8 @@ impl LedgerError {
     /// (missing privilege, missing schema) needs a human.
     pub fn is_retryable(&self) -> bool {
         match self {
-            LedgerError::Db(e) | LedgerError::Connect(e) => db_error_is_retryable(e),
+            LedgerError::Db(e) => db_error_is_retryable(e),
+            LedgerError::Connect(e) => e.is_retryable(),
         }
     }
 }
@@ -67,16 +68,54 @@ pub fn migration_sql(schema: &str) -> Vec<(i32, String)> {
     MIGRATIONS.iter().map(|(v, sql)| (*v, sql.replace("__SCHEMA__", schema))).collect()
 }
 
-/// Opens a plain connection and drives it on the runtime.
+/// Opens a connection (TLS as `url` says) and drives it on the runtime.
 pub async fn connect(url: &str) -> Result<Client, LedgerError> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await.map_err(LedgerError::Connect)?;
+    let (client, conn) = crate::db::connect(url).await.map_err(LedgerError::Connect)?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             // The owner sees the error on its next query; this is for the log.
             tracing::debug!(error = %e, "ledger connection ended");
         }
     });
+    // Whatever the server's default: a ledger commit must be on disk before the
+    // relay acts on it (confirms the offset past it, or forgets an outcome).
+    // With `synchronous_commit = off` a server crash could undo it afterwards.
+    //
+    // And a transaction the relay left open (its process frozen by SIGSTOP, or
+    // cut off) must not hold its row locks for ever: the relay that takes
+    // over would wait on them. The relay never waits inside a transaction.
+    client
+        .batch_execute(&format!(
+            "SET synchronous_commit = on; SET idle_in_transaction_session_timeout = {}",
+            IDLE_IN_TRANSACTION.as_millis()
+        ))
+        .await?;
     Ok(client)
+}
+
+/// How long a relay connection may sit idle inside a transaction before the
+/// server ends it (see [`connect`]).
+pub const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(10);
+
+/// Longest error text the ledger keeps: a provider's whole HTML error page
+/// helps nobody, and `last_error` is shown in `status` and dead-letter lists.
+const MAX_ERROR_CHARS: usize = 2000;
+
+/// Longest delay a retry or deferral may ask for. A `Retry-After` of 10^13
+/// seconds would overflow PostgreSQL's timestamp and make the outcome
+/// unstorable; past a week `max_age` has long made the delivery dead anyway.
+pub const MAX_DELAY: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Text the ledger can store: no NUL (PostgreSQL's text refuses it), bounded.
+pub fn storable_text(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.contains('\0') && s.len() <= MAX_ERROR_CHARS {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out: String = s.chars().take(MAX_ERROR_CHARS).map(|c| if c == '\0' { '\u{FFFD}' } else { c }).collect();
+    if s.chars().count() > MAX_ERROR_CHARS {
+        out.push('…');
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Creates or upgrades the relay schema. Safe to run twice, and concurrently:
@@ -263,6 +302,23 @@ impl Ledger {
         Ok(n)
     }
 
+    /// Rows `sending` whose id is not in `held` go back to `pending`, their
+    /// attempt given back (it never reached a provider: nobody held the claim).
+    pub async fn release_unheld(&self, held: &[i64]) -> Result<u64, LedgerError> {
+        Ok(self
+            .client
+            .execute(
+                &format!(
+                    "UPDATE {}.deliveries SET status = 'pending', attempts = greatest(attempts - 1, 0),
+                         next_attempt_at = now(), updated_at = now()
+                     WHERE status = 'sending' AND NOT (id = ANY($1))",
+                    self.schema
+                ),
+                &[&held],
+            )
+            .await?)
+    }
+
     /// Claims up to `limit` due deliveries, oldest first, for `lease`. SKIP
     /// LOCKED lets several workers claim side by side without waiting on each
     /// other. A row still `sending` after its lease (its worker lost the
@@ -340,9 +396,9 @@ impl Ledger {
             };
             statuses.push(status);
             providers.push(provider);
-            msg_ids.push(msg);
-            errors.push(err);
-            delays.push(delay);
+            msg_ids.push(msg.map(storable_text));
+            errors.push(err.map(|e| storable_text(e)));
+            delays.push(delay.clamp(0.0, MAX_DELAY.as_secs_f64()));
         }
         let s = &self.schema;
         self.client
@@ -363,7 +419,15 @@ impl Ledger {
                           AS u(id, st, pr, mid, err, delay, att)
                      WHERE d.id = u.id AND d.status = 'sending' AND d.attempts = u.att"
                 ),
-                &[&ids, &statuses, &providers, &msg_ids, &errors, &delays, &attempts],
+                &[
+                    &ids,
+                    &statuses,
+                    &providers,
+                    &msg_ids.iter().map(|m| m.as_deref()).collect::<Vec<_>>(),
+                    &errors.iter().map(|e| e.as_deref()).collect::<Vec<_>>(),
+                    &delays,
+                    &attempts,
+                ],
             )
             .await?;
         Ok(())
@@ -518,7 +582,13 @@ pub struct Inserted {
     pub count: u64,
     /// New rows written already claimed, to be handed to dispatch in memory.
     pub claimed: Vec<Claimed>,
+    /// Indexes (into the deliveries given) of the rows that were new: what
+    /// metrics count as recorded. A replay is not a second delivery.
+    pub fresh: Vec<usize>,
 }
+
+/// Rows per INSERT: bounds the size of one statement's parameter arrays.
+const CHUNK: usize = 5000;
 
 /// Inserts deliveries, ignoring replays (same idempotency key), inside the
 /// caller's transaction. The one way rows enter the ledger, for both source
@@ -535,16 +605,24 @@ pub async fn insert_deliveries(
     let lease: Option<f64> = claim.map(|l| l.as_secs_f64());
     // Measured before the statement: the lease runs from the server's now().
     let send_by = claim.map(|l| std::time::Instant::now() + l.mul_f64(0.8));
-    // Chunks bound the size of one statement's parameter arrays.
-    for chunk in deliveries.chunks(5000) {
+    for (n, chunk) in deliveries.chunks(CHUNK).enumerate() {
+        let offset = n * CHUNK;
         let mut cols: [Vec<&str>; 7] = Default::default();
         let mut changes: Vec<String> = Vec::with_capacity(chunk.len());
+        let mut unstorable: Vec<&str> = Vec::new();
         let mut recipients: Vec<Option<&str>> = Vec::with_capacity(chunk.len());
         let mut errors: Vec<Option<&str>> = Vec::with_capacity(chunk.len());
         let mut payloads: Vec<String> = Vec::with_capacity(chunk.len());
         let mut lsns: Vec<String> = Vec::with_capacity(chunk.len());
         let mut times: Vec<DateTime<Utc>> = Vec::with_capacity(chunk.len());
         for d in chunk {
+            let payload = d.payload.to_string();
+            // Routing already fails payloads jsonb cannot hold; this is the last
+            // line, so that one bad value can never wedge a whole batch (and
+            // every replay of it). serde_json writes U+0000 as this escape.
+            if payload.contains("\\u0000") {
+                unstorable.push(d.idempotency_key.as_str());
+            }
             cols[0].push(&d.source_table);
             cols[1].push(&d.source_pk);
             cols[2].push(&d.channel);
@@ -555,7 +633,7 @@ pub async fn insert_deliveries(
             changes.push(d.change.to_string());
             recipients.push(d.recipient.as_deref());
             errors.push(d.disposition.reason());
-            payloads.push(d.payload.to_string());
+            payloads.push(payload);
             lsns.push(d.commit_lsn.to_string());
             times.push(d.committed_at);
         }
@@ -574,9 +652,15 @@ pub async fn insert_deliveries(
                   AS u(t, pk, ch, k, ev, st, r, e, p, l, c, op, cr),
                   LATERAL (SELECT u.st = 'pending' AND $12::float8 IS NOT NULL AS claim) x
              ON CONFLICT (idempotency_key) DO NOTHING
-             {returning}",
-            returning = if lease.is_some() { "RETURNING id, idempotency_key, status = 'sending'" } else { "" },
+             RETURNING id, idempotency_key, status = 'sending'",
         );
+        for (i, d) in chunk.iter().enumerate() {
+            if unstorable.contains(&d.idempotency_key.as_str()) {
+                cols[5][i] = "failed";
+                errors[i] = Some("the payload holds a U+0000 (NUL) character, which jsonb cannot store");
+                payloads[i] = "{}".into();
+            }
+        }
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 14] = [
             &cols[0],
             &cols[1],
@@ -593,20 +677,19 @@ pub async fn insert_deliveries(
             &cols[6],
             &changes,
         ];
-        let Some(send_by) = send_by else {
-            out.count += client.execute(&sql, &params).await?;
-            continue;
-        };
         let rows = client.query(&sql, &params).await?;
         out.count += rows.len() as u64;
         // The first of several deliveries sharing a key is the one ON CONFLICT
         // kept: the claim handed to dispatch must carry what the ledger holds.
-        let mut by_key: HashMap<&str, &NewDelivery> = HashMap::with_capacity(chunk.len());
-        for d in chunk {
-            by_key.entry(d.idempotency_key.as_str()).or_insert(d);
+        let mut by_key: HashMap<&str, usize> = HashMap::with_capacity(chunk.len());
+        for (i, d) in chunk.iter().enumerate() {
+            by_key.entry(d.idempotency_key.as_str()).or_insert(i);
         }
-        for r in rows.iter().filter(|r| r.get::<_, bool>(2)) {
-            let d = by_key[r.get::<_, &str>(1)];
+        for r in &rows {
+            let i = by_key[r.get::<_, &str>(1)];
+            out.fresh.push(offset + i);
+            let Some(send_by) = send_by.filter(|_| r.get::<_, bool>(2)) else { continue };
+            let d = &chunk[i];
             out.claimed.push(Claimed {
                 id: r.get(0),
                 idempotency_key: d.idempotency_key.clone(),

@@ -4,20 +4,27 @@
 //! turns rows into deliveries, `ledger` makes them durable (and only then is the
 //! offset confirmed), `dispatch` works the ledger through `providers`.
 //! `telemetry` shows it; `cli` is the operator's door; `config` the contract.
+//! `db` is how every connection to PostgreSQL is made (TLS included).
 
 pub mod app;
+pub mod backfill;
 pub mod circuit;
 pub mod cli;
 pub mod config;
 pub mod contacts;
+pub mod db;
 pub mod demo;
 pub mod dispatch;
 pub mod embedded_pg;
+pub mod gap;
+pub mod gdpr;
 pub mod ingest;
+pub mod instance;
 pub mod ledger;
 pub mod limits;
 pub mod preflight;
 pub mod providers;
+pub mod retention;
 pub mod routing;
 pub mod setup;
 pub mod smtp_sink;

@@ -52,12 +52,21 @@ impl Pacer {
     /// Waits for a call slot and for `messages` tokens; hold the permit for the call.
     /// `None` if that cannot happen before `deadline` (nothing is taken then).
     pub async fn admit(&self, messages: usize, deadline: Option<Instant>) -> Option<SemaphorePermit<'_>> {
+        // Checked before and after waiting: a permit that is free at once
+        // would otherwise admit a call whose claim has already run out.
+        let late = |d: Option<Instant>| d.is_some_and(|d| Instant::now() >= d);
+        if late(deadline) {
+            return None;
+        }
         let acquire = self.calls.acquire();
         let permit = match deadline {
             Some(d) => tokio::time::timeout_at(d.into(), acquire).await.ok()?,
             None => acquire.await,
         }
         .expect("the semaphore is never closed");
+        if late(deadline) {
+            return None;
+        }
         if let Some(bucket) = &self.bucket {
             let wait =
                 bucket.lock().unwrap_or_else(|p| p.into_inner()).take(messages as f64, Instant::now(), deadline)?;
@@ -103,5 +112,14 @@ mod tests {
         assert!(p.admit(1, Some(soon)).await.is_none(), "gives up at the deadline");
         drop(a);
         assert!(tokio::time::timeout(Duration::from_millis(20), p.admit(1, None)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_free_permit_does_not_admit_a_late_call() {
+        // No rate limit, every permit free: the deadline alone must refuse.
+        let p = Pacer::new(4, 0.0);
+        let past = Instant::now() - Duration::from_millis(1);
+        assert!(p.admit(1, Some(past)).await.is_none(), "a claim that ran out admits no call");
+        assert!(p.admit(1, Some(Instant::now() + Duration::from_secs(5))).await.is_some());
     }
 }

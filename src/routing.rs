@@ -12,8 +12,11 @@ use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
 use serde_json::{Map, Number, Value as Json};
 use sha2::{Digest, Sha256};
 
+use tracing::{info, warn};
+
 use crate::config::{Config, RouteConfig};
 use crate::source::{ChangeId, CommittedTx, Lsn, Operation, RowChange, Table, Value};
+use crate::telemetry::metric;
 
 /// What the ledger records for a new delivery.
 #[derive(Clone, Debug, PartialEq)]
@@ -75,6 +78,30 @@ pub fn idempotency_key(change: ChangeId, channel: &str) -> String {
         h.update(part.as_bytes());
     }
     format!("or2-{}", hex::encode(&h.finalize()[..16]))
+}
+
+/// Metrics and warnings for what a batch recorded; counted per (channel,
+/// status) first, so a 5000-row batch costs a handful of metric updates.
+pub fn count_recorded<'a>(deliveries: impl Iterator<Item = &'a NewDelivery>, cfg: &Config) {
+    let mut counts: HashMap<(&str, &'static str), u64> = HashMap::new();
+    for d in deliveries {
+        // Channel names can come from row data: only configured ones become
+        // label values, or a bad column could mint a time series per row.
+        let channel = if cfg.channels.contains_key(&d.channel) { d.channel.as_str() } else { "unknown" };
+        *counts.entry((channel, d.disposition.status())).or_default() += 1;
+        // A bad row is worth a warning; a channel switched off on purpose is not.
+        match &d.disposition {
+            Disposition::Failed(reason) => warn!(key = %d.idempotency_key, table = %d.source_table,
+                pk = %d.source_pk, channel = %d.channel, status = "failed", reason, "delivery recorded without sending"),
+            Disposition::Skipped(reason) => info!(key = %d.idempotency_key, table = %d.source_table,
+                pk = %d.source_pk, channel = %d.channel, status = "skipped", reason, "delivery recorded without sending"),
+            Disposition::Pending => {}
+        }
+    }
+    for ((channel, status), n) in counts {
+        metrics::counter!(metric::DELIVERIES_RECORDED, "channel" => channel.to_string(), "status" => status)
+            .increment(n);
+    }
 }
 
 /// Routes compiled from config, looked up by `schema.table`.
@@ -720,6 +747,54 @@ mod tests {
         assert_eq!(route(r#"{"level": "critical"}"#), ["in_app", "sms"]);
         assert_eq!(route(r#"{"level": "info"}"#), ["in_app"]);
         assert_eq!(route(r#"{}"#), ["in_app"]);
+    }
+
+    #[test]
+    fn two_routes_naming_one_channel_make_one_delivery_from_the_first() {
+        // The second route would send other content on the same key: the
+        // ledger keeps the first (ON CONFLICT DO NOTHING), so must routing.
+        let text = format!(
+            "{}\n[[routes]]\ntable = \"public.operators_outboxevent\"\nrecipient_column = \"recipient_id\"\n\
+             event = \"second_route\"\nchannels = [\"in_app\"]\npayload_columns = [\"id\"]\n",
+            crate::config::README_EXAMPLE
+        );
+        let router = Router::new(&Config::from_toml(&text).unwrap());
+        let mut out = vec![];
+        let values = vec![t("1"), t("first_route"), t("5"), t("{in_app}"), t("{}")];
+        let change = RowChange { id: ChangeId::Log(1), table: outbox_table(), op: Operation::Insert, values };
+        router.route_change(&change, Lsn(1), DateTime::UNIX_EPOCH, &mut out);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].event, "first_route");
+    }
+
+    #[test]
+    fn a_table_under_replica_identity_full_is_keyed_by_its_primary_key() {
+        // pgoutput flags every column as key under FULL; NULLs among them
+        // must not fail the row, and non-key columns must not reach the ledger.
+        let full = table(
+            "operators_notificationoperateur",
+            &[
+                ("id", INT8, true),
+                ("user_id", INT4, true),
+                ("kind", 1043, true),
+                ("title", 1043, true),
+                ("body", 25, true),
+                ("level", 1043, true),
+                ("url", 1043, true),
+                ("is_read", BOOL, true),
+                ("created_at", TIMESTAMPTZ, true),
+            ],
+        );
+        let keys = HashMap::from([("public.operators_notificationoperateur".to_string(), vec!["id".to_string()])]);
+        let router = Router::new(&cfg()).with_primary_keys(keys);
+        let mut out = vec![];
+        let values =
+            vec![t("7"), t("3"), t("k"), t("x"), Value::Null, t("info"), t(""), t("f"), t("2026-11-24 17:35:00+00")];
+        let change = RowChange { id: ChangeId::Log(9), table: full, op: Operation::Insert, values };
+        router.route_change(&change, Lsn(1), DateTime::UNIX_EPOCH, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].disposition, Disposition::Pending);
+        assert_eq!(out[0].source_pk, "7");
     }
 
     #[test]

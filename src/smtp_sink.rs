@@ -1,7 +1,9 @@
 //! A minimal SMTP server that keeps what it receives: the demo's mailbox and
 //! the tests' fake mail server. It speaks enough of RFC 5321 for a real client
 //! (lettre) — EHLO/HELO, MAIL, RCPT, DATA with dot-unstuffing, RSET, NOOP,
-//! QUIT — and can be told to refuse recipients (550) or defer (451).
+//! QUIT, AUTH PLAIN (any password; the user is recorded, to show whether a
+//! client sent credentials) — and can be told to refuse recipients (550) or
+//! defer (451). No STARTTLS: that is what a stripping middlebox leaves.
 
 use std::sync::{Arc, Mutex};
 
@@ -128,6 +130,8 @@ struct State {
     reject_next: usize,
     /// Transactions answered 451 (try again later), consumed one by one.
     defer_next: usize,
+    /// Users who authenticated, in order.
+    auth_users: Vec<String>,
 }
 
 /// Stops serving when dropped.
@@ -178,6 +182,11 @@ impl SmtpSink {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).reject_next += n;
     }
 
+    /// Users who sent AUTH PLAIN, in order.
+    pub fn auth_users(&self) -> Vec<String> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).auth_users.clone()
+    }
+
     pub fn defer_next(&self, n: usize) {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).defer_next += n;
     }
@@ -197,7 +206,21 @@ async fn session(socket: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
         let command = line.trim_end().to_string();
         let verb = command.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
         let reply: String = match verb.as_str() {
-            "EHLO" => "250-outbox-relay sink\r\n250-8BITMIME\r\n250 SMTPUTF8".into(),
+            "EHLO" => "250-outbox-relay sink\r\n250-8BITMIME\r\n250-AUTH PLAIN\r\n250 SMTPUTF8".into(),
+            "AUTH" => {
+                // AUTH PLAIN <base64(authzid NUL user NUL password)> (RFC 4616).
+                let initial = command.split_whitespace().nth(2).unwrap_or("");
+                use base64::Engine as _;
+                let decoded = base64::engine::general_purpose::STANDARD.decode(initial).unwrap_or_default();
+                let user = decoded.split(|b| *b == 0).nth(1).map(|u| String::from_utf8_lossy(u).into_owned());
+                match user {
+                    Some(user) => {
+                        state.lock().unwrap_or_else(|p| p.into_inner()).auth_users.push(user);
+                        "235 2.7.0 authentication successful".into()
+                    }
+                    None => "501 5.5.4 malformed AUTH PLAIN".into(),
+                }
+            }
             "HELO" => "250 outbox-relay sink".into(),
             "MAIL" => {
                 let defer = {

@@ -1,7 +1,8 @@
 //! What the relay shows: JSON (or text) logs, Prometheus metrics, health.
 //!
 //! Metric names live in [`metric`] so that code, README and dashboards agree.
-//! `/healthz` answers while the process runs; `/readyz` only while the
+//! `/livez` fails when a loop (source, dispatch) has made no turn for two
+//! minutes; `/healthz` answers while the process runs; `/readyz` only while the
 //! replication stream and the ledger are both reachable, so an orchestrator
 //! can tell "alive but cut off from PostgreSQL".
 
@@ -31,6 +32,12 @@ pub mod metric {
     pub const DEAD_LETTERS: &str = "outbox_relay_dead_letters";
     pub const RETAINED_WAL: &str = "outbox_relay_slot_retained_wal_bytes";
     pub const WEBHOOKS: &str = "outbox_relay_webhooks_total";
+    pub const SMTP_STARTTLS_MISSING: &str = "outbox_relay_smtp_starttls_missing_total";
+    /// 1 while this process holds the relay's lock and works, 0 as a standby.
+    pub const ACTIVE: &str = "outbox_relay_active";
+    pub const OLDEST_PENDING: &str = "outbox_relay_oldest_pending_age_seconds";
+    pub const CIRCUIT_OPEN: &str = "outbox_relay_circuit_open";
+    pub const BUILD_INFO: &str = "outbox_relay_build_info";
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -86,6 +93,11 @@ fn describe() {
     );
     describe_gauge!(metric::REPLICATION_LAG, Unit::Bytes, "Server WAL end minus the offset confirmed to the slot.");
     describe_gauge!(metric::CONFIRMED_LSN, "Offset last confirmed to PostgreSQL, as a number.");
+    describe_gauge!(metric::ACTIVE, "1 while this relay holds the slot's lock and works, 0 while it stands by.");
+    describe_gauge!(metric::OLDEST_PENDING, Unit::Seconds, "Age of the oldest delivery not yet settled (0 when none).");
+    describe_gauge!(metric::CIRCUIT_OPEN, "1 while a provider's circuit is open or half-open, by provider.");
+    describe_gauge!(metric::BUILD_INFO, "Always 1; the labels say which build runs.");
+    metrics::gauge!(metric::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     describe_counter!(
         metric::RESENDS_AFTER_RESTART,
         "Deliveries in flight at a crash, sent again after restart (possible duplicates)."
@@ -99,6 +111,10 @@ fn describe() {
         metric::LEDGER_FLUSH,
         Unit::Seconds,
         "Time to write one ingestion batch and its offset to the ledger."
+    );
+    describe_counter!(
+        metric::SMTP_STARTTLS_MISSING,
+        "E-mails sent unencrypted because an SMTP server (tls=opportunistic) offered no STARTTLS."
     );
     describe_counter!(metric::SOURCE_RECONNECTS, "Times the source connection was lost and re-established.");
     describe_gauge!(metric::BACKLOG, "Deliveries pending or in flight in the ledger.");
@@ -115,11 +131,53 @@ fn describe() {
 pub struct Health {
     pub source_connected: AtomicBool,
     pub ledger_connected: AtomicBool,
+    /// Not holding the relay's lock (another relay works, or the lock's
+    /// session was lost): nothing is sent. See `instance`.
+    pub standby: AtomicBool,
+    /// Last turn of each [`Loop`], ms since the epoch; 0 before its first.
+    pub ticks: [std::sync::atomic::AtomicU64; 2],
+}
+
+/// The loops whose progress `/livez` watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loop {
+    /// The source: logical stream or listen poller.
+    Source = 0,
+    /// Dispatch workers (any of them).
+    Dispatch = 1,
+}
+
+/// How long a loop may go without a turn before `/livez` calls the process
+/// stuck. Every loop turns at least every few seconds when healthy (the
+/// stream's 10 s status tick, the poll intervals, reconnect backoffs of at
+/// most 10 s); a provider call is bounded by its timeout, a claim's work by
+/// its lease. Two minutes leaves room for all of that.
+pub const STUCK_AFTER: std::time::Duration = std::time::Duration::from_secs(120);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Health {
+    /// A loop made a turn.
+    pub fn tick(&self, which: Loop) {
+        self.ticks[which as usize].store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// The first loop that started and has made no turn for `after`.
+    pub fn stuck(&self, after: std::time::Duration) -> Option<(Loop, u64)> {
+        let now = now_ms();
+        [Loop::Source, Loop::Dispatch].into_iter().find_map(|l| {
+            let last = self.ticks[l as usize].load(Ordering::Relaxed);
+            let idle = now.saturating_sub(last);
+            (last > 0 && idle > after.as_millis() as u64).then_some((l, idle / 1000))
+        })
+    }
+
     pub fn ready(&self) -> bool {
-        self.source_connected.load(Ordering::Relaxed) && self.ledger_connected.load(Ordering::Relaxed)
+        self.source_connected.load(Ordering::Relaxed)
+            && self.ledger_connected.load(Ordering::Relaxed)
+            && !self.standby.load(Ordering::Relaxed)
     }
 }
 
@@ -134,11 +192,26 @@ pub fn router(metrics: PrometheusHandle, health: Arc<Health>) -> Router {
     Router::new()
         .route("/metrics", get(|State(s): State<AppState>| async move { s.metrics.render() }))
         .route("/healthz", get(|| async { "ok\n" }))
+        // Liveness: fails only when a loop is stuck, never for a database or
+        // provider outage (those are readiness), so a restart is the right cure.
+        .route(
+            "/livez",
+            get(|State(s): State<AppState>| async move {
+                match s.health.stuck(STUCK_AFTER) {
+                    None => (StatusCode::OK, "alive\n".to_string()),
+                    Some((l, secs)) => {
+                        (StatusCode::SERVICE_UNAVAILABLE, format!("stuck: {l:?} loop made no progress for {secs} s\n"))
+                    }
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(|State(s): State<AppState>| async move {
                 if s.health.ready() {
                     (StatusCode::OK, "ready\n")
+                } else if s.health.standby.load(Ordering::Relaxed) {
+                    (StatusCode::SERVICE_UNAVAILABLE, "standby: another relay holds this slot\n")
                 } else {
                     (StatusCode::SERVICE_UNAVAILABLE, "not ready: source or ledger disconnected\n")
                 }
@@ -162,4 +235,23 @@ pub async fn serve(
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loop_that_stops_turning_is_stuck_one_that_never_started_is_not() {
+        let h = Health::default();
+        assert_eq!(h.stuck(STUCK_AFTER), None, "nothing started yet");
+        h.tick(Loop::Dispatch);
+        assert_eq!(h.stuck(STUCK_AFTER), None);
+        h.ticks[Loop::Source as usize].store(now_ms() - 200_000, Ordering::Relaxed);
+        let (l, secs) = h.stuck(STUCK_AFTER).unwrap();
+        assert_eq!(l, Loop::Source);
+        assert!((199..=201).contains(&secs), "{secs}");
+        h.tick(Loop::Source);
+        assert_eq!(h.stuck(STUCK_AFTER), None);
+    }
 }

@@ -138,6 +138,7 @@ fn smtp(sink: &SmtpSink) -> Smtp {
         username: None,
         password: None,
         timeout_ms: 2000,
+        allow_insecure_auth: false,
     };
     Smtp::new(&cfg).unwrap()
 }

@@ -177,6 +177,33 @@ impl Provider {
 /// to a provider stay open between batches instead of being set up per call.
 /// Per-request timeouts come from each provider's config, not from here.
 pub fn http_client() -> reqwest::Client {
+    http_builder()
+        .build()
+        // Building only fails if the TLS backend cannot initialise; the
+        // default client has the same backend, so this is a last resort that
+        // keeps startup going rather than a silent downgrade.
+        .unwrap_or_else(|_| reqwest::Client::new())
+}
+
+/// [`http_client`], also trusting the CAs of `tls.ca_file` (an inspecting
+/// proxy's, say). A bundle that cannot be read or parsed stops the start.
+pub fn http_client_with(tls: &crate::config::TlsConfig) -> Result<reqwest::Client, ProviderError> {
+    let mut builder = http_builder();
+    if let Some(path) = &tls.ca_file {
+        let bad = |e: String| ProviderError::Permanent { reason: format!("tls.ca_file {path}: {e}") };
+        let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(bad("no PEM certificate in the file".into()));
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build().map_err(|e| ProviderError::Permanent { reason: format!("HTTP client: {e}") })
+}
+
+fn http_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .user_agent(concat!("outbox-relay/", env!("CARGO_PKG_VERSION")))
         .pool_idle_timeout(Duration::from_secs(90))
@@ -184,9 +211,8 @@ pub fn http_client() -> reqwest::Client {
         .tcp_keepalive(Duration::from_secs(60))
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(10))
-        .build()
-        // Building only fails if the TLS backend cannot initialise; the
-        // default client has the same backend, so this is a last resort that
-        // keeps startup going rather than a silent downgrade.
-        .unwrap_or_else(|_| reqwest::Client::new())
+        // Never follow: a 302 would turn a POST into a GET that "succeeds" and
+        // the message would be recorded sent. A redirect is the provider's
+        // answer, classified like any other status.
+        .redirect(reqwest::redirect::Policy::none())
 }

@@ -41,7 +41,7 @@ use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use serde_json::Value as Json;
 use tokio::sync::{watch, Notify};
-use tokio_postgres::{AsyncMessage, Client, IsolationLevel, NoTls};
+use tokio_postgres::{AsyncMessage, Client, IsolationLevel};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
@@ -186,6 +186,11 @@ impl ListenSource {
                 &[&self.cfg.source.slot],
             )
             .await?;
+        // Claims whose commit outlived a lost connection go back to the queue
+        // now, not after their lease (as in logical mode; see `dispatch::Intake`).
+        let orphans = ledger::Ledger::new(ledger::connect(&self.cfg.source.database_url).await?, schema);
+        self.intake.release_orphans(&orphans).await?;
+        drop(orphans);
         self.health.source_connected.store(true, Ordering::Relaxed);
         self.health.ledger_connected.store(true, Ordering::Relaxed);
         *failures = 0;
@@ -203,6 +208,7 @@ impl ListenSource {
         let mut quick = QUICK_POLL;
         let mut last_rows = tokio::time::Instant::now();
         loop {
+            self.health.tick(crate::telemetry::Loop::Source);
             let (read, horizon) = self.poll_once(&mut client).await?;
             if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
                 last_housekeeping = tokio::time::Instant::now();
@@ -332,6 +338,7 @@ impl ListenSource {
         // As in logical mode: fresh rows go to dispatch in memory when it has room.
         let room = self.intake.room();
         let inserted = ledger::insert_deliveries(&tx, schema, &deliveries, self.intake.claim(&room)).await?;
+        crate::routing::count_recorded(inserted.fresh.iter().map(|&i| &deliveries[i]), &self.cfg);
         if !changes.is_empty() || watermark > from || next_cursor != cursor {
             tx.execute(
                 &format!(
@@ -435,7 +442,7 @@ impl ListenSource {
 async fn listen_for_wakeups(url: String, channel: String, wake: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
     let mut failures = 0u32;
     loop {
-        match tokio_postgres::connect(&url, NoTls).await {
+        match crate::db::connect(&url).await {
             Ok((client, mut connection)) => {
                 let ring = wake.clone();
                 // The connection is driven here rather than by a plain `await`, to see NOTIFYs.

@@ -100,6 +100,9 @@ pub enum ChangeId {
     /// Listen mode: the change-log row's id, written once by the capture
     /// trigger inside the writer's transaction.
     Log(i64),
+    /// `backfill`: a row read from its table, named by a hash of the table and
+    /// its primary key (the commit that wrote it is not known any more).
+    Backfill(u64),
 }
 
 impl fmt::Display for ChangeId {
@@ -107,6 +110,7 @@ impl fmt::Display for ChangeId {
         match self {
             ChangeId::Wal { commit_lsn, seq } => write!(f, "wal:{commit_lsn}#{seq}"),
             ChangeId::Log(id) => write!(f, "log:{id}"),
+            ChangeId::Backfill(h) => write!(f, "backfill:{h:016x}"),
         }
     }
 }
@@ -189,6 +193,7 @@ pub async fn back_off<E: fmt::Display>(
         return Err(e);
     }
     metrics::counter!(metric::SOURCE_RECONNECTS).increment(1);
+    health.tick(crate::telemetry::Loop::Source);
     *failures += 1;
     let delay = reconnect_delay(*failures);
     warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "{what} connection lost; reconnecting");

@@ -1,15 +1,19 @@
 //! The streaming replication connection: a logical slot read with pgoutput.
 //!
 //! tokio-postgres cannot speak the replication sub-protocol, so this drives the
-//! wire by hand with `postgres-protocol`'s message codecs over a plain TCP or
+//! wire by hand with `postgres-protocol`'s message codecs over a TCP socket
+//! (TLS as `sslmode` says, negotiated by [`crate::db::tls::negotiate`]) or a
 //! Unix socket: startup with `replication=database`, authentication (trust,
-//! cleartext, MD5, SCRAM-SHA-256), `START_REPLICATION ... LOGICAL`, then the
+//! cleartext, MD5, SCRAM-SHA-256, SCRAM-SHA-256-PLUS over TLS),
+//! `START_REPLICATION ... LOGICAL`, then the
 //! CopyBoth stream of XLogData / keepalive messages one way and standby status
 //! updates the other
 //! (<https://www.postgresql.org/docs/15/protocol-replication.html>).
 //!
-//! TLS is not spoken: `sslmode=prefer` connects in clear text, `sslmode=require`
-//! is refused rather than silently downgraded.
+//! TLS follows libpq: `prefer` uses it when the server offers it, `require`
+//! and the `verify-*` modes fail rather than fall back to clear text, and the
+//! SCRAM exchange is bound to the server certificate when the server offers
+//! SCRAM-SHA-256-PLUS (`channel_binding=require` insists on that).
 //!
 //! Errors say whether reconnecting can help ([`ReplicationError::is_retryable`]):
 //! a dropped connection or a server restart is retried; a missing slot, a
@@ -27,7 +31,9 @@ use postgres_protocol::authentication::sasl::{self, ScramSha256};
 use postgres_protocol::message::backend::{ErrorFields, Header, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_postgres::config::{ChannelBinding, Host, SslMode};
+use tokio_postgres::config::{ChannelBinding, Host};
+
+use crate::db::tls::{self as pg_tls, Negotiated, SslMode};
 
 use super::pgoutput::{self, DecodeError, TxAssembler};
 use super::{CommittedTx, Lsn};
@@ -54,9 +60,13 @@ pub enum ReplicationError {
     /// We cannot satisfy the server's authentication request. Permanent.
     #[error("authentication: {0}")]
     Auth(String),
-    /// The connection settings cannot work (TLS required, no host, ...). Permanent.
+    /// The connection settings cannot work (no host, ...). Permanent.
     #[error("replication settings: {0}")]
     Config(String),
+    /// TLS could not be set up (certificate, server without TLS, network);
+    /// the error says whether that is retryable.
+    #[error("replication connection: {0}")]
+    Tls(#[from] crate::db::ConnectError),
     /// The server sent something this client does not expect. Permanent: a
     /// reconnect replays the same conversation.
     #[error("replication protocol: {0}")]
@@ -72,6 +82,7 @@ impl ReplicationError {
         match self {
             ReplicationError::Connect { .. } | ReplicationError::Io(_) | ReplicationError::Closed(_) => true,
             ReplicationError::Server(e) => e.is_retryable(),
+            ReplicationError::Tls(e) => e.is_retryable(),
             ReplicationError::Auth(_)
             | ReplicationError::Config(_)
             | ReplicationError::Protocol(_)
@@ -149,6 +160,10 @@ impl ServerError {
                  (SELECT pg_create_logical_replication_slot('<slot>', 'pgoutput')) or fix source.slot"
             }
             "55000" if msg.contains("wal_level") => "set wal_level = logical in postgresql.conf and restart PostgreSQL",
+            "55000" if msg.contains("can no longer get changes") || msg.contains("invalidated") => {
+                "the slot was invalidated (max_slot_wal_keep_size, or removed WAL): the changes it kept are gone; \
+                 see docs/operations.md \"A gap in the stream\""
+            }
             "55000" => {
                 "the slot cannot serve this connection: it must be a logical slot using pgoutput, \
                  created in the database named in source.database_url"
@@ -161,7 +176,10 @@ impl ServerError {
                 "check the user and password in source.database_url, and that pg_hba.conf lets this user \
                  connect to this database from this host"
             }
-            "42501" => "give the user the REPLICATION attribute: ALTER ROLE <user> REPLICATION",
+            "42501" => {
+                "give the user the REPLICATION attribute: ALTER ROLE <user> REPLICATION \
+                 (on RDS and Aurora: GRANT rds_replication TO <user>; see docs/managed-postgres.md)"
+            }
             "3D000" => "fix the database name in source.database_url",
             "22023" if msg.contains("option") => {
                 "the slot does not use the pgoutput plugin: recreate it with \
@@ -209,6 +227,16 @@ pub enum ReplicationEvent {
 /// A byte stream to the server: TCP or a Unix socket (or an in-memory pipe in tests).
 trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
+
+/// What the socket offers SCRAM to bind to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Binding {
+    /// Clear text: nothing to bind to.
+    NoTls,
+    /// TLS, with the `tls-server-end-point` hash when the certificate's
+    /// signature algorithm defines one.
+    Tls(Option<Vec<u8>>),
+}
 
 /// One backend message, plus the CopyBothResponse (`W`) that
 /// `postgres_protocol`'s parser does not know.
@@ -350,26 +378,27 @@ impl ReplicationStream {
     /// the slot's confirmed position". The server never sends transactions
     /// committed before the slot's confirmed position, whatever `start` says.
     pub async fn start(
-        config: &tokio_postgres::Config,
+        target: &crate::db::PgTarget,
         slot: &str,
         publication: &str,
         start: Lsn,
     ) -> Result<Self, ReplicationError> {
         let command = start_replication_command(slot, publication, start)?;
-        if config.get_ssl_mode() == SslMode::Require {
-            return Err(ReplicationError::Config(
-                "sslmode=require, but the replication connection does not support TLS; \
-                 use sslmode=disable or prefer, or a Unix socket"
-                    .into(),
-            ));
+        let (socket, binding) = connect(target, false).await?;
+        match Self::start_on(socket, binding, &target.pg, &command, start).await {
+            // libpq's `allow`: clear text first, TLS when pg_hba.conf turns that away.
+            Err(e) if target.tls.mode == SslMode::Allow && e.sqlstate() == Some("28000") => {
+                let (socket, binding) = connect(target, true).await?;
+                Self::start_on(socket, binding, &target.pg, &command, start).await
+            }
+            other => other,
         }
-        let socket = connect(config).await?;
-        Self::start_on(socket, config, &command, start).await
     }
 
     /// The protocol part of `start`, on any byte stream.
     async fn start_on(
         socket: Box<dyn Socket>,
+        binding: Binding,
         config: &tokio_postgres::Config,
         command: &str,
         start: Lsn,
@@ -399,7 +428,7 @@ impl ReplicationStream {
             .map_err(|e| ReplicationError::Config(format!("startup parameters: {e}")))?;
         conn.flush().await?;
 
-        authenticate(&mut conn, config, &user).await?;
+        authenticate(&mut conn, config, &user, &binding).await?;
 
         // Until ReadyForQuery: server parameters and the cancel key, which a
         // replication stream has no use for.
@@ -561,8 +590,15 @@ impl fmt::Debug for ReplicationStream {
 }
 
 /// Opens a socket to the first reachable host, in the order libpq would try
-/// them: `hostaddr` over `host` when both are given, per-host ports.
-async fn connect(config: &tokio_postgres::Config) -> Result<Box<dyn Socket>, ReplicationError> {
+/// them: `hostaddr` over `host` when both are given, per-host ports; then TLS
+/// as `sslmode` says (`force_tls` for `allow`'s second try). A certificate the
+/// settings reject ends the search: another host of the same service would
+/// be refused the same way.
+async fn connect(
+    target: &crate::db::PgTarget,
+    force_tls: bool,
+) -> Result<(Box<dyn Socket>, Binding), ReplicationError> {
+    let config = &target.pg;
     let hosts = config.get_hosts();
     let addrs = config.get_hostaddrs();
     let ports = config.get_ports();
@@ -573,21 +609,36 @@ async fn connect(config: &tokio_postgres::Config) -> Result<Box<dyn Socket>, Rep
     let mut last = None;
     for i in 0..count {
         let port = ports.get(i).or_else(|| ports.first()).copied().unwrap_or(5432);
+        // The certificate must name `host`; `hostaddr` only says where to dial.
         let result = match (addrs.get(i), hosts.get(i)) {
-            (Some(ip), _) => connect_tcp(&ip.to_string(), port, config).await,
-            (None, Some(Host::Tcp(host))) => connect_tcp(host, port, config).await,
+            (Some(ip), host) => {
+                let name = match host {
+                    Some(Host::Tcp(h)) => h.clone(),
+                    _ => ip.to_string(),
+                };
+                match connect_tcp(&ip.to_string(), port, config).await {
+                    Ok(s) => with_tls(s, target, &name, force_tls).await,
+                    Err(e) => Err(e),
+                }
+            }
+            (None, Some(Host::Tcp(host))) => match connect_tcp(host, port, config).await {
+                Ok(s) => with_tls(s, target, host, force_tls).await,
+                Err(e) => Err(e),
+            },
+            // libpq never speaks TLS over a Unix socket.
             (None, Some(Host::Unix(dir))) => {
                 let path = dir.join(format!(".s.PGSQL.{port}"));
                 let target = path.display().to_string();
                 with_timeout(config, tokio::net::UnixStream::connect(&path))
                     .await
-                    .map(|s| Box::new(s) as Box<dyn Socket>)
+                    .map(|s| (Box::new(s) as Box<dyn Socket>, Binding::NoTls))
                     .map_err(|source| ReplicationError::Connect { target, source })
             }
             (None, None) => continue,
         };
         match result {
-            Ok(socket) => return Ok(socket),
+            Ok(pair) => return Ok(pair),
+            Err(e @ ReplicationError::Tls(_)) if !e.is_retryable() => return Err(e),
             Err(e) => {
                 tracing::debug!(error = %e, "replication connection attempt failed");
                 last = Some(e);
@@ -597,18 +648,34 @@ async fn connect(config: &tokio_postgres::Config) -> Result<Box<dyn Socket>, Rep
     Err(last.unwrap_or_else(|| ReplicationError::Config("no host in source.database_url".into())))
 }
 
+async fn with_tls(
+    socket: tokio::net::TcpStream,
+    target: &crate::db::PgTarget,
+    host: &str,
+    force_tls: bool,
+) -> Result<(Box<dyn Socket>, Binding), ReplicationError> {
+    let direct = target.pg.get_ssl_negotiation() == tokio_postgres::config::SslNegotiation::Direct;
+    Ok(match pg_tls::negotiate(socket, &target.tls, host, force_tls, direct).await? {
+        Negotiated::Plain(s) => (Box::new(s), Binding::NoTls),
+        Negotiated::Tls(s) => {
+            let hash = s.server_end_point();
+            (s, Binding::Tls(hash))
+        }
+    })
+}
+
 async fn connect_tcp(
     host: &str,
     port: u16,
     config: &tokio_postgres::Config,
-) -> Result<Box<dyn Socket>, ReplicationError> {
+) -> Result<tokio::net::TcpStream, ReplicationError> {
     let target = format!("{host}:{port}");
     let stream = with_timeout(config, tokio::net::TcpStream::connect((host, port)))
         .await
         .map_err(|source| ReplicationError::Connect { target: target.clone(), source })?;
     // Status updates are tiny and latency matters more than packet count.
     stream.set_nodelay(true).map_err(|source| ReplicationError::Connect { target, source })?;
-    Ok(Box::new(stream))
+    Ok(stream)
 }
 
 async fn with_timeout<T>(
@@ -623,7 +690,13 @@ async fn with_timeout<T>(
     }
 }
 
-async fn authenticate(conn: &mut Conn, config: &tokio_postgres::Config, user: &str) -> Result<(), ReplicationError> {
+async fn authenticate(
+    conn: &mut Conn,
+    config: &tokio_postgres::Config,
+    user: &str,
+    binding: &Binding,
+) -> Result<(), ReplicationError> {
+    let mut bound = false;
     let password = || {
         config.get_password().ok_or_else(|| {
             ReplicationError::Auth("the server asks for a password and source.database_url has none".into())
@@ -633,9 +706,14 @@ async fn authenticate(conn: &mut Conn, config: &tokio_postgres::Config, user: &s
         let (tag, msg) = conn.read().await?;
         match msg {
             Incoming::Msg(Message::AuthenticationOk) => {
-                if config.get_channel_binding() == ChannelBinding::Require {
-                    // Channel binding needs TLS, which this client does not do.
-                    return Err(ReplicationError::Config("channel_binding=require cannot be met without TLS".into()));
+                if config.get_channel_binding() == ChannelBinding::Require && !bound {
+                    // As libpq: a server that skipped SCRAM-PLUS (trust, md5, no TLS)
+                    // has not proven it holds the certificate's key.
+                    return Err(ReplicationError::Auth(
+                        "channel_binding=require, but the server authenticated without channel binding: \
+                         use sslmode=require or stronger and scram-sha-256 in pg_hba.conf"
+                            .into(),
+                    ));
                 }
                 return Ok(());
             }
@@ -654,13 +732,34 @@ async fn authenticate(conn: &mut Conn, config: &tokio_postgres::Config, user: &s
                 while let Some(m) = mechanisms.next().map_err(protocol)? {
                     offered.push(m.to_owned());
                 }
-                if !offered.iter().any(|m| m == sasl::SCRAM_SHA_256) {
+                let plus = offered.iter().any(|m| m == sasl::SCRAM_SHA_256_PLUS);
+                let plain = offered.iter().any(|m| m == sasl::SCRAM_SHA_256);
+                let (mechanism, channel) = match (binding, plus, config.get_channel_binding()) {
+                    (Binding::Tls(Some(hash)), true, ChannelBinding::Prefer | ChannelBinding::Require) => {
+                        (sasl::SCRAM_SHA_256_PLUS, sasl::ChannelBinding::tls_server_end_point(hash.clone()))
+                    }
+                    (_, _, ChannelBinding::Require) => {
+                        return Err(ReplicationError::Auth(
+                            "channel_binding=require, but SCRAM-SHA-256-PLUS is not possible on this connection \
+                             (needs TLS, a server offering it, and an RSA or ECDSA server certificate)"
+                                .into(),
+                        ))
+                    }
+                    // We could bind but the server did not offer it: say so, per RFC 5802 ("y").
+                    (Binding::Tls(Some(_)), false, ChannelBinding::Prefer) => {
+                        (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unrequested())
+                    }
+                    _ => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unsupported()),
+                };
+                if mechanism == sasl::SCRAM_SHA_256 && !plain {
                     return Err(ReplicationError::Auth(format!(
-                        "the server offers SASL mechanisms {offered:?}; only {} is supported (without TLS)",
-                        sasl::SCRAM_SHA_256
+                        "the server offers SASL mechanisms {offered:?}; this client speaks {} and {} (with TLS)",
+                        sasl::SCRAM_SHA_256,
+                        sasl::SCRAM_SHA_256_PLUS
                     )));
                 }
-                scram(conn, password()?).await?;
+                scram(conn, password()?, mechanism, channel).await?;
+                bound = mechanism == sasl::SCRAM_SHA_256_PLUS;
             }
             Incoming::Msg(Message::ErrorResponse(body)) => {
                 return Err(ServerError::from_fields(body.fields()).into());
@@ -682,10 +781,15 @@ async fn authenticate(conn: &mut Conn, config: &tokio_postgres::Config, user: &s
     }
 }
 
-/// SCRAM-SHA-256 without channel binding (no TLS to bind to).
-async fn scram(conn: &mut Conn, password: &[u8]) -> Result<(), ReplicationError> {
-    let mut scram = ScramSha256::new(password, sasl::ChannelBinding::unsupported());
-    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, scram.message(), &mut conn.wbuf).map_err(protocol)?;
+/// SCRAM-SHA-256, bound to the TLS session when `mechanism` is the -PLUS one.
+async fn scram(
+    conn: &mut Conn,
+    password: &[u8],
+    mechanism: &str,
+    channel: sasl::ChannelBinding,
+) -> Result<(), ReplicationError> {
+    let mut scram = ScramSha256::new(password, channel);
+    frontend::sasl_initial_response(mechanism, scram.message(), &mut conn.wbuf).map_err(protocol)?;
     conn.flush().await?;
 
     let (tag, msg) = conn.read().await?;
@@ -862,7 +966,7 @@ mod tests {
             server
         };
         let (stream, mut server) =
-            tokio::join!(ReplicationStream::start_on(socket, &config, COMMAND, Lsn(0)), server_side);
+            tokio::join!(ReplicationStream::start_on(socket, Binding::NoTls, &config, COMMAND, Lsn(0)), server_side);
         let mut stream = stream.unwrap();
 
         server.keepalive(0x100, true).await;
@@ -909,6 +1013,88 @@ mod tests {
         assert_eq!(err.sqlstate(), Some("57P01"));
     }
 
+    /// AuthenticationSASL offering `mechanisms`; returns the client's
+    /// SASLInitialResponse as (mechanism, client-first-message).
+    async fn sasl_first(server: &mut FakeServer, mechanisms: &[&str]) -> Option<(String, String)> {
+        server.read_startup().await;
+        let mut body = 10i32.to_be_bytes().to_vec();
+        for m in mechanisms {
+            body.extend_from_slice(m.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        server.send(b'R', &body).await;
+        // The client may refuse and hang up instead of answering.
+        let tag = server.0.read_u8().await.ok()?;
+        let len = server.0.read_i32().await.ok()? as usize;
+        let mut body = vec![0; len - 4];
+        server.0.read_exact(&mut body).await.ok()?;
+        if tag != b'p' {
+            return None;
+        }
+        let nul = body.iter().position(|b| *b == 0).unwrap();
+        let mechanism = String::from_utf8(body[..nul].to_vec()).unwrap();
+        let first = String::from_utf8(body[nul + 5..].to_vec()).unwrap();
+        Some((mechanism, first))
+    }
+
+    #[tokio::test]
+    async fn scram_plus_binds_to_the_certificate_when_offered() {
+        let config: tokio_postgres::Config = "user=alice password=pw dbname=app".parse().unwrap();
+        let both = [sasl::SCRAM_SHA_256_PLUS, sasl::SCRAM_SHA_256];
+        for (binding, offered, mechanism, gs2) in [
+            (Binding::Tls(Some(vec![7; 32])), &both[..], sasl::SCRAM_SHA_256_PLUS, "p=tls-server-end-point,,"),
+            // TLS, but the server offers no -PLUS: "y" tells it we could have bound.
+            (Binding::Tls(Some(vec![7; 32])), &both[1..], sasl::SCRAM_SHA_256, "y,,"),
+            (Binding::NoTls, &both[..], sasl::SCRAM_SHA_256, "n,,"),
+        ] {
+            let (socket, mut server) = fake_pair();
+            let (result, first) =
+                tokio::join!(ReplicationStream::start_on(socket, binding, &config, COMMAND, Lsn(0)), async {
+                    let first = sasl_first(&mut server, offered).await;
+                    drop(server); // the exchange stops here; only the first message matters
+                    first
+                });
+            assert!(result.is_err());
+            let (got_mechanism, client_first) = first.expect("a SASLInitialResponse");
+            assert_eq!(got_mechanism, mechanism);
+            assert!(client_first.starts_with(gs2), "{client_first}");
+        }
+    }
+
+    #[tokio::test]
+    async fn channel_binding_require_refuses_what_cannot_bind() {
+        let config: tokio_postgres::Config =
+            "user=alice password=pw dbname=app channel_binding=require".parse().unwrap();
+        // SCRAM without -PLUS on offer: refused before anything is sent.
+        let (socket, mut server) = fake_pair();
+        let (result, first) = tokio::join!(
+            ReplicationStream::start_on(socket, Binding::Tls(Some(vec![7; 32])), &config, COMMAND, Lsn(0)),
+            async {
+                let first = sasl_first(&mut server, &[sasl::SCRAM_SHA_256]).await;
+                drop(server);
+                first
+            }
+        );
+        let err = result.unwrap_err();
+        assert!(
+            matches!(err, ReplicationError::Auth(_)) && err.to_string().contains("channel_binding=require"),
+            "{err}"
+        );
+        assert!(first.is_none(), "no password exchange started");
+
+        // A server that lets us in without SCRAM (trust) has proven nothing.
+        let (socket, mut server) = fake_pair();
+        let server_side = async {
+            server.read_startup().await;
+            server.ready().await;
+        };
+        let (result, ()) =
+            tokio::join!(ReplicationStream::start_on(socket, Binding::NoTls, &config, COMMAND, Lsn(0)), server_side);
+        let err = result.unwrap_err();
+        assert!(err.to_string().contains("without channel binding"), "{err}");
+    }
+
     #[tokio::test]
     async fn missing_slot_is_permanent_with_a_hint() {
         let config: tokio_postgres::Config = "user=alice dbname=app".parse().unwrap();
@@ -919,7 +1105,8 @@ mod tests {
             server.read().await;
             server.send_error("42704", "replication slot \"s\" does not exist").await;
         };
-        let (result, ()) = tokio::join!(ReplicationStream::start_on(socket, &config, COMMAND, Lsn(0)), server_side);
+        let (result, ()) =
+            tokio::join!(ReplicationStream::start_on(socket, Binding::NoTls, &config, COMMAND, Lsn(0)), server_side);
         let err = result.unwrap_err();
         assert!(!err.is_retryable());
         let text = err.to_string();
@@ -939,7 +1126,8 @@ mod tests {
             server.read_startup().await;
             server.send(b'R', &3i32.to_be_bytes()).await;
         };
-        let (result, ()) = tokio::join!(ReplicationStream::start_on(socket, &config, COMMAND, Lsn(0)), server_side);
+        let (result, ()) =
+            tokio::join!(ReplicationStream::start_on(socket, Binding::NoTls, &config, COMMAND, Lsn(0)), server_side);
         assert!(matches!(result, Err(ReplicationError::Auth(_))));
     }
 
@@ -953,7 +1141,8 @@ mod tests {
             assert_eq!(server.read().await, (b'p', b"wrong\0".to_vec()));
             server.send_error("28P01", "password authentication failed for user \"alice\"").await;
         };
-        let (result, ()) = tokio::join!(ReplicationStream::start_on(socket, &config, COMMAND, Lsn(0)), server_side);
+        let (result, ()) =
+            tokio::join!(ReplicationStream::start_on(socket, Binding::NoTls, &config, COMMAND, Lsn(0)), server_side);
         let err = result.unwrap_err();
         assert_eq!(err.sqlstate(), Some("28P01"));
         assert!(!err.is_retryable());
@@ -970,7 +1159,8 @@ mod tests {
             server.read().await;
             server.send(b'W', &[0, 0, 0]).await;
         };
-        let (stream, ()) = tokio::join!(ReplicationStream::start_on(socket, &config, COMMAND, Lsn(0)), server_side);
+        let (stream, ()) =
+            tokio::join!(ReplicationStream::start_on(socket, Binding::NoTls, &config, COMMAND, Lsn(0)), server_side);
         let mut stream = stream.unwrap();
 
         // A transaction whose bytes arrive in pieces, with the reader dropped
@@ -1016,12 +1206,12 @@ mod tests {
             println!("skipping streams_from_a_real_server: REPL_TEST_DATABASE_URL is not set");
             return;
         };
-        let mut config: tokio_postgres::Config = url.parse().expect("REPL_TEST_DATABASE_URL");
-        let (client, connection) = config.connect(tokio_postgres::NoTls).await.expect("connect");
+        let mut config = crate::db::PgTarget::parse(&url).expect("REPL_TEST_DATABASE_URL");
+        let (client, connection) = config.connect().await.expect("connect");
         tokio::spawn(connection);
         // Idle keepalives come at half of wal_sender_timeout: make that short
         // for this session only (the setting is per connection).
-        config.options("-c wal_sender_timeout=2s");
+        config.pg.options("-c wal_sender_timeout=2s");
 
         let id = std::process::id();
         let (table, publication, slot, slot2) = (

@@ -113,10 +113,16 @@ impl AsyncWrite for KillableStream {
     }
 }
 
+/// A verbatim answer: status, headers, body.
+type RawAnswer = (StatusCode, Vec<(String, String)>, Vec<u8>);
+
 /// Failures a test asks for, consumed in arrival order by the next requests.
 #[derive(Default)]
 pub struct Faults {
     fail: Mutex<VecDeque<(StatusCode, Option<String>)>>,
+    /// Answers given verbatim instead of the provider's wording: odd bodies
+    /// (a NUL byte), redirects (status and Location).
+    raw: Mutex<VecDeque<RawAnswer>>,
     delay: Mutex<Duration>,
     resets: AtomicUsize,
 }
@@ -127,6 +133,8 @@ enum Injected {
     Reset,
     /// Answer this status (with Retry-After if given).
     Fail(StatusCode, Option<String>),
+    /// Answer exactly this.
+    Raw(StatusCode, Vec<(String, String)>, Vec<u8>),
     /// Handle it normally.
     None,
 }
@@ -144,9 +152,17 @@ impl Faults {
         *self.delay.lock().unwrap() = d;
     }
 
+    /// The next request gets exactly this status, these headers and this body.
+    pub fn answer_next_raw(&self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
+        let status = StatusCode::from_u16(status).expect("valid HTTP status");
+        let headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.raw.lock().unwrap().push_back((status, headers, body.to_vec()));
+    }
+
     /// Back to healthy: no queued failures, no delay, no resets.
     pub fn clear(&self) {
         self.fail.lock().unwrap().clear();
+        self.raw.lock().unwrap().clear();
         *self.delay.lock().unwrap() = Duration::ZERO;
         self.resets.store(0, Ordering::SeqCst);
     }
@@ -170,6 +186,14 @@ impl Faults {
                 Some(StatusCode::INTERNAL_SERVER_ERROR.into_response())
             }
             Injected::Fail(status, retry_after) => Some(fail(status, retry_after)),
+            Injected::Raw(status, headers, body) => {
+                let mut resp = (status, body).into_response();
+                for (k, v) in headers {
+                    let name = axum::http::HeaderName::from_bytes(k.as_bytes()).expect("header name");
+                    resp.headers_mut().insert(name, HeaderValue::from_str(&v).expect("header value"));
+                }
+                Some(resp)
+            }
             Injected::None => None,
         }
     }
@@ -183,6 +207,9 @@ impl Faults {
         let took_reset = self.resets.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
         if took_reset {
             return Injected::Reset;
+        }
+        if let Some((status, headers, body)) = self.raw.lock().unwrap().pop_front() {
+            return Injected::Raw(status, headers, body);
         }
         match self.fail.lock().unwrap().pop_front() {
             Some((status, retry_after)) => Injected::Fail(status, retry_after),

@@ -129,6 +129,11 @@ impl FakePusher {
         self.shared.faults.fail_next(n, status, retry_after);
     }
 
+    /// The next request gets exactly this answer (status, headers, body).
+    pub fn answer_next_raw(&self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
+        self.shared.faults.answer_next_raw(status, headers, body);
+    }
+
     /// The service is healthy again.
     pub fn recover(&self) {
         self.shared.faults.clear();

@@ -5,8 +5,10 @@
 
 pub mod fake_ably;
 pub mod fake_brevo;
-mod fake_http;
+pub mod fake_http;
 pub mod fake_pusher;
 pub mod fake_twilio;
 pub mod pg;
+pub mod pki;
 pub mod relay;
+pub mod tls_proxy;

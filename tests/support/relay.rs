@@ -44,6 +44,9 @@ pub struct Env {
     /// Extra keys inside the outbox route (`only = ...`).
     pub route_extra: String,
     pub dir: tempfile::TempDir,
+    /// `source.database_url` of the relay: `db.url` unless the test connects
+    /// the relay differently from its own admin connections (TLS, another role).
+    pub database_url: String,
 }
 
 pub struct InProcess {
@@ -103,6 +106,24 @@ impl Env {
     ) -> Env {
         let db = fresh_db(prefix).await;
         db.client().await.batch_execute(prepare).await.expect("preparing the database");
+        let url = db.url.clone();
+        Env::build_with_db(mode, db, url, route_extra, channel_extra, extra).await
+    }
+
+    /// On a database the caller made (another cluster), the relay connecting
+    /// with `database_url` while setup and the test's checks use `db.url`.
+    pub async fn on_db(mode: Mode, db: TestDb, database_url: String) -> Env {
+        Env::build_with_db(mode, db, database_url, "", "", "").await
+    }
+
+    async fn build_with_db(
+        mode: Mode,
+        db: TestDb,
+        database_url: String,
+        route_extra: &str,
+        channel_extra: &str,
+        extra: &str,
+    ) -> Env {
         let pusher = FakePusher::start("123", "key", "secret");
         let env = Env {
             mode,
@@ -113,6 +134,7 @@ impl Env {
             channel_extra: channel_extra.to_string(),
             route_extra: route_extra.to_string(),
             dir: tempfile::tempdir().unwrap(),
+            database_url,
         };
         let cfg = env.config();
         outbox_relay::setup::apply(&mut env.db.client().await, &cfg).await.expect("setup");
@@ -171,7 +193,7 @@ heartbeat_ms = 1000
 circuit_open_ms = 500
 {extra}
 "#,
-            url = self.db.url,
+            url = self.database_url,
             slot = self.slot,
             pusher = self.pusher.base_url(),
             extra = self.extra,
@@ -343,4 +365,103 @@ macro_rules! both_modes {
             }
         }
     };
+}
+
+/// Routes for every kind of change on the notification table (beside the
+/// insert route every test config has): updates and deletes, each its own
+/// event, payload enough to tell the changes apart. For `Env`'s `extra`.
+pub const CHANGE_ROUTES: &str = r#"
+[[routes]]
+table = "public.operators_notificationoperateur"
+operations = ["update"]
+recipient_column = "user_id"
+event = "notification_updated"
+channels = ["in_app"]
+payload_columns = ["id", "title"]
+
+[[routes]]
+table = "public.operators_notificationoperateur"
+operations = ["delete"]
+recipient_column = "user_id"
+event = "notification_deleted"
+channels = ["in_app"]
+payload_columns = ["id", "title"]
+"#;
+
+impl Env {
+    /// Every kind of change routed ([`CHANGE_ROUTES`]), the notification
+    /// table under `REPLICA IDENTITY FULL` so that deletes carry the whole old
+    /// row in logical mode (and pgoutput flags every column, NULLs included, as key).
+    pub async fn for_every_change(mode: Mode, prefix: &str) -> Env {
+        let env = Env::with_mode(mode, prefix, "", CHANGE_ROUTES).await;
+        let client = env.db.client().await;
+        client.batch_execute("ALTER TABLE operators_notificationoperateur REPLICA IDENTITY FULL").await.unwrap();
+        env
+    }
+}
+
+/// A change as Pusher saw it: (event, row id, title).
+pub type SeenChange = (String, i64, String);
+
+impl Env {
+    /// How many times the fake Pusher accepted each change.
+    pub fn change_counts(&self) -> BTreeMap<SeenChange, usize> {
+        let mut out = BTreeMap::new();
+        for e in self.pusher.events() {
+            let id = e.data.get("id").and_then(|v| v.as_i64()).unwrap_or(-1);
+            let title = e.data.get("title").and_then(|v| v.as_str()).unwrap_or("").to_string();
+            *out.entry((e.name.clone(), id, title)).or_default() += 1;
+        }
+        out
+    }
+}
+
+/// One round of every kind of change, tagged `tag` so rounds differ: `n` rows
+/// inserted (two transactions), each updated twice (the second update of half
+/// of them in the same transaction as the first), the even ones deleted.
+/// Returns the changes a route-everything relay must deliver, once each.
+pub async fn churn(client: &tokio_postgres::Client, n: usize, tag: &str) -> Vec<SeenChange> {
+    let mut expect = vec![];
+    let mut ids: Vec<i64> = vec![];
+    for half in [n / 2, n - n / 2] {
+        let rows = client
+            .query(
+                "INSERT INTO operators_notificationoperateur (user_id, kind, title, read_at, extra)
+                 SELECT 1 + g % 5, 'churn', $1, NULL, NULL FROM generate_series(1, $2::int) g RETURNING id",
+                &[&format!("{tag}-v0"), &(half as i32)],
+            )
+            .await
+            .unwrap();
+        ids.extend(rows.iter().map(|r| r.get::<_, i64>(0)));
+    }
+    for id in &ids {
+        expect.push(("notification_created".to_string(), *id, format!("{tag}-v0")));
+    }
+    let (same_tx, own_tx) = ids.split_at(ids.len() / 2);
+    let set = |v: &str, ids: &[i64]| {
+        format!(
+            "UPDATE operators_notificationoperateur SET title = '{tag}-{v}' WHERE id = ANY('{{{}}}'::bigint[]);",
+            ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+        )
+    };
+    client.batch_execute(&format!("BEGIN; {} {} COMMIT;", set("v1", same_tx), set("v2", same_tx))).await.unwrap();
+    client.batch_execute(&set("v1", own_tx)).await.unwrap();
+    client.batch_execute(&set("v2", own_tx)).await.unwrap();
+    for id in &ids {
+        for v in ["v1", "v2"] {
+            expect.push(("notification_updated".to_string(), *id, format!("{tag}-{v}")));
+        }
+    }
+    let even: Vec<i64> = ids.iter().copied().filter(|id| id % 2 == 0).collect();
+    client.execute("DELETE FROM operators_notificationoperateur WHERE id = ANY($1)", &[&even]).await.unwrap();
+    for id in &even {
+        expect.push(("notification_deleted".to_string(), *id, format!("{tag}-v2")));
+    }
+    expect
+}
+
+/// Empties the notification table and restarts its ids, so the next rows
+/// reuse keys already delivered (`TRUNCATE ... RESTART IDENTITY`).
+pub async fn truncate_notifications(client: &tokio_postgres::Client) {
+    client.batch_execute("TRUNCATE operators_notificationoperateur RESTART IDENTITY").await.unwrap();
 }
