@@ -26,6 +26,7 @@ use crate::providers::{
     ably::Ably, brevo::Brevo, log::Log, pusher::Pusher, smtp::Smtp, twilio::Twilio, OutboundMessage, Provider,
     ProviderError,
 };
+use crate::providers::bus::{kafka::Kafka, nats::Nats, rabbitmq::Rabbitmq, redis::RedisStreams, BusMessage, BusRoute};
 use crate::telemetry::{metric, Health};
 
 /// Outcomes by claim (ledger id and the attempt count it was claimed with).
@@ -44,6 +45,8 @@ struct ChannelPlan {
     max_attempts: u32,
     /// E-mail, SMS, WhatsApp: how to find the address and word the message.
     contact: Option<ContactPlan>,
+    /// Bus channels: the route, and the CloudEvents `source` before the table.
+    bus: Option<(Arc<BusRoute>, String)>,
 }
 
 /// Retry timing; from `[relay]`.
@@ -204,15 +207,30 @@ pub fn build_providers(cfg: &Config) -> Result<HashMap<ProviderKind, Provider>, 
             ProviderKind::Smtp => Provider::Smtp(Smtp::with_tls(p.smtp.as_ref().unwrap(), &cfg.tls)?),
             ProviderKind::Twilio => Provider::Twilio(Twilio::new(p.twilio.as_ref().unwrap(), http.clone())),
             ProviderKind::Log => Provider::Log(Log::new()),
+            ProviderKind::Kafka => Provider::Kafka(Kafka::new(p.kafka.as_ref().unwrap())?),
+            ProviderKind::Rabbitmq => Provider::Rabbitmq(Rabbitmq::new(p.rabbitmq.as_ref().unwrap())),
+            ProviderKind::Redis => Provider::Redis(RedisStreams::new(p.redis.as_ref().unwrap())),
+            ProviderKind::Nats => Provider::Nats(Nats::new(p.nats.as_ref().unwrap())),
         };
         out.insert(kind, provider);
     }
     Ok(out)
 }
 
+/// The database the relay reads, for the CloudEvents `source` of bus
+/// channels; `postgres` (PostgreSQL's own default) when the DSN names none.
+fn database_name(dsn: &str) -> String {
+    crate::db::dsn::split(dsn)
+        .ok()
+        .and_then(|(rest, _)| rest.parse::<tokio_postgres::Config>().ok())
+        .and_then(|c| c.get_dbname().map(str::to_string))
+        .unwrap_or_else(|| "postgres".into())
+}
+
 impl Dispatcher {
     pub fn new(cfg: &Config, health: Arc<Health>) -> Result<Dispatcher, ProviderError> {
         let providers = build_providers(cfg)?;
+        let database = database_name(&cfg.source.database_url);
         let channels = cfg
             .channels
             .iter()
@@ -224,6 +242,10 @@ impl Dispatcher {
                     channel_name: ch.channel_name.clone(),
                     max_attempts: ch.max_attempts,
                     contact: ContactPlan::from_config(name, ch),
+                    bus: ch.bus.as_ref().map(|route| {
+                        let source = route.source.clone().unwrap_or_else(|| format!("/{database}"));
+                        (Arc::new(route.clone()), source)
+                    }),
                 };
                 (name.clone(), plan)
             })
@@ -561,6 +583,12 @@ impl Dispatcher {
                 event: c.event.clone(),
                 payload: c.payload.clone(),
                 contact,
+                bus: plan.bus.as_ref().map(|(route, source)| BusMessage {
+                    route: route.clone(),
+                    source: format!("{source}/{}", c.source_table),
+                    recipient: c.recipient.clone(),
+                    time: c.committed_at,
+                }),
             });
             sending.push(c);
         }
