@@ -29,15 +29,16 @@ const CE_PREFIX: &str = "ce-";
 pub const DEDUP_SUFFIX: &str = ":outbox-relay-dedup";
 
 /// KEYS[1] the stream, KEYS[2] its de-dup set (member: delivery key, score:
-/// ms when added). ARGV: key, window ms, max keys, mkstream (1/0), maxlen
+/// µs when added). ARGV: key, window ms, max keys, mkstream (1/0), maxlen
 /// (0 = none), then field, value, ... Returns {1, entry id}, {0, ""} for a
 /// key already added, {-1, ""} for a missing stream under NOMKSTREAM.
-/// TIME is read inside so every relay shares the server's clock.
+/// TIME is read inside so every relay shares the server's clock; scores
+/// strictly increase (ties would be evicted in member order, not age order).
 const ADD_ONCE: &str = r#"
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local window = tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local window_ms = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window_ms * 1000)
 if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
   return {0, ''}
 end
@@ -50,10 +51,12 @@ table.insert(args, '*')
 for i = 6, #ARGV do table.insert(args, ARGV[i]) end
 local id = redis.call(unpack(args))
 if not id then return {-1, ''} end
+local newest = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+if newest[2] and tonumber(newest[2]) >= now then now = tonumber(newest[2]) + 1 end
 redis.call('ZADD', KEYS[2], now, ARGV[1])
 local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
 if over > 0 then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1) end
-redis.call('PEXPIRE', KEYS[2], window)
+redis.call('PEXPIRE', KEYS[2], window_ms)
 return {1, id}
 "#;
 
