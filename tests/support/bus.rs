@@ -3,6 +3,8 @@
 //! gets its own names (exchange and queue, key prefix, stream) from a random
 //! tag, reads what the relay put there as a consumer would, and removes it.
 
+#![allow(dead_code)]
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
