@@ -785,7 +785,9 @@ impl Config {
                 (None, false) => {}
             }
             if ch.fallback.is_some_and(|f| f.is_bus() != ch.provider.is_bus()) {
-                return bad(format!("channels.{name}.fallback must be a bus too when the provider is one, and not otherwise"));
+                return bad(format!(
+                    "channels.{name}.fallback must be a bus too when the provider is one, and not otherwise"
+                ));
             }
             if ch.max_attempts == 0 {
                 return bad(format!("channels.{name}.max_attempts must be at least 1"));

@@ -22,11 +22,11 @@ use crate::config::{Config, ProviderKind};
 use crate::contacts::{self, ContactPlan, Prepared};
 use crate::ledger::{ClaimRef, Claimed, Inserted, Ledger, LedgerError, Outcome};
 use crate::limits::Pacer;
+use crate::providers::bus::{kafka::Kafka, nats::Nats, rabbitmq::Rabbitmq, redis::RedisStreams, BusMessage, BusRoute};
 use crate::providers::{
     ably::Ably, brevo::Brevo, log::Log, pusher::Pusher, smtp::Smtp, twilio::Twilio, OutboundMessage, Provider,
     ProviderError,
 };
-use crate::providers::bus::{kafka::Kafka, nats::Nats, rabbitmq::Rabbitmq, redis::RedisStreams, BusMessage, BusRoute};
 use crate::telemetry::{metric, Health};
 
 /// Outcomes by claim (ledger id and the attempt count it was claimed with).

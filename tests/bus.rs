@@ -3,9 +3,9 @@
 //! them back as a consumer and checks the CloudEvents envelope, the faults'
 //! error classes, and what kill -9 does to each bus.
 
-mod support;
 #[path = "support/bus.rs"]
 mod bus_support;
+mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,10 +41,7 @@ async fn end_to_end(sink: Sink, mode: &str) {
     let received = bus.wait_for(20, Duration::from_secs(10)).await;
     assert_eq!(received.len(), 20, "one message per delivery");
     let ledger = client
-        .query(
-            "SELECT idempotency_key, recipient, committed_at FROM outbox_relay.deliveries ORDER BY id",
-            &[],
-        )
+        .query("SELECT idempotency_key, recipient, committed_at FROM outbox_relay.deliveries ORDER BY id", &[])
         .await
         .unwrap();
     let keys: std::collections::HashMap<String, (String, chrono::DateTime<Utc>)> =
@@ -307,7 +304,8 @@ async fn nats_faults_have_the_providers_error_classes() {
     // No stream captures the subject: refused (retryable) without create_stream...
     let other = format!("{tag}missing");
     let ok = Provider::Nats(Nats::new(&nats_cfg(NATS_URL)));
-    let reason = assert_retryable(send_one(&ok, message("k2", &format!("{other}.x"), "", body.clone())).await, "missing");
+    let reason =
+        assert_retryable(send_one(&ok, message("k2", &format!("{other}.x"), "", body.clone())).await, "missing");
     assert!(reason.contains("no stream"), "{reason}");
     // ...created with it, with a small message limit.
     let mut create = nats_cfg(NATS_URL);

@@ -3,9 +3,9 @@
 //! the relay — in-process or the real binary — reaches over TCP like any
 //! cluster. A consumer in the test reads what the relay produced.
 
-mod support;
 #[path = "support/bus.rs"]
 mod bus_support;
+mod support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

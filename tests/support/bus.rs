@@ -107,6 +107,9 @@ impl Received {
     }
 }
 
+/// An `XRANGE` entry: id, then field and value pairs.
+type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+
 /// One test's corner of a broker.
 pub struct Bus {
     pub sink: Sink,
@@ -224,10 +227,11 @@ impl Bus {
             }
             Sink::Redis => {
                 let mut conn = redis_conn().await;
-                let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}:*", self.tag)).query_async(&mut conn).await.unwrap();
+                let keys: Vec<String> =
+                    redis::cmd("KEYS").arg(format!("{}:*", self.tag)).query_async(&mut conn).await.unwrap();
                 let mut out = vec![];
                 for key in keys.iter().filter(|k| !k.ends_with(":outbox-relay-dedup")) {
-                    let entries: Vec<(String, Vec<(String, Vec<u8>)>)> =
+                    let entries: Vec<StreamEntry> =
                         redis::cmd("XRANGE").arg(key).arg("-").arg("+").query_async(&mut conn).await.unwrap();
                     for (_, fields) in entries {
                         let mut headers: BTreeMap<String, String> = BTreeMap::new();
@@ -301,7 +305,7 @@ impl Bus {
                 let (conn, ch) = self.amqp.unwrap();
                 let _ = ch.queue_delete(&self.tag, Default::default()).await;
                 let _ = ch.exchange_delete(&self.tag, Default::default()).await;
-                let _ = conn.close(200, "done".into()).await;
+                let _ = conn.close(200, "done").await;
             }
             Sink::Redis => {
                 let mut conn = redis_conn().await;

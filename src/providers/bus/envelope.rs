@@ -124,7 +124,11 @@ mod tests {
         let mut events = std::collections::BTreeMap::new();
         events.insert(
             "order_shipped".to_string(),
-            EventRoute { destination: Some("orders".into()), headers: [("x".into(), "2".into())].into(), ..Default::default() },
+            EventRoute {
+                destination: Some("orders".into()),
+                headers: [("x".into(), "2".into())].into(),
+                ..Default::default()
+            },
         );
         OutboundMessage {
             delivery_id: 1,

@@ -31,7 +31,7 @@ pub struct KafkaConfig {
 }
 
 fn default_timeout_ms() -> u64 {
-    30_000
+    10_000
 }
 
 /// Kafka's own default `message.max.bytes` (broker side, about 1 MB).

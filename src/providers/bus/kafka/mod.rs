@@ -31,7 +31,8 @@ const CE_PREFIX: &str = "ce_";
 
 /// Properties that make "exactly once per producer session" hold; the
 /// `properties` table may not weaken them.
-const FIXED: [(&str, &str); 3] = [("enable.idempotence", "true"), ("acks", "all"), ("enable.gapless.guarantee", "true")];
+const FIXED: [(&str, &str); 3] =
+    [("enable.idempotence", "true"), ("acks", "all"), ("enable.gapless.guarantee", "true")];
 
 #[derive(Clone)]
 pub struct Kafka {
@@ -68,9 +69,9 @@ impl Kafka {
         for (k, v) in FIXED {
             client.set(k, v);
         }
-        let producer: FutureProducer = client.create().map_err(|e| ProviderError::Permanent {
-            reason: short(format!("kafka: providers.kafka: {e}")),
-        })?;
+        let producer: FutureProducer = client
+            .create()
+            .map_err(|e| ProviderError::Permanent { reason: short(format!("kafka: providers.kafka: {e}")) })?;
         Ok(Kafka {
             inner: Arc::new(Inner {
                 producer,
@@ -102,7 +103,9 @@ impl Kafka {
             record = record.key(&out.key);
         }
         match self.inner.producer.send(record, self.inner.timeout).await {
-            Ok(d) => Ok(Accepted { provider_message_id: Some(format!("{}/{}@{}", out.destination, d.partition, d.offset)) }),
+            Ok(d) => {
+                Ok(Accepted { provider_message_id: Some(format!("{}/{}@{}", out.destination, d.partition, d.offset)) })
+            }
             Err((e, _)) => Err(classify(e, &out.destination)),
         }
     }
@@ -123,9 +126,13 @@ fn classify(e: KafkaError, topic: &str) -> ProviderError {
             | C::ClusterAuthorizationFailed
             | C::TransactionalIdAuthorizationFailed,
         ) => ProviderError::Unauthorized { reason },
-        Some(C::MessageSizeTooLarge | C::MessageBatchTooLarge | C::InvalidMessage | C::InvalidMessageSize | C::InvalidRecord) => {
-            ProviderError::Permanent { reason }
-        }
+        Some(
+            C::MessageSizeTooLarge
+            | C::MessageBatchTooLarge
+            | C::InvalidMessage
+            | C::InvalidMessageSize
+            | C::InvalidRecord,
+        ) => ProviderError::Permanent { reason },
         Some(C::UnknownTopicOrPartition | C::UnknownTopic) => {
             retryable(format!("kafka: topic {topic:?} does not exist (providers.kafka.create_missing = false)"))
         }
