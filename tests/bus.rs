@@ -337,7 +337,7 @@ async fn nats_faults_have_the_providers_error_classes() {
 #[tokio::test]
 async fn nats_bad_credentials_are_unauthorized() {
     let port = free_port();
-    let mut server = std::process::Command::new("nats-server")
+    let mut server = std::process::Command::new(nats_server_binary())
         .args(["-a", "127.0.0.1", "-p", &port.to_string(), "--user", "relay", "--pass", "right"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -485,4 +485,15 @@ async fn redis_kill_9_loses_nothing_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nats_kill_9_loses_nothing_and_duplicates_nothing() {
     kill_9(Sink::Nats).await;
+}
+
+/// `nats-server` from PATH, else where Debian's package puts it (/usr/sbin is
+/// not on every user's PATH).
+fn nats_server_binary() -> String {
+    let on_path = std::process::Command::new("nats-server").arg("--version").output().is_ok();
+    if on_path {
+        "nats-server".into()
+    } else {
+        "/usr/sbin/nats-server".into()
+    }
 }
