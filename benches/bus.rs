@@ -11,10 +11,10 @@
 //! replicated 3 times) — a real wire protocol, but an in-memory broker, so its
 //! figure says what the relay's side costs, not what a Kafka cluster does.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
 #[path = "../tests/support/bus.rs"]
 mod bus_support;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -10,7 +10,7 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bus_support::{counts_by_id, spawn_relay, Bus, Proxy, Sink, AMQP_URL, NATS_URL, REDIS_URL};
+use bus_support::{counts_by_id, spawn_relay, Bus, Proxy, Sink, NATS_URL, REDIS_URL};
 use chrono::Utc;
 use outbox_relay::config::{Config, Secret};
 use outbox_relay::providers::bus::nats::{Nats, NatsConfig, StreamSpec};
@@ -182,15 +182,17 @@ fn assert_retryable(r: Result<(), ProviderError>, what: &str) -> String {
 async fn rabbitmq_faults_have_the_providers_error_classes() {
     let bus = Bus::new(Sink::Rabbitmq, "faults").await;
     let tag = bus.tag.clone();
-    let ok = Provider::Rabbitmq(Rabbitmq::new(&rabbitmq(AMQP_URL)));
+    let url = bus.amqp_url();
+    let ok = Provider::Rabbitmq(Rabbitmq::new(&rabbitmq(&url)));
     let body = json!({"id": 1});
 
     // Broker down: retryable.
-    let down = Provider::Rabbitmq(Rabbitmq::new(&rabbitmq(&format!("amqp://guest:guest@{}/%2f", closed_port()))));
+    let down_url = bus.amqp_url_at(&format!("guest:guest@{}", closed_port()));
+    let down = Provider::Rabbitmq(Rabbitmq::new(&rabbitmq(&down_url)));
     assert_retryable(send_one(&down, message("k1", "a.b", &tag, body.clone())).await, "broker down");
 
     // Wrong password: needs a human.
-    let auth = Provider::Rabbitmq(Rabbitmq::new(&rabbitmq("amqp://guest:wrong@127.0.0.1:5672/%2f")));
+    let auth = Provider::Rabbitmq(Rabbitmq::new(&rabbitmq(&bus.amqp_url_at("guest:wrong@127.0.0.1:5672"))));
     let r = send_one(&auth, message("k1", "a.b", &tag, body.clone())).await;
     assert!(matches!(r, Err(ProviderError::Unauthorized { .. })), "bad credentials: {r:?}");
 
@@ -202,7 +204,7 @@ async fn rabbitmq_faults_have_the_providers_error_classes() {
     send_one(&ok, message("k3", "a.b", &tag, body.clone())).await.expect("publish after a channel error");
 
     // Exchange missing, created by config; the message then has no queue: returned, permanent.
-    let mut create = rabbitmq(AMQP_URL);
+    let mut create = rabbitmq(&url);
     create.create_missing = true;
     let creating = Provider::Rabbitmq(Rabbitmq::new(&create));
     let r = send_one(&creating, message("k4", "a.b", &missing, body.clone())).await;
@@ -212,15 +214,15 @@ async fn rabbitmq_faults_have_the_providers_error_classes() {
     }
 
     // Too large: permanent, before the broker sees it.
-    let mut small = rabbitmq(AMQP_URL);
+    let mut small = rabbitmq(&url);
     small.max_message_bytes = 1000;
     let big = json!({"blob": "x".repeat(2000)});
     let r = send_one(&Provider::Rabbitmq(Rabbitmq::new(&small)), message("k5", "a.b", &tag, big)).await;
     assert!(matches!(r, Err(ProviderError::Permanent { .. })), "too large: {r:?}");
 
     assert_eq!(bus.read_all().await.len(), 1, "only k3 reached the queue");
-    // Clean up the exchange create_missing made.
-    let conn = lapin::Connection::connect(AMQP_URL, Default::default()).await.unwrap();
+    // Clean up the exchange create_missing made (the vhost may be the shared "/").
+    let conn = lapin::Connection::connect(&url, Default::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
     ch.exchange_delete(&missing, Default::default()).await.unwrap();
     bus.cleanup().await;
@@ -364,7 +366,7 @@ async fn survives_a_broker_restart(sink: Sink, upstream: &str) {
     let proxy = Proxy::start(upstream).await;
     let (p, destination, exchange) = match sink {
         Sink::Rabbitmq => {
-            let url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+            let url = bus.amqp_url_at(&format!("guest:guest@{}", proxy.addr));
             (Provider::Rabbitmq(Rabbitmq::new(&rabbitmq(&url))), "a.b".to_string(), bus.tag.clone())
         }
         Sink::Redis => {

@@ -1,7 +1,9 @@
 //! Real brokers for the bus sinks' tests: RabbitMQ, Redis and NATS with
 //! JetStream on this machine (`.ci/run` starts any that is down). Each test
-//! gets its own names (exchange and queue, key prefix, stream) from a random
-//! tag, reads what the relay put there as a consumer would, and removes it.
+//! gets its own names from a random tag — a RabbitMQ vhost (made with
+//! rabbitmqctl) holding its exchange and queue, a Redis key prefix, a NATS
+//! stream and subject prefix — reads what the relay put there as a consumer
+//! would, and removes it.
 
 #![allow(dead_code)]
 
@@ -19,7 +21,6 @@ use tokio::task::JoinHandle;
 
 use crate::support::relay::Env;
 
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const NATS_URL: &str = "nats://127.0.0.1:4222";
 
@@ -115,16 +116,43 @@ pub struct Bus {
     pub sink: Sink,
     /// Unique per test: exchange and queue, key prefix, stream and subject prefix.
     pub tag: String,
+    /// RabbitMQ: the test's own vhost (URL-encoded), `%2f` if it could not be made.
+    pub vhost: String,
     amqp: Option<(lapin::Connection, lapin::Channel)>,
+}
+
+/// `rabbitmqctl`, which needs the broker's Erlang cookie (root, or the
+/// rabbitmq user): true when it succeeded.
+fn rabbitmqctl(args: &[&str]) -> bool {
+    Command::new("rabbitmqctl")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 impl Bus {
     pub async fn new(sink: Sink, prefix: &str) -> Bus {
         let tag = format!("t{}{:08x}", prefix.replace(['-', '.', '_'], ""), rand::random::<u32>());
-        let mut bus = Bus { sink, tag, amqp: None };
+        let mut bus = Bus { sink, tag, vhost: "%2f".into(), amqp: None };
         match sink {
             Sink::Rabbitmq => {
-                let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+                // A vhost of its own when rabbitmqctl may make one; otherwise the
+                // exchange and queue names alone keep tests apart.
+                let tag = bus.tag.clone();
+                let made = tokio::task::spawn_blocking(move || {
+                    rabbitmqctl(&["add_vhost", &tag])
+                        && rabbitmqctl(&["set_permissions", "-p", &tag, "guest", ".*", ".*", ".*"])
+                })
+                .await
+                .unwrap();
+                if made {
+                    bus.vhost = bus.tag.clone();
+                } else {
+                    eprintln!("rabbitmqctl could not make a vhost: this test uses \"/\" with names of its own");
+                }
+                let conn = lapin::Connection::connect(&bus.amqp_url(), lapin::ConnectionProperties::default())
                     .await
                     .expect("RabbitMQ on 127.0.0.1:5672 (guest/guest)");
                 let ch = conn.create_channel().await.unwrap();
@@ -160,10 +188,20 @@ impl Bus {
     /// `[providers.<sink>]` for the relay's config.
     pub fn provider_toml(&self) -> String {
         match self.sink {
-            Sink::Rabbitmq => format!("[providers.rabbitmq]\nurl = \"{AMQP_URL}\"\ntimeout_ms = 5000\n"),
+            Sink::Rabbitmq => format!("[providers.rabbitmq]\nurl = \"{}\"\ntimeout_ms = 5000\n", self.amqp_url()),
             Sink::Redis => format!("[providers.redis]\nurl = \"{REDIS_URL}\"\ntimeout_ms = 5000\n"),
             Sink::Nats => format!("[providers.nats]\nurl = \"{NATS_URL}\"\ntimeout_ms = 5000\n"),
         }
+    }
+
+    /// guest on the test's vhost.
+    pub fn amqp_url(&self) -> String {
+        self.amqp_url_at("guest:guest@127.0.0.1:5672")
+    }
+
+    /// `amqp://<userinfo_and_host>/<vhost>`: another port (a proxy), another password.
+    pub fn amqp_url_at(&self, userinfo_and_host: &str) -> String {
+        format!("amqp://{userinfo_and_host}/{}", self.vhost)
     }
 
     /// The channel's `bus = {...}` (an inline table), with placeholders.
@@ -306,6 +344,10 @@ impl Bus {
                 let _ = ch.queue_delete(&self.tag, Default::default()).await;
                 let _ = ch.exchange_delete(&self.tag, Default::default()).await;
                 let _ = conn.close(200, "done").await;
+                if self.vhost != "%2f" {
+                    let vhost = self.vhost.clone();
+                    let _ = tokio::task::spawn_blocking(move || rabbitmqctl(&["delete_vhost", &vhost])).await;
+                }
             }
             Sink::Redis => {
                 let mut conn = redis_conn().await;
