@@ -242,10 +242,7 @@ impl Dispatcher {
                     channel_name: ch.channel_name.clone(),
                     max_attempts: ch.max_attempts,
                     contact: ContactPlan::from_config(name, ch),
-                    bus: ch.bus.as_ref().map(|route| {
-                        let source = route.source.clone().unwrap_or_else(|| format!("/{database}"));
-                        (Arc::new(route.clone()), source)
-                    }),
+                    bus: ch.bus.as_ref().map(|route| (Arc::new(route.clone()), route.source_prefix(&database))),
                 };
                 (name.clone(), plan)
             })

@@ -287,6 +287,17 @@ async fn redis_dedup_set_stays_bounded() {
     assert_eq!(n, 5, "at most dedup_max keys remembered");
     let ttl: i64 = redis::cmd("PTTL").arg(format!("{stream}:outbox-relay-dedup")).query_async(&mut conn).await.unwrap();
     assert!(ttl > 0 && ttl <= 3_600_000, "the set expires with its window: {ttl}");
+    // MAXLEN ~ trims the stream as it grows (approximately: whole nodes of 100).
+    let mut trimmed = redis_cfg(REDIS_URL);
+    trimmed.maxlen = 10;
+    let t = Provider::Redis(RedisStreams::new(&trimmed));
+    let short_stream = format!("{}:trimmed", bus.tag);
+    for i in 0..300 {
+        send_one(&t, message(&format!("m{i}"), &short_stream, "", json!({"id": i}))).await.unwrap();
+    }
+    let len: u64 = redis::cmd("XLEN").arg(&short_stream).query_async(&mut conn).await.unwrap();
+    assert!(len < 300, "maxlen trims: {len} entries left of 300");
+    let _: () = redis::cmd("DEL").arg(&short_stream).query_async(&mut conn).await.unwrap();
     // The newest keys are the remembered ones.
     send_one(&p, message("k11", &stream, "", json!({"id": 11}))).await.unwrap();
     assert_eq!(bus.read_all().await.len(), 12);
@@ -335,16 +346,25 @@ async fn nats_faults_have_the_providers_error_classes() {
     bus.cleanup().await;
 }
 
-/// A NATS server of the test's own, with a password: the shared one has no auth.
+/// A NATS server of the test's own (the shared one has no auth and the
+/// default `max_payload`): a wrong password is unauthorized; a message over
+/// the server's `max_payload` is refused permanently before it is sent.
 #[tokio::test]
-async fn nats_bad_credentials_are_unauthorized() {
+async fn nats_own_server_refuses_bad_credentials_and_oversized_messages() {
     let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!("listen: 127.0.0.1:{port}\nmax_payload: 2048\nauthorization {{ user: relay, password: right }}\n"),
+    )
+    .unwrap();
     let mut server = std::process::Command::new(nats_server_binary())
-        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "--user", "relay", "--pass", "right"])
+        .args(["-c", conf.to_str().unwrap()])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .expect("nats-server on PATH (Debian package nats-server)");
+        .expect("nats-server (Debian package nats-server)");
     for _ in 0..50 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             break;
@@ -352,10 +372,16 @@ async fn nats_bad_credentials_are_unauthorized() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let bad = Provider::Nats(Nats::new(&nats_cfg(&format!("nats://relay:wrong@127.0.0.1:{port}"))));
-    let r = send_one(&bad, message("k1", "x.y", "", json!({}))).await;
+    let auth = send_one(&bad, message("k1", "x.y", "", json!({}))).await;
+    let good = Provider::Nats(Nats::new(&nats_cfg(&format!("nats://relay:right@127.0.0.1:{port}"))));
+    let big = send_one(&good, message("k2", "x.y", "", json!({"blob": "x".repeat(4000)}))).await;
     let _ = server.kill();
     let _ = server.wait();
-    assert!(matches!(r, Err(ProviderError::Unauthorized { .. })), "bad credentials: {r:?}");
+    assert!(matches!(auth, Err(ProviderError::Unauthorized { .. })), "bad credentials: {auth:?}");
+    match big {
+        Err(ProviderError::Permanent { reason }) => assert!(reason.contains("2048"), "{reason}"),
+        other => panic!("over max_payload: {other:?}"),
+    }
 }
 
 /// Broker restarted (through a proxy that drops every connection and

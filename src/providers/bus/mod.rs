@@ -87,6 +87,11 @@ pub enum EnvelopeMode {
 }
 
 impl BusRoute {
+    /// CloudEvents `source` before `/<schema.table>`: `bus.source`, else `/<database>`.
+    pub fn source_prefix(&self, database: &str) -> String {
+        self.source.clone().unwrap_or_else(|| format!("/{database}"))
+    }
+
     /// Config check, with the key to fix in the message.
     pub fn validate(&self, at: &str) -> Result<(), String> {
         if self.destination.trim().is_empty() {
@@ -194,6 +199,12 @@ mod tests {
         assert_eq!(r.mode, EnvelopeMode::Binary);
         assert_eq!(r.events["order_shipped"].destination.as_deref(), Some("orders"));
         assert!(r.validate("channels.x").is_ok());
+        assert_eq!(r.source_prefix("app"), "/app");
+        let named: BusRoute = toml_route(
+            r#"destination = "x"
+               source = "//db.example.com/app""#,
+        );
+        assert_eq!(named.source_prefix("app"), "//db.example.com/app");
         let empty: BusRoute = toml_route(r#"destination = " ""#);
         assert!(empty.validate("channels.x").unwrap_err().contains("destination"));
     }

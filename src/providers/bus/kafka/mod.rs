@@ -55,21 +55,7 @@ impl Kafka {
     /// Builds the producer; it connects in the background. A property
     /// librdkafka refuses is a configuration error, reported at start.
     pub fn new(cfg: &KafkaConfig) -> Result<Kafka, ProviderError> {
-        let mut client = ClientConfig::new();
-        for (k, v) in &cfg.properties {
-            client.set(k, v.expose());
-        }
-        client
-            .set("bootstrap.servers", &cfg.brokers)
-            .set("message.timeout.ms", cfg.timeout_ms.to_string())
-            .set("message.max.bytes", cfg.max_message_bytes.max(1000).to_string())
-            .set("allow.auto.create.topics", cfg.create_missing.to_string())
-            // Small batches go out at once: the relay batches already.
-            .set("linger.ms", "2");
-        for (k, v) in FIXED {
-            client.set(k, v);
-        }
-        let producer: FutureProducer = client
+        let producer: FutureProducer = client_config(cfg)
             .create()
             .map_err(|e| ProviderError::Permanent { reason: short(format!("kafka: providers.kafka: {e}")) })?;
         Ok(Kafka {
@@ -111,6 +97,25 @@ impl Kafka {
     }
 }
 
+/// librdkafka's settings: `properties` first, then ours, which win.
+fn client_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    for (k, v) in &cfg.properties {
+        client.set(k, v.expose());
+    }
+    client
+        .set("bootstrap.servers", &cfg.brokers)
+        .set("message.timeout.ms", cfg.timeout_ms.to_string())
+        .set("message.max.bytes", cfg.max_message_bytes.max(1000).to_string())
+        .set("allow.auto.create.topics", cfg.create_missing.to_string())
+        // Small batches go out at once: the relay batches already.
+        .set("linger.ms", "2");
+    for (k, v) in FIXED {
+        client.set(k, v);
+    }
+    client
+}
+
 /// Authentication and authorisation need a human; a message the broker finds
 /// too large or invalid fails again; an unknown topic waits (retryable) for
 /// someone to create it; the rest — timeouts, brokers down, leader changes —
@@ -137,5 +142,32 @@ fn classify(e: KafkaError, topic: &str) -> ProviderError {
             retryable(format!("kafka: topic {topic:?} does not exist (providers.kafka.create_missing = false)"))
         }
         _ => retryable(reason),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    #[test]
+    fn properties_cannot_weaken_idempotence() {
+        let cfg = KafkaConfig {
+            brokers: "b:9092".into(),
+            timeout_ms: 10_000,
+            create_missing: false,
+            max_message_bytes: 1_000_000,
+            properties: [
+                ("acks".to_string(), Secret::new("1")),
+                ("enable.idempotence".to_string(), Secret::new("false")),
+                ("security.protocol".to_string(), Secret::new("sasl_plaintext")),
+            ]
+            .into(),
+        };
+        let c = client_config(&cfg);
+        assert_eq!(c.get("acks"), Some("all"));
+        assert_eq!(c.get("enable.idempotence"), Some("true"));
+        assert_eq!(c.get("security.protocol"), Some("sasl_plaintext"), "other properties pass through");
+        assert_eq!(c.get("allow.auto.create.topics"), Some("false"));
     }
 }

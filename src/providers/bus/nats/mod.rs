@@ -98,6 +98,14 @@ impl Nats {
                 if let Some(token) = &cfg.token {
                     options = options.token(token.expose().to_string());
                 }
+                // async-nats ignores credentials in the URL: hand them over ourselves.
+                let addr: async_nats::ServerAddr = cfg.url.expose().parse().map_err(|e| ProviderError::Permanent {
+                    reason: short(format!("nats: providers.nats.url: {e}")),
+                })?;
+                if let Some(user) = addr.username() {
+                    let password = addr.password().map(percent_decode).unwrap_or_default();
+                    options = options.user_and_password(percent_decode(user), password);
+                }
                 // Once connected the client reconnects by itself; a publish
                 // meanwhile times out (retryable) rather than failing for good.
                 let client = options.connect(cfg.url.expose()).await.map_err(|e| {
@@ -118,6 +126,27 @@ impl Nats {
             })
             .await
     }
+}
+
+/// `%XX` escapes in URL user info (`p%40ss` → `p@ss`).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 async fn create_stream(js: &jetstream::Context, spec: &StreamSpec) -> Result<(), ProviderError> {
@@ -150,5 +179,14 @@ fn classify_publish(e: async_nats::jetstream::context::PublishError, subject: &s
             ProviderError::Unauthorized { reason: text }
         }
         _ => retryable(text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn url_credentials_are_percent_decoded() {
+        assert_eq!(super::percent_decode("p%40ss%2Fw0rd"), "p@ss/w0rd");
+        assert_eq!(super::percent_decode("100%"), "100%");
     }
 }
