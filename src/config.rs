@@ -266,6 +266,10 @@ pub enum ProviderKind {
     Smtp,
     Twilio,
     Log,
+    Kafka,
+    Rabbitmq,
+    Redis,
+    Nats,
 }
 
 impl ProviderKind {
@@ -277,6 +281,10 @@ impl ProviderKind {
             ProviderKind::Smtp => "smtp",
             ProviderKind::Twilio => "twilio",
             ProviderKind::Log => "log",
+            ProviderKind::Kafka => "kafka",
+            ProviderKind::Rabbitmq => "rabbitmq",
+            ProviderKind::Redis => "redis",
+            ProviderKind::Nats => "nats",
         }
     }
 
@@ -284,6 +292,11 @@ impl ProviderKind {
     /// than on an app channel: they need the channel's `address_query`.
     pub fn needs_address(self) -> bool {
         matches!(self, ProviderKind::Brevo | ProviderKind::Smtp | ProviderKind::Twilio)
+    }
+
+    /// Event-bus sinks: they need the channel's `[channels.<name>.bus]` route.
+    pub fn is_bus(self) -> bool {
+        matches!(self, ProviderKind::Kafka | ProviderKind::Rabbitmq | ProviderKind::Redis | ProviderKind::Nats)
     }
 }
 
@@ -335,6 +348,9 @@ pub struct ChannelConfig {
     /// channel named `whatsapp`, false otherwise.
     #[serde(default)]
     pub whatsapp: Option<bool>,
+    /// Event-bus channels: destination, key, headers, envelope mode.
+    #[serde(default)]
+    pub bus: Option<crate::providers::bus::BusRoute>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -386,6 +402,10 @@ impl ProvidersConfig {
             self.brevo.as_ref().map(|p| p.timeout_ms),
             self.smtp.as_ref().map(|p| p.timeout_ms),
             self.twilio.as_ref().map(|p| p.timeout_ms),
+            self.kafka.as_ref().map(|p| p.timeout_ms),
+            self.rabbitmq.as_ref().map(|p| p.timeout_ms),
+            self.redis.as_ref().map(|p| p.timeout_ms),
+            self.nats.as_ref().map(|p| p.timeout_ms),
         ];
         std::time::Duration::from_millis(ms.into_iter().flatten().max().unwrap_or(0))
     }
@@ -404,8 +424,17 @@ impl ProviderKind {
             // senders' throughput; 10/s keeps a backlog in the ledger, not in Twilio's queue.
             ProviderKind::Twilio => LimitConfig { concurrency: 16, per_second: 10.0 },
             ProviderKind::Log => LimitConfig { concurrency: 4, per_second: 0.0 },
+            ProviderKind::Kafka => bus_limits(crate::providers::bus::kafka::DEFAULT_CONCURRENCY),
+            ProviderKind::Rabbitmq => bus_limits(crate::providers::bus::rabbitmq::DEFAULT_CONCURRENCY),
+            ProviderKind::Redis => bus_limits(crate::providers::bus::redis::DEFAULT_CONCURRENCY),
+            ProviderKind::Nats => bus_limits(crate::providers::bus::nats::DEFAULT_CONCURRENCY),
         }
     }
+}
+
+/// Buses have no rate limit to respect: only how many calls are in flight.
+fn bus_limits(concurrency: usize) -> LimitConfig {
+    LimitConfig { concurrency, per_second: 0.0 }
 }
 
 impl Config {
@@ -427,6 +456,14 @@ pub struct ProvidersConfig {
     pub smtp: Option<crate::providers::smtp::SmtpConfig>,
     #[serde(default)]
     pub twilio: Option<crate::providers::twilio::TwilioConfig>,
+    #[serde(default)]
+    pub kafka: Option<crate::providers::bus::kafka::KafkaConfig>,
+    #[serde(default)]
+    pub rabbitmq: Option<crate::providers::bus::rabbitmq::RabbitmqConfig>,
+    #[serde(default)]
+    pub redis: Option<crate::providers::bus::redis::RedisConfig>,
+    #[serde(default)]
+    pub nats: Option<crate::providers::bus::nats::NatsConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -743,6 +780,10 @@ impl Config {
                     ProviderKind::Smtp => self.providers.smtp.is_none(),
                     ProviderKind::Twilio => self.providers.twilio.is_none(),
                     ProviderKind::Log => false,
+                    ProviderKind::Kafka => self.providers.kafka.is_none(),
+                    ProviderKind::Rabbitmq => self.providers.rabbitmq.is_none(),
+                    ProviderKind::Redis => self.providers.redis.is_none(),
+                    ProviderKind::Nats => self.providers.nats.is_none(),
                 };
                 if missing {
                     let p = kind.as_str();
@@ -762,6 +803,24 @@ impl Config {
             }
             if ch.fallback == Some(ch.provider) {
                 return bad(format!("channels.{name}.fallback is the channel's own provider: name another one"));
+            }
+            let bus = ch.provider.is_bus() || ch.fallback.is_some_and(ProviderKind::is_bus);
+            match (&ch.bus, bus) {
+                (None, true) => {
+                    return bad(format!(
+                        "channels.{name}: a bus provider needs [channels.{name}.bus] with destination = \"...\""
+                    ))
+                }
+                (Some(_), false) => {
+                    return bad(format!("channels.{name}.bus is only for bus providers (kafka, rabbitmq, redis, nats)"))
+                }
+                (Some(route), true) => route.validate(&format!("channels.{name}")).map_err(ConfigError::Invalid)?,
+                (None, false) => {}
+            }
+            if ch.fallback.is_some_and(|f| f.is_bus() != ch.provider.is_bus()) {
+                return bad(format!(
+                    "channels.{name}.fallback must be a bus too when the provider is one, and not otherwise"
+                ));
             }
             if ch.max_attempts == 0 {
                 return bad(format!("channels.{name}.max_attempts must be at least 1"));

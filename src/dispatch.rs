@@ -22,6 +22,7 @@ use crate::config::{Config, ProviderKind};
 use crate::contacts::{self, ContactPlan, Prepared};
 use crate::ledger::{ClaimRef, Claimed, Inserted, Ledger, LedgerError, Outcome};
 use crate::limits::Pacer;
+use crate::providers::bus::{kafka::Kafka, nats::Nats, rabbitmq::Rabbitmq, redis::RedisStreams, BusMessage, BusRoute};
 use crate::providers::{
     ably::Ably, brevo::Brevo, log::Log, pusher::Pusher, smtp::Smtp, twilio::Twilio, OutboundMessage, Provider,
     ProviderError,
@@ -46,6 +47,8 @@ struct ChannelPlan {
     contact: Option<ContactPlan>,
     /// App channels' `preferences_query` (address channels check theirs in `contact`).
     preferences_query: Option<String>,
+    /// Bus channels: the route, and the CloudEvents `source` before the table.
+    bus: Option<(Arc<BusRoute>, String)>,
 }
 
 /// Retry timing; from `[relay]`.
@@ -206,15 +209,30 @@ pub fn build_providers(cfg: &Config) -> Result<HashMap<ProviderKind, Provider>, 
             ProviderKind::Smtp => Provider::Smtp(Smtp::with_tls(p.smtp.as_ref().unwrap(), &cfg.tls)?),
             ProviderKind::Twilio => Provider::Twilio(Twilio::new(p.twilio.as_ref().unwrap(), http.clone())),
             ProviderKind::Log => Provider::Log(Log::new()),
+            ProviderKind::Kafka => Provider::Kafka(Kafka::new(p.kafka.as_ref().unwrap())?),
+            ProviderKind::Rabbitmq => Provider::Rabbitmq(Rabbitmq::new(p.rabbitmq.as_ref().unwrap())),
+            ProviderKind::Redis => Provider::Redis(RedisStreams::new(p.redis.as_ref().unwrap())),
+            ProviderKind::Nats => Provider::Nats(Nats::new(p.nats.as_ref().unwrap())),
         };
         out.insert(kind, provider);
     }
     Ok(out)
 }
 
+/// The database the relay reads, for the CloudEvents `source` of bus
+/// channels; `postgres` (PostgreSQL's own default) when the DSN names none.
+fn database_name(dsn: &str) -> String {
+    crate::db::dsn::split(dsn)
+        .ok()
+        .and_then(|(rest, _)| rest.parse::<tokio_postgres::Config>().ok())
+        .and_then(|c| c.get_dbname().map(str::to_string))
+        .unwrap_or_else(|| "postgres".into())
+}
+
 impl Dispatcher {
     pub fn new(cfg: &Config, health: Arc<Health>) -> Result<Dispatcher, ProviderError> {
         let providers = build_providers(cfg)?;
+        let database = database_name(&cfg.source.database_url);
         let channels = cfg
             .channels
             .iter()
@@ -227,6 +245,7 @@ impl Dispatcher {
                     max_attempts: ch.max_attempts,
                     contact: ContactPlan::from_config(name, ch),
                     preferences_query: ch.preferences_query.clone().filter(|_| ch.address_query.is_none()),
+                    bus: ch.bus.as_ref().map(|route| (Arc::new(route.clone()), route.source_prefix(&database))),
                 };
                 (name.clone(), plan)
             })
@@ -575,6 +594,12 @@ impl Dispatcher {
                 event: c.event.clone(),
                 payload: c.payload.clone(),
                 contact,
+                bus: plan.bus.as_ref().map(|(route, source)| BusMessage {
+                    route: route.clone(),
+                    source: format!("{source}/{}", c.source_table),
+                    recipient: c.recipient.clone(),
+                    time: c.committed_at,
+                }),
             });
             sending.push(c);
         }

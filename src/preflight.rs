@@ -186,6 +186,7 @@ pub async fn check(client: &Client, cfg: &Config) -> Result<(), PreflightError> 
     }
     if src.mode == SourceMode::Logical {
         replica_identity(client, cfg, &mut problems).await?;
+        failover_readiness(client, &src.slot).await?;
     }
     if src.mode == SourceMode::Listen {
         capture_problems(client, cfg, &mut problems).await?;
@@ -229,6 +230,38 @@ pub async fn check(client: &Client, cfg: &Config) -> Result<(), PreflightError> 
     } else {
         Err(PreflightError::Fix(problems.join("\n")))
     }
+}
+
+/// PostgreSQL 17+: a failover slot survives a switch to a standby only if it
+/// is marked `failover` and the primary waits for the standbys that keep it
+/// (`synchronized_standby_slots`; `sync_replication_slots = on` on them).
+/// Said, not refused: a database without standbys needs neither.
+async fn failover_readiness(client: &Client, slot: &str) -> Result<(), PreflightError> {
+    let version: i32 = client.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.get(0);
+    if version < 170_000 {
+        return Ok(());
+    }
+    let row = client
+        .query_opt(
+            "SELECT s.failover, coalesce(current_setting('synchronized_standby_slots', true), '')
+             FROM pg_replication_slots s WHERE s.slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    if let Some(r) = row {
+        let (failover, standby_slots): (bool, String) = (r.get(0), r.get(1));
+        if !failover {
+            tracing::warn!(
+                slot,
+                "the slot is not a failover slot: after a switch to a standby it is gone; \
+                recreate it with `outbox-relay setup` (docs/operations.md, \"Database failover\")"
+            );
+        } else if standby_slots.is_empty() {
+            tracing::warn!(slot, "synchronized_standby_slots is empty: a standby may be promoted before it has \
+                the slot's position; list the standbys' physical slots there (docs/operations.md, \"Database failover\")");
+        }
+    }
+    Ok(())
 }
 
 /// What pgoutput can send for updates and deletes depends on each table's

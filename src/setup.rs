@@ -47,10 +47,12 @@ pub struct Statement {
     /// The relay schema's migrations: applied through `ledger::migrate` (which
     /// records them), printed as their SQL.
     pub migrations: bool,
+    /// What runs instead on PostgreSQL 17 and later (printed as a comment).
+    pub pg17: Option<String>,
 }
 
 fn step(why: impl Into<String>, sql: String) -> Statement {
-    Statement { why: why.into(), sql, migrations: false }
+    Statement { why: why.into(), sql, migrations: false, pg17: None }
 }
 
 /// The statements, with a comment above each saying why.
@@ -85,14 +87,22 @@ pub fn statements(cfg: &Config) -> Vec<Statement> {
                 ops = ops.join(", "),
             ),
         ));
-        out.push(step(
-            "Logical slot with the pgoutput plugin. It keeps WAL until the relay confirms it: drop it if you remove the relay.",
+        let create = |args: &str| {
             format!(
-                "SELECT pg_create_logical_replication_slot({slot}, 'pgoutput')\n\
+                "SELECT pg_create_logical_replication_slot({slot}, 'pgoutput'{args})\n\
                  WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = {slot})",
                 slot = quote_literal(&src.slot)
-            ),
-        ));
+            )
+        };
+        out.push(Statement {
+            pg17: Some(create(", failover => true")),
+            ..step(
+                "Logical slot with the pgoutput plugin. It keeps WAL until the relay confirms it: drop it if you \
+                 remove the relay. On PostgreSQL 17+ a failover slot, which standbys can keep in sync \
+                 (docs/operations.md, \"Database failover\").",
+                create(""),
+            )
+        });
     }
     if src.mode == SourceMode::Listen {
         let schema = &cfg.relay.schema;
@@ -100,6 +110,7 @@ pub fn statements(cfg: &Config) -> Vec<Statement> {
             why: "The relay schema: ledger, change log and the capture functions (as `outbox-relay migrate`).".into(),
             sql: crate::ledger::migration_sql(schema).into_iter().map(|(_, sql)| sql).collect::<Vec<_>>().join("\n"),
             migrations: true,
+            pg17: None,
         });
         for table in &tables {
             out.push(step(
@@ -266,6 +277,9 @@ pub fn teardown_script(cfg: &Config, ledger: bool) -> String {
     );
     for st in teardown_statements(cfg, ledger) {
         s.push_str(&format!("\n-- {}\n{};\n", st.why, st.sql));
+        if let Some(pg17) = &st.pg17 {
+            s.push_str(&format!("-- on PostgreSQL 17 and later, instead:\n-- {};\n", pg17.replace('\n', "\n-- ")));
+        }
     }
     if let Some(role) = &cfg.source.role {
         s.push_str(&format!(
@@ -296,6 +310,9 @@ pub fn script(cfg: &Config) -> String {
     );
     for st in statements(cfg) {
         s.push_str(&format!("\n-- {}\n{};\n", st.why, st.sql));
+        if let Some(pg17) = &st.pg17 {
+            s.push_str(&format!("-- on PostgreSQL 17 and later, instead:\n-- {};\n", pg17.replace('\n', "\n-- ")));
+        }
     }
     s
 }
@@ -308,7 +325,12 @@ pub async fn apply(client: &mut Client, cfg: &Config) -> Result<(), SetupError> 
             return Err(SetupError::WalLevel(level));
         }
     }
+    let version: i32 = client.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.get(0);
     for st in statements(cfg) {
+        let st = match st.pg17.clone() {
+            Some(sql) if version >= 170_000 => Statement { sql, ..st },
+            _ => st,
+        };
         if st.migrations {
             crate::ledger::migrate(client, &cfg.relay.schema).await?;
             continue;
@@ -338,6 +360,10 @@ mod tests {
             "{sql}"
         );
         assert!(sql.contains("pg_create_logical_replication_slot('outbox_relay', 'pgoutput')"));
+        assert!(
+            sql.contains("-- on PostgreSQL 17 and later, instead:\n-- SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput', failover => true)"),
+            "{sql}"
+        );
         assert!(sql.contains("CREATE ROLE \"relay\" LOGIN REPLICATION"));
         assert!(sql.contains("GRANT SELECT ON"));
     }

@@ -29,6 +29,7 @@ fn message(address: &str, template_id: Option<i64>, whatsapp: bool) -> OutboundM
             template_id,
             whatsapp,
         }),
+        bus: None,
     }
 }
 

@@ -30,6 +30,7 @@ fn mail() -> OutboundMessage {
             template_id: None,
             whatsapp: false,
         }),
+        bus: None,
     }
 }
 
@@ -140,6 +141,7 @@ async fn http_providers_trust_tls_ca_file() {
         event: "e".into(),
         payload: json!({"n": 1}),
         contact: None,
+        bus: None,
     };
 
     let refused = Pusher::new(&cfg, http_client()).send_batch(std::slice::from_ref(&msg)).await;

@@ -24,6 +24,7 @@ fn msg(seq: i64, channel: &str) -> OutboundMessage {
         event: "notification.created".to_string(),
         payload: json!({"seq": seq, "text": format!("hello {seq}")}),
         contact: None,
+        bus: None,
     }
 }
 

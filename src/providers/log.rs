@@ -66,6 +66,7 @@ mod tests {
             event: "created".into(),
             payload: json!({"id": id, "text": "line\nbreak"}),
             contact: None,
+            bus: None,
         }
     }
 

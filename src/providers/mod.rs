@@ -6,6 +6,7 @@
 
 pub mod ably;
 pub mod brevo;
+pub mod bus;
 mod http;
 pub mod log;
 pub mod pusher;
@@ -30,6 +31,8 @@ pub struct OutboundMessage {
     pub payload: serde_json::Value,
     /// E-mail, SMS, WhatsApp: where and what, looked up and rendered at send time.
     pub contact: Option<Contact>,
+    /// Event-bus channels: the route and what the CloudEvents envelope says of the change.
+    pub bus: Option<bus::BusMessage>,
 }
 
 /// A message to a person's address, prepared by dispatch just before sending.
@@ -116,6 +119,10 @@ pub enum Provider {
     Smtp(smtp::Smtp),
     Twilio(twilio::Twilio),
     Log(log::Log),
+    Kafka(bus::kafka::Kafka),
+    Rabbitmq(bus::rabbitmq::Rabbitmq),
+    Redis(bus::redis::RedisStreams),
+    Nats(bus::nats::Nats),
 }
 
 /// Sends one message at a time per provider call, all of a batch at once.
@@ -137,6 +144,10 @@ impl Provider {
             Provider::Smtp(_) => "smtp",
             Provider::Twilio(_) => "twilio",
             Provider::Log(_) => "log",
+            Provider::Kafka(_) => "kafka",
+            Provider::Rabbitmq(_) => "rabbitmq",
+            Provider::Redis(_) => "redis",
+            Provider::Nats(_) => "nats",
         }
     }
 
@@ -151,6 +162,9 @@ impl Provider {
             // One HTTP call or SMTP transaction per message; a few per chunk.
             Provider::Brevo(_) | Provider::Smtp(_) | Provider::Twilio(_) => 10,
             Provider::Log(_) => 100,
+            // Published at once and confirmed one by one: a batch is one round
+            // trip's worth, and what a crash may re-send.
+            Provider::Kafka(_) | Provider::Rabbitmq(_) | Provider::Redis(_) | Provider::Nats(_) => 50,
         }
     }
 
@@ -159,7 +173,7 @@ impl Provider {
     /// Contract: returns exactly one result per message, in the same order. May
     /// be called concurrently from several workers. Calling it twice with the
     /// same message may deliver it twice, except where the provider deduplicates
-    /// on `idempotency_key` (Ably). `Ok` means the provider accepted the message:
+    /// on `idempotency_key` (Ably, JetStream, the Redis sink). `Ok` means the provider accepted the message:
     /// it is the point after which the ledger marks it sent.
     pub async fn send_batch(&self, messages: &[OutboundMessage]) -> Vec<Result<Accepted, ProviderError>> {
         match self {
@@ -169,6 +183,10 @@ impl Provider {
             Provider::Smtp(p) => each(messages, |m| p.send(m)).await,
             Provider::Twilio(p) => each(messages, |m| p.send(m)).await,
             Provider::Log(p) => p.send_batch(messages).await,
+            Provider::Kafka(p) => p.send_batch(messages).await,
+            Provider::Rabbitmq(p) => p.send_batch(messages).await,
+            Provider::Redis(p) => p.send_batch(messages).await,
+            Provider::Nats(p) => p.send_batch(messages).await,
         }
     }
 }

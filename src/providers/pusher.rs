@@ -247,6 +247,7 @@ mod tests {
             event: "created".into(),
             payload,
             contact: None,
+            bus: None,
         }
     }
 

@@ -1,0 +1,43 @@
+//! `[providers.kafka]`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::config::Secret;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `host:9092,host2:9092`.
+    pub brokers: String,
+    /// Until the message is acknowledged by all in-sync replicas
+    /// (librdkafka's `message.timeout.ms`, retries included).
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// A topic that does not exist: let the broker create it (when the broker
+    /// allows it, `auto.create.topics.enable`) or, `false`, refuse and retry
+    /// until someone creates it.
+    #[serde(default)]
+    pub create_missing: bool,
+    /// librdkafka's `message.max.bytes`: bigger messages fail at once.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// SASL (`security.protocol = "sasl_plaintext"` / `"sasl_ssl"`,
+    /// `sasl.mechanism = "PLAIN"`, ...) and any other librdkafka property.
+    /// The idempotence settings cannot be overridden here.
+    #[serde(default)]
+    pub properties: BTreeMap<String, Secret>,
+}
+
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
+/// Kafka's own default `message.max.bytes` (broker side, about 1 MB).
+fn default_max_message_bytes() -> usize {
+    1_000_000
+}
+
+/// Sends in flight at once; librdkafka batches them per partition anyway.
+pub const DEFAULT_CONCURRENCY: usize = 32;
