@@ -19,7 +19,7 @@ use outbox_relay::providers::bus::{BusMessage, BusRoute, EnvelopeMode};
 use outbox_relay::providers::{OutboundMessage, Provider, ProviderError};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
+use rdkafka::producer::{DefaultProducerContext, Producer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::json;
 use support::relay::{free_port, insert_notifications, scrape_counter, sigterm, Env};
@@ -167,6 +167,46 @@ fn message(key: &str, topic: &str, payload: serde_json::Value) -> OutboundMessag
             time: Utc::now(),
         }),
     }
+}
+
+fn kafka_client(brokers: &str, create_missing: bool) -> Kafka {
+    let cfg = KafkaConfig {
+        brokers: brokers.into(),
+        timeout_ms: 3000,
+        create_missing,
+        max_message_bytes: 1_000_000,
+        properties: Default::default(),
+    };
+    Kafka::new(&cfg).unwrap()
+}
+
+/// librdkafka's own test hook puts the idempotent producer in the fatal state
+/// it enters when it cannot repair a sequence: the send that meets it is
+/// retryable, and the next one goes through a new producer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_producer_is_replaced_after_a_fatal_error() {
+    let mock = cluster();
+    let brokers = mock.bootstrap_servers();
+    let topic = tag("fatal");
+    mock.create_topic(&topic, PARTITIONS, 3).unwrap();
+    let k = kafka_client(&brokers, false);
+    let p = Provider::Kafka(k.clone());
+    send_one(&p, message("k1", &topic, json!({"id": 1}))).await.expect("before");
+    let reason = std::ffi::CString::new("test: fatal").unwrap();
+    let broken = k.producer();
+    // SAFETY: a live client handle and a NUL-terminated reason, as librdkafka's test API asks.
+    unsafe {
+        rdkafka::bindings::rd_kafka_test_fatal_error(
+            broken.client().native_ptr(),
+            rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+            reason.as_ptr(),
+        );
+    }
+    let r = send_one(&p, message("k2", &topic, json!({"id": 2}))).await;
+    assert!(matches!(&r, Err(ProviderError::Retryable { reason, .. }) if reason.contains("fatal")), "{r:?}");
+    send_one(&p, message("k2", &topic, json!({"id": 2}))).await.expect("through the new producer");
+    let got = consume(&brokers, &topic, 2, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 2);
 }
 
 fn kafka(brokers: &str, create_missing: bool) -> Provider {

@@ -30,9 +30,10 @@ use crate::providers::{Accepted, OutboundMessage, ProviderError};
 const CE_PREFIX: &str = "ce_";
 
 /// Properties that make "exactly once per producer session" hold; the
-/// `properties` table may not weaken them.
-const FIXED: [(&str, &str); 3] =
-    [("enable.idempotence", "true"), ("acks", "all"), ("enable.gapless.guarantee", "true")];
+/// `properties` table may not weaken them. (`enable.gapless.guarantee` is
+/// left off: it turns a failed batch into a fatal error that stops the
+/// producer, while the ledger retries failures anyway.)
+const FIXED: [(&str, &str); 2] = [("enable.idempotence", "true"), ("acks", "all")];
 
 #[derive(Clone)]
 pub struct Kafka {
@@ -40,7 +41,12 @@ pub struct Kafka {
 }
 
 struct Inner {
-    producer: FutureProducer,
+    cfg: KafkaConfig,
+    /// The producer and its generation. An idempotent producer can hit a
+    /// fatal error (librdkafka's `ERR__FATAL`: a sequence it cannot repair)
+    /// after which it refuses everything; it is replaced by a new one, once
+    /// per generation however many sends saw the error.
+    producer: std::sync::Mutex<(u64, FutureProducer)>,
     max_message_bytes: usize,
     timeout: Duration,
 }
@@ -55,16 +61,36 @@ impl Kafka {
     /// Builds the producer; it connects in the background. A property
     /// librdkafka refuses is a configuration error, reported at start.
     pub fn new(cfg: &KafkaConfig) -> Result<Kafka, ProviderError> {
-        let producer: FutureProducer = client_config(cfg)
-            .create()
-            .map_err(|e| ProviderError::Permanent { reason: short(format!("kafka: providers.kafka: {e}")) })?;
         Ok(Kafka {
             inner: Arc::new(Inner {
-                producer,
+                producer: std::sync::Mutex::new((0, create(cfg)?)),
+                cfg: cfg.clone(),
                 max_message_bytes: cfg.max_message_bytes,
                 timeout: Duration::from_millis(cfg.timeout_ms),
             }),
         })
+    }
+
+    /// The producer in use now (tests inject faults into it).
+    #[doc(hidden)]
+    pub fn producer(&self) -> FutureProducer {
+        self.current().1
+    }
+
+    fn current(&self) -> (u64, FutureProducer) {
+        self.inner.producer.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces generation `seen`'s producer after a fatal error, unless
+    /// another send already did.
+    fn replace(&self, seen: u64) {
+        let mut slot = self.inner.producer.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.0 == seen {
+            match create(&self.inner.cfg) {
+                Ok(fresh) => *slot = (seen + 1, fresh),
+                Err(e) => tracing::warn!(error = %e, "kafka: could not replace the producer after a fatal error"),
+            }
+        }
     }
 
     /// One result per message, same order; all handed to librdkafka at once,
@@ -88,13 +114,26 @@ impl Kafka {
         if !out.key.is_empty() {
             record = record.key(&out.key);
         }
-        match self.inner.producer.send(record, self.inner.timeout).await {
+        let (generation, producer) = self.current();
+        match producer.send(record, self.inner.timeout).await {
             Ok(d) => {
                 Ok(Accepted { provider_message_id: Some(format!("{}/{}@{}", out.destination, d.partition, d.offset)) })
             }
-            Err((e, _)) => Err(classify(e, &out.destination)),
+            Err((e, _)) => {
+                if e.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+                    self.replace(generation);
+                    return Err(retryable(short(format!("kafka: producer failed fatally, replaced: {e}"))));
+                }
+                Err(classify(e, &out.destination))
+            }
         }
     }
+}
+
+fn create(cfg: &KafkaConfig) -> Result<FutureProducer, ProviderError> {
+    client_config(cfg)
+        .create()
+        .map_err(|e| ProviderError::Permanent { reason: short(format!("kafka: providers.kafka: {e}")) })
 }
 
 /// librdkafka's settings: `properties` first, then ours, which win.
