@@ -258,6 +258,20 @@ impl CpuSplit {
     }
 }
 
+/// Transactions committed in this database, and the WAL position in bytes.
+async fn xacts_and_wal(client: &tokio_postgres::Client) -> (i64, i64) {
+    let _ = client.batch_execute("SELECT pg_stat_force_next_flush()").await;
+    let r = client
+        .query_one(
+            "SELECT xact_commit, (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint FROM pg_stat_database
+             WHERE datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
 /// The ledger's size, its dead tuples and its indexes, for before/after a drain.
 async fn ledger_size(client: &tokio_postgres::Client) -> String {
     let _ = client.batch_execute("SELECT pg_stat_force_next_flush()").await;
@@ -331,6 +345,7 @@ async fn drain(
     client.batch_execute("SELECT pg_drop_replication_slot('bench_recvlogical')").await.unwrap();
 
     let size_before = ledger_size(client).await;
+    let (xacts_before, wal_before) = xacts_and_wal(client).await;
     let start_server: chrono::DateTime<chrono::Utc> = client.query_one("SELECT now()", &[]).await.unwrap().get(0);
     let t = Instant::now();
     let relay = start_relay();
@@ -362,6 +377,7 @@ async fn drain(
         .await
         .unwrap()
         .get(0);
+    let (xacts_after, wal_after) = xacts_and_wal(client).await;
     wait_sent(client, n, Duration::from_secs(120)).await;
     let size_after = ledger_size(client).await;
     let rss = peak_rss_kib(relay.0.id()) as f64 / 1024.0;
@@ -388,7 +404,12 @@ async fn drain(
     );
     println!("| accepted per second, averaged over tenths of the drain | {} |", per_window.join(", "));
     println!("| relay peak RSS | {rss:.1} MiB |");
-    println!("| ledger before the drain | {size_before} |");
+    println!(
+        "| during the drain, per delivery | {:.2} transactions committed, {:.0} bytes of WAL (the relay's own: the backlog was written before) |",
+        (xacts_after - xacts_before) as f64 / n as f64,
+        (wal_after - wal_before) as f64 / n as f64
+    );
+    println!("| ledger before the drain | {} |", if size_before.is_empty() { "empty" } else { &size_before });
     println!("| ledger after | {size_after} |");
     println!("\n{split}");
     eprintln!(

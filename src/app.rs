@@ -232,13 +232,12 @@ async fn housekeeping(cfg: Arc<Config>, health: Arc<Health>, mut stop: watch::Re
 
 async fn observe(l: &Ledger, cfg: &Config, max_wal: i64) -> Result<(), LedgerError> {
     metrics::gauge!(metric::BACKLOG).set(l.backlog().await? as f64);
-    let mut dead: std::collections::BTreeMap<String, i64> = Default::default();
-    for (channel, status, n) in l.counts().await? {
-        if status == "dead" {
-            *dead.entry(channel).or_default() += n;
-        } else {
-            dead.entry(channel).or_default();
-        }
+    // Every configured channel has the gauge, at 0 when it has no dead letter.
+    let mut dead: std::collections::BTreeMap<String, i64> = cfg.channels.keys().map(|c| (c.clone(), 0)).collect();
+    for (channel, n) in l.dead_counts().await? {
+        // Channel names can come from row data: only configured ones become labels.
+        let label = if cfg.channels.contains_key(&channel) { channel } else { "unknown".to_string() };
+        *dead.entry(label).or_default() += n;
     }
     for (channel, n) in dead {
         metrics::gauge!(metric::DEAD_LETTERS, "channel" => channel).set(n as f64);

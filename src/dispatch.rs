@@ -107,6 +107,51 @@ impl Held {
     }
 }
 
+/// Where claims start in the queue index. Every delivery leaves dead entries
+/// at the low end of `deliveries_due` (its `pending` and `sending` versions)
+/// until VACUUM removes them; a claim scanning from the start walks all of
+/// them, so with a large backlog each claim cost more than the last — a 1 M
+/// backlog drained at a fifth of the rate of a 100 k one. Claims instead
+/// start at the lowest `next_attempt_at` the previous claim took: below it,
+/// every row was dead, locked by another claim, or not yet committed.
+///
+/// That last case (a transaction that began earlier and committed later, a
+/// row given back with `now()` while a claim ran) can leave a due row below
+/// the floor, so at most every [`FULL_SCAN_EVERY`] a claim scans from the
+/// start. The floor only decides *when* a row is claimed, never *whether*:
+/// the claim itself is the same locked, leased update.
+#[derive(Default)]
+struct QueueFloor {
+    floor: Option<chrono::DateTime<Utc>>,
+    last_full: Option<Instant>,
+}
+
+/// How stale the floor may get: a due row below it waits at most this long.
+const FULL_SCAN_EVERY: Duration = Duration::from_secs(1);
+
+impl QueueFloor {
+    /// Where the next claim starts; `None`: from the start of the index.
+    fn start(&mut self, now: Instant) -> Option<chrono::DateTime<Utc>> {
+        if self.floor.is_none() || self.last_full.is_none_or(|t| now.duration_since(t) >= FULL_SCAN_EVERY) {
+            self.last_full = Some(now);
+            return None;
+        }
+        self.floor
+    }
+
+    /// After a claim that started at `from` and took rows from `first_due` on.
+    /// A full scan may lower the floor (it found a row a floored scan missed);
+    /// a floored one only raises it. A claim that took nothing leaves it: an
+    /// empty queue full of dead entries must not make every poll a full scan.
+    fn claimed(&mut self, from: Option<chrono::DateTime<Utc>>, first_due: Option<chrono::DateTime<Utc>>) {
+        let Some(first) = first_due else { return };
+        self.floor = match (from, self.floor) {
+            (Some(_), Some(floor)) => Some(floor.max(first)),
+            _ => Some(first),
+        };
+    }
+}
+
 /// Batches ingestion may hand over in memory at once. Small: rows waiting here
 /// are `sending` in the ledger, so a crash counts them as possible re-sends.
 const FRESH_BATCHES: usize = 2;
@@ -119,13 +164,52 @@ pub struct Intake {
     held: Arc<Held>,
     wake: Arc<Notify>,
     lease: Duration,
+    /// After a wait for room ran out: no waiting before this (see [`Intake::room_soon`]).
+    impatient_until: std::sync::Mutex<Option<Instant>>,
 }
+
+/// How long ingestion waits for room in the hand-over before writing a batch
+/// to the ledger's queue instead: about what dispatch takes to send a batch.
+const HANDOVER_WAIT: Duration = Duration::from_millis(100);
+
+/// After such a wait ran out (dispatch is stalled: a provider down, workers
+/// stopping), ingestion does not wait again for this long.
+const HANDOVER_PATIENCE_OFF: Duration = Duration::from_secs(5);
 
 impl Intake {
     /// Room for one batch in memory, if dispatch keeps up; hold it across the
     /// ledger write and pass it to [`Intake::committed`].
     pub fn room(&self) -> Option<mpsc::Permit<'_, Vec<Claimed>>> {
         self.fresh.try_reserve().ok()
+    }
+
+    /// [`Intake::room`], waiting up to [`HANDOVER_WAIT`] for it while
+    /// dispatch is busy but moving. When dispatch is the slower stage (a
+    /// backlog being drained) every row then takes the fast path — inserted
+    /// claimed, then its outcome: two writes — instead of queueing in the
+    /// ledger — inserted, claimed, outcome: three, and a claim query. The
+    /// rows not yet read wait in the slot's WAL, which holds them anyway.
+    /// When dispatch stalls the wait runs out, and for a while ingestion
+    /// writes straight to the queue again, at full speed.
+    pub async fn room_soon(&self) -> Option<mpsc::Permit<'_, Vec<Claimed>>> {
+        if let Ok(permit) = self.fresh.try_reserve() {
+            return Some(permit);
+        }
+        let now = Instant::now();
+        let patient = {
+            let impatient = self.impatient_until.lock().unwrap_or_else(|p| p.into_inner());
+            impatient.is_none_or(|until| now >= until)
+        };
+        if !patient {
+            return None;
+        }
+        match tokio::time::timeout(HANDOVER_WAIT, self.fresh.reserve()).await {
+            Ok(Ok(permit)) => Some(permit),
+            _ => {
+                *self.impatient_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(now + HANDOVER_PATIENCE_OFF);
+                None
+            }
+        }
     }
 
     /// The lease to insert fresh rows under, when there is room for them.
@@ -183,6 +267,8 @@ pub struct Dispatcher {
     fresh_tx: mpsc::Sender<Vec<Claimed>>,
     fresh_rx: tokio::sync::Mutex<mpsc::Receiver<Vec<Claimed>>>,
     held: Arc<Held>,
+    /// Shared by the workers: one worker's claim moves every worker's floor.
+    floor: std::sync::Mutex<QueueFloor>,
     /// `standby` set: this relay does not hold its lock (see `instance`), so
     /// it starts no provider call.
     health: Arc<Health>,
@@ -248,6 +334,7 @@ impl Dispatcher {
         Ok(Dispatcher {
             health,
             held: Arc::default(),
+            floor: Default::default(),
             fresh_tx,
             fresh_rx: tokio::sync::Mutex::new(fresh_rx),
             channels,
@@ -266,7 +353,13 @@ impl Dispatcher {
     }
 
     pub fn intake(&self) -> Intake {
-        Intake { fresh: self.fresh_tx.clone(), held: self.held.clone(), wake: self.wake.clone(), lease: self.lease }
+        Intake {
+            fresh: self.fresh_tx.clone(),
+            held: self.held.clone(),
+            wake: self.wake.clone(),
+            lease: self.lease,
+            impatient_until: Default::default(),
+        }
     }
 
     /// A batch ingestion handed over, if any (and if no other worker is taking one).
@@ -366,7 +459,9 @@ impl Dispatcher {
                 Some(fresh) => fresh,
                 None => {
                     let _registered_before_release = self.held.gate.read().await;
-                    let claimed = ledger.claim(self.batch, self.lease).await?;
+                    let from = self.floor.lock().unwrap_or_else(|p| p.into_inner()).start(Instant::now());
+                    let (claimed, first_due) = ledger.claim(self.batch, self.lease, from).await?;
+                    self.floor.lock().unwrap_or_else(|p| p.into_inner()).claimed(from, first_due);
                     self.held.add(&claimed);
                     claimed
                 }
@@ -706,6 +801,26 @@ mod tests {
             let cap = Duration::from_millis(100).saturating_mul(1 << (attempt - 1).min(20)).min(B.max);
             assert!(B.delay(attempt) <= cap);
         }
+    }
+
+    #[test]
+    fn the_queue_floor_rises_with_claims_and_a_full_scan_comes_back_every_second() {
+        let at = |s: i64| chrono::DateTime::<Utc>::from_timestamp(s, 0).unwrap();
+        let t0 = Instant::now();
+        let mut f = QueueFloor::default();
+        assert_eq!(f.start(t0), None, "no floor yet: from the start");
+        f.claimed(None, Some(at(100)));
+        assert_eq!(f.start(t0), Some(at(100)));
+        f.claimed(Some(at(100)), Some(at(90)));
+        assert_eq!(f.start(t0), Some(at(100)), "a floored claim never lowers it");
+        f.claimed(Some(at(100)), Some(at(120)));
+        f.claimed(Some(at(120)), None);
+        assert_eq!(f.start(t0 + Duration::from_millis(500)), Some(at(120)), "an empty claim leaves it");
+        assert_eq!(f.start(t0 + FULL_SCAN_EVERY), None, "a full scan every second");
+        f.claimed(None, Some(at(50)));
+        assert_eq!(f.start(t0 + FULL_SCAN_EVERY), Some(at(50)), "a full scan may lower it");
+        f.claimed(None, None);
+        assert_eq!(f.start(t0 + FULL_SCAN_EVERY), Some(at(50)));
     }
 
     #[test]
