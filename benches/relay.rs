@@ -122,7 +122,9 @@ async fn insert_notifications(client: &tokio_postgres::Client, n: i64, per_tx: i
 }
 
 /// BENCH_BACKLOG=N: Pusher down, N rows inserted; the relay's memory while
-/// the whole backlog sits in the ledger, then while it drains for 45 s.
+/// the whole backlog sits in the ledger as `pending` (an outage's backlog:
+/// every row takes the claim path), then the time to drain it once Pusher
+/// is back, the rate over the drain, the CPU split and the ledger's size.
 async fn backlog_memory(client: &tokio_postgres::Client, pusher: &FakePusher, relay: &Relay, n: i64) {
     pusher.fail_next(100_000_000, 503, None);
     let t0 = Instant::now();
@@ -136,17 +138,58 @@ async fn backlog_memory(client: &tokio_postgres::Client, pusher: &FakePusher, re
     }
     let ingest_secs = t0.elapsed().as_secs_f64();
     let rss_backlog = peak_rss_kib(relay.0.id()) as f64 / 1024.0;
+    let size_before = ledger_size(client).await;
     pusher.recover();
-    // The circuit stays open up to relay.circuit_open_ms (30 s) before its probe.
-    tokio::time::sleep(Duration::from_secs(45)).await;
-    let sent = count_sent(client).await;
+    // The circuit stays open up to relay.circuit_open_ms (30 s) before its
+    // probe: the drain is timed from the first event accepted.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while pusher.accepted_count() == 0 {
+        assert!(Instant::now() < deadline, "no event accepted 120 s after Pusher recovered");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let t = Instant::now();
+    let (xacts_before, wal_before) = xacts_and_wal(client).await;
+    let mut cpu = CpuSplit::start(client, relay.0.id()).await;
+    let mut rates = Vec::new();
+    let mut last = (Instant::now(), pusher.accepted_count());
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        cpu.sample(client, false).await;
+        let got = pusher.accepted_count();
+        let now = Instant::now();
+        rates.push(((got - last.1) as f64 / (now - last.0).as_secs_f64()) as u64);
+        last = (now, got);
+        if got >= n as usize {
+            break;
+        }
+        assert!(now < deadline, "backlog not drained within an hour");
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let split = cpu.finish(secs);
+    let (xacts_after, wal_after) = xacts_and_wal(client).await;
+    wait_sent(client, n, Duration::from_secs(120)).await;
+    let size_after = ledger_size(client).await;
     let rss_drain = peak_rss_kib(relay.0.id()) as f64 / 1024.0;
-    println!("\n| measure | value |\n|---|---|");
-    println!("| backlog | {n} rows recorded with Pusher down, in {ingest_secs:.1} s |");
+    let per_window: Vec<String> = rates
+        .chunks(rates.len().div_ceil(10).max(1))
+        .map(|c| format!("{}", c.iter().sum::<u64>() / c.len() as u64))
+        .collect();
+    println!("\n| measure (outage backlog, {n} rows) | value |\n|---|---|");
+    println!("| backlog | {n} rows recorded `pending` with Pusher down, in {ingest_secs:.1} s |");
     println!("| relay peak RSS with the whole backlog in the ledger | {rss_backlog:.1} MiB |");
+    println!("| drained after Pusher recovered (first → last event accepted) | **{:.0} deliveries/s** ({secs:.2} s) |", n as f64 / secs);
+    println!("| accepted per second, averaged over tenths of the drain | {} |", per_window.join(", "));
     println!(
-        "| then 45 s after Pusher recovers (circuit probe after ≤ 30 s) | {sent} sent, peak RSS {rss_drain:.1} MiB |"
+        "| during the drain, per delivery | {:.2} transactions committed, {:.0} bytes of WAL |",
+        (xacts_after - xacts_before) as f64 / n as f64,
+        (wal_after - wal_before) as f64 / n as f64
     );
+    println!("| relay peak RSS after the drain | {rss_drain:.1} MiB |");
+    println!("| ledger before the drain | {size_before} |");
+    println!("| ledger after | {size_after} |");
+    println!("\n{split}");
+    eprintln!("outage backlog: {n} rows, drained at {:.0} deliveries/s", n as f64 / secs);
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {

@@ -64,16 +64,13 @@ impl Drop for StopOnDrop {
     }
 }
 
-/// Runs the relay until `shutdown` turns true (or a fatal error).
-pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
-    let cfg = Arc::new(cfg);
-    let metrics = telemetry::install_metrics();
-    let health = Arc::new(Health::default());
-    // Our own stop signal: set on outside shutdown or when ingestion fails for
-    // good — and whenever `run` returns, early or not (the guard).
-    let (stop_tx, stop) = watch::channel(false);
-    let stop_tx = StopOnDrop(stop_tx);
-    // Served from the start: a standby answers /readyz (503, "standby") and /metrics.
+/// The metrics, health and webhook endpoints, until `stop`.
+async fn serve_metrics(
+    cfg: &Config,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    health: &Arc<Health>,
+    stop: &watch::Receiver<bool>,
+) -> Result<(), RunError> {
     if let Some(addr) = cfg.metrics.socket_addr()? {
         let listener =
             telemetry::bind(addr).await.map_err(|source| RunError::MetricsListen { addr: addr.to_string(), source })?;
@@ -89,6 +86,65 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
             }
         });
     }
+    Ok(())
+}
+
+/// `run --only dispatch`: dispatch workers and nothing else, beside the relay
+/// that works the slot. Such a process reads no stream and takes no lock (it
+/// is not the slot's relay, and any number may run), and for the same reason
+/// never gives back rows left `sending`: it cannot know whose they are. Its
+/// own claims carry its name (`claimed_by`), so the slot's relay leaves them
+/// alone too; if it dies, they are taken over when their lease ends, and
+/// counted as possible re-sends. It takes no fresh hand-over either: it
+/// claims what the ledger holds (`FOR UPDATE SKIP LOCKED`), which is what a
+/// backlog is.
+pub async fn run_dispatch_only(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
+    let cfg = Arc::new(cfg);
+    let metrics = telemetry::install_metrics();
+    let health = Arc::new(Health::default());
+    let (stop_tx, stop) = watch::channel(false);
+    let stop_tx = StopOnDrop(stop_tx);
+    serve_metrics(&cfg, metrics, &health, &stop).await?;
+    let url = cfg.source.database_url.clone();
+    let schema = cfg.relay.schema.clone();
+    // The schema this build expects (serialised against other migrators).
+    ledger::migrate(&mut ledger::connect(&url).await?, &schema).await?;
+    let name = format!("dispatch:{}", uuid::Uuid::new_v4());
+    info!(claimer = %name, "dispatch only: claiming from the ledger beside the slot's relay");
+    let dispatcher =
+        Arc::new(Dispatcher::new(&cfg, health.clone()).map_err(RunError::Provider)?.dispatch_only(name));
+    // Ready when the ledger answers: there is no stream to be connected to.
+    health.source_connected.store(true, Ordering::Relaxed);
+    health.ledger_connected.store(true, Ordering::Relaxed);
+    let mut tasks = JoinSet::new();
+    for _ in 0..cfg.relay.dispatch_workers.max(1) {
+        let (d, url, schema, stop) = (dispatcher.clone(), url.clone(), schema.clone(), stop.clone());
+        tasks.spawn(async move { d.run_worker(&url, &schema, stop).await });
+    }
+    let mut outside = shutdown;
+    crate::stopped(&mut outside).await;
+    info!("shutting down");
+    let _ = stop_tx.0.send(true);
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    if tokio::time::timeout_at(deadline, async { while tasks.join_next().await.is_some() {} }).await.is_err() {
+        warn!("dispatch did not finish in time; its claims are taken over when their lease ends");
+        tasks.abort_all();
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// Runs the relay until `shutdown` turns true (or a fatal error).
+pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
+    let cfg = Arc::new(cfg);
+    let metrics = telemetry::install_metrics();
+    let health = Arc::new(Health::default());
+    // Our own stop signal: set on outside shutdown or when ingestion fails for
+    // good — and whenever `run` returns, early or not (the guard).
+    let (stop_tx, stop) = watch::channel(false);
+    let stop_tx = StopOnDrop(stop_tx);
+    // Served from the start: a standby answers /readyz (503, "standby") and /metrics.
+    serve_metrics(&cfg, metrics, &health, &stop).await?;
 
     let url = cfg.source.database_url.clone();
     let schema = cfg.relay.schema.clone();

@@ -267,6 +267,9 @@ pub struct Dispatcher {
     fresh_tx: mpsc::Sender<Vec<Claimed>>,
     fresh_rx: tokio::sync::Mutex<mpsc::Receiver<Vec<Claimed>>>,
     held: Arc<Held>,
+    /// `None` in the slot's relay; a dispatch-only process's name, written
+    /// with each of its claims (see [`Dispatcher::dispatch_only`]).
+    claimer: Option<String>,
     /// Shared by the workers: one worker's claim moves every worker's floor.
     floor: std::sync::Mutex<QueueFloor>,
     /// `standby` set: this relay does not hold its lock (see `instance`), so
@@ -335,6 +338,7 @@ impl Dispatcher {
             health,
             held: Arc::default(),
             floor: Default::default(),
+            claimer: None,
             fresh_tx,
             fresh_rx: tokio::sync::Mutex::new(fresh_rx),
             channels,
@@ -350,6 +354,14 @@ impl Dispatcher {
             lease: Duration::from_millis(cfg.relay.claim_lease_ms.max(1000)),
             wake: Arc::new(Notify::new()),
         })
+    }
+
+    /// For `run --only dispatch`: claims carry `name`, so the slot's relay
+    /// leaves them alone at its start and session starts; they end by their
+    /// outcome or, if this process dies, by their lease.
+    pub fn dispatch_only(mut self, name: String) -> Dispatcher {
+        self.claimer = Some(name);
+        self
     }
 
     pub fn intake(&self) -> Intake {
@@ -460,7 +472,7 @@ impl Dispatcher {
                 None => {
                     let _registered_before_release = self.held.gate.read().await;
                     let from = self.floor.lock().unwrap_or_else(|p| p.into_inner()).start(Instant::now());
-                    let (claimed, first_due) = ledger.claim(self.batch, self.lease, from).await?;
+                    let (claimed, first_due) = ledger.claim(self.batch, self.lease, self.claimer.as_deref(), from).await?;
                     self.floor.lock().unwrap_or_else(|p| p.into_inner()).claimed(from, first_due);
                     self.held.add(&claimed);
                     claimed

@@ -60,6 +60,8 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (4, include_str!("../sql/migrations/004_webhooks.sql")),
     (5, include_str!("../sql/migrations/005_capture_args.sql")),
     (6, include_str!("../sql/migrations/006_change_keys.sql")),
+    // 7 is listen mode's.
+    (8, include_str!("../sql/migrations/008_claims_and_vacuum.sql")),
 ];
 
 /// The migrations' SQL with the schema name filled in (it is a validated identifier).
@@ -286,13 +288,15 @@ impl Ledger {
 
     /// After a crash: rows left `sending` go back to `pending`. Their earlier
     /// attempt may have reached the provider, so the caller counts them.
+    /// Claims of dispatch-only processes (`claimed_by` set) are theirs: they
+    /// may be sending right now, and end by outcome or lease.
     pub async fn recover_in_flight(&self) -> Result<u64, LedgerError> {
         let n = self
             .client
             .execute(
                 &format!(
                     "UPDATE {}.deliveries SET status = 'pending', next_attempt_at = now(), updated_at = now()
-                     WHERE status = 'sending'",
+                     WHERE status = 'sending' AND claimed_by IS NULL",
                     self.schema
                 ),
                 &[],
@@ -313,7 +317,7 @@ impl Ledger {
                 &format!(
                     "UPDATE {}.deliveries SET status = 'pending', attempts = greatest(attempts - 1, 0),
                          next_attempt_at = now(), updated_at = now()
-                     WHERE status = 'sending' AND NOT (id = ANY($1))",
+                     WHERE status = 'sending' AND claimed_by IS NULL AND NOT (id = ANY($1))",
                     self.schema
                 ),
                 &[&held],
@@ -326,6 +330,9 @@ impl Ledger {
     /// other. A row still `sending` after its lease (its worker lost the
     /// database mid-batch) is claimed again and flagged as a possible re-send.
     ///
+    /// `claimer`: `None` for the slot's relay, a dispatch-only process's name
+    /// otherwise (see `claimed_by` in migration 008).
+    ///
     /// `from`: where to start in the queue index (see `dispatch::QueueFloor`);
     /// `None` scans it from its start. Rows below `from` are not lost, only
     /// left to the next full scan. Returns the claims and the lowest
@@ -334,12 +341,13 @@ impl Ledger {
         &self,
         limit: usize,
         lease: Duration,
+        claimer: Option<&str>,
         from: Option<DateTime<Utc>>,
     ) -> Result<(Vec<Claimed>, Option<DateTime<Utc>>), LedgerError> {
         let claim = self.statement("claim", claim_sql).await?;
         // Measured before the statement: the lease runs from the server's now().
         let send_by = std::time::Instant::now() + lease.mul_f64(0.8);
-        let rows = self.client.query(&claim, &[&(limit as i64), &lease.as_secs_f64(), &from]).await?;
+        let rows = self.client.query(&claim, &[&(limit as i64), &lease.as_secs_f64(), &from, &claimer]).await?;
         let mut first_due: Option<DateTime<Utc>> = None;
         let mut claimed: Vec<Claimed> = rows
             .iter()
@@ -512,7 +520,7 @@ fn claim_sql(s: &str) -> String {
             FOR UPDATE SKIP LOCKED)
          UPDATE {s}.deliveries d
          SET status = 'sending', attempts = d.attempts + 1, updated_at = now(),
-             next_attempt_at = now() + $2::float8 * interval '1 second'
+             next_attempt_at = now() + $2::float8 * interval '1 second', claimed_by = $4::text
          FROM due WHERE d.id = due.id
          RETURNING d.id, d.idempotency_key, d.source_table, d.source_pk, d.channel, d.event,
                    d.recipient, d.payload, d.attempts, d.committed_at, due.was = 'sending',
