@@ -164,17 +164,18 @@ pub struct Intake {
     held: Arc<Held>,
     wake: Arc<Notify>,
     lease: Duration,
-    /// After a wait for room ran out: no waiting before this (see [`Intake::room_soon`]).
-    impatient_until: std::sync::Mutex<Option<Instant>>,
+    /// Fresh batches workers have taken so far, shared with the dispatcher.
+    taken: Arc<std::sync::atomic::AtomicU64>,
+    /// `taken` when a wait for room last ran out: no waiting until it moves
+    /// (see [`Intake::room_soon`]).
+    stalled_at: std::sync::Mutex<Option<u64>>,
 }
 
-/// How long ingestion waits for room in the hand-over before writing a batch
-/// to the ledger's queue instead: about what dispatch takes to send a batch.
-const HANDOVER_WAIT: Duration = Duration::from_millis(100);
-
-/// After such a wait ran out (dispatch is stalled: a provider down, workers
-/// stopping), ingestion does not wait again for this long.
-const HANDOVER_PATIENCE_OFF: Duration = Duration::from_secs(5);
+/// How long ingestion waits for room in the hand-over before it counts
+/// dispatch as stalled and writes the batch to the ledger's queue instead.
+/// Several batches' sending time on a loaded machine: a drain that is merely
+/// slow must not spill.
+const HANDOVER_STALL: Duration = Duration::from_millis(500);
 
 impl Intake {
     /// Room for one batch in memory, if dispatch keeps up; hold it across the
@@ -183,30 +184,28 @@ impl Intake {
         self.fresh.try_reserve().ok()
     }
 
-    /// [`Intake::room`], waiting up to [`HANDOVER_WAIT`] for it while
-    /// dispatch is busy but moving. When dispatch is the slower stage (a
-    /// backlog being drained) every row then takes the fast path — inserted
-    /// claimed, then its outcome: two writes — instead of queueing in the
-    /// ledger — inserted, claimed, outcome: three, and a claim query. The
-    /// rows not yet read wait in the slot's WAL, which holds them anyway.
-    /// When dispatch stalls the wait runs out, and for a while ingestion
-    /// writes straight to the queue again, at full speed.
+    /// [`Intake::room`], waiting for it while dispatch is busy but moving.
+    /// When dispatch is the slower stage (a backlog being drained) every row
+    /// then takes the fast path — inserted claimed, then its outcome: two
+    /// writes — instead of queueing in the ledger — inserted, claimed,
+    /// outcome: three, and a claim query. The rows not yet read wait in the
+    /// slot's WAL, which holds them anyway. When no worker has taken a batch
+    /// for [`HANDOVER_STALL`] (a provider down, the circuit open, workers
+    /// stopping), dispatch is stalled: the batch goes to the queue, and so do
+    /// the next ones, at full speed, until a worker takes a batch again.
     pub async fn room_soon(&self) -> Option<mpsc::Permit<'_, Vec<Claimed>>> {
+        use std::sync::atomic::Ordering::Relaxed;
         if let Ok(permit) = self.fresh.try_reserve() {
             return Some(permit);
         }
-        let now = Instant::now();
-        let patient = {
-            let impatient = self.impatient_until.lock().unwrap_or_else(|p| p.into_inner());
-            impatient.is_none_or(|until| now >= until)
-        };
-        if !patient {
+        let taken = self.taken.load(Relaxed);
+        if *self.stalled_at.lock().unwrap_or_else(|p| p.into_inner()) == Some(taken) {
             return None;
         }
-        match tokio::time::timeout(HANDOVER_WAIT, self.fresh.reserve()).await {
+        match tokio::time::timeout(HANDOVER_STALL, self.fresh.reserve()).await {
             Ok(Ok(permit)) => Some(permit),
             _ => {
-                *self.impatient_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(now + HANDOVER_PATIENCE_OFF);
+                *self.stalled_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(self.taken.load(Relaxed));
                 None
             }
         }
@@ -270,6 +269,8 @@ pub struct Dispatcher {
     /// `None` in the slot's relay; a dispatch-only process's name, written
     /// with each of its claims (see [`Dispatcher::dispatch_only`]).
     claimer: Option<String>,
+    /// Fresh batches taken, for [`Intake::room_soon`].
+    taken: Arc<std::sync::atomic::AtomicU64>,
     /// Shared by the workers: one worker's claim moves every worker's floor.
     floor: std::sync::Mutex<QueueFloor>,
     /// `standby` set: this relay does not hold its lock (see `instance`), so
@@ -338,6 +339,7 @@ impl Dispatcher {
             health,
             held: Arc::default(),
             floor: Default::default(),
+            taken: Arc::default(),
             claimer: None,
             fresh_tx,
             fresh_rx: tokio::sync::Mutex::new(fresh_rx),
@@ -370,13 +372,16 @@ impl Dispatcher {
             held: self.held.clone(),
             wake: self.wake.clone(),
             lease: self.lease,
-            impatient_until: Default::default(),
+            taken: self.taken.clone(),
+            stalled_at: Default::default(),
         }
     }
 
     /// A batch ingestion handed over, if any (and if no other worker is taking one).
     fn take_fresh(&self) -> Option<Vec<Claimed>> {
-        self.fresh_rx.try_lock().ok()?.try_recv().ok()
+        let batch = self.fresh_rx.try_lock().ok()?.try_recv().ok()?;
+        self.taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(batch)
     }
 
     /// After the workers stopped: batches still waiting in memory were never
@@ -472,7 +477,7 @@ impl Dispatcher {
                 None => {
                     let _registered_before_release = self.held.gate.read().await;
                     let from = self.floor.lock().unwrap_or_else(|p| p.into_inner()).start(Instant::now());
-                    let (claimed, first_due) = ledger.claim(self.batch, self.lease, self.claimer.as_deref(), from).await?;
+                    let (claimed, first_due) = ledger.claim_from(self.batch, self.lease, self.claimer.as_deref(), from).await?;
                     self.floor.lock().unwrap_or_else(|p| p.into_inner()).claimed(from, first_due);
                     self.held.add(&claimed);
                     claimed
@@ -833,6 +838,45 @@ mod tests {
         assert_eq!(f.start(t0 + FULL_SCAN_EVERY), Some(at(50)), "a full scan may lower it");
         f.claimed(None, None);
         assert_eq!(f.start(t0 + FULL_SCAN_EVERY), Some(at(50)));
+    }
+
+    fn intake(capacity: usize) -> (Intake, mpsc::Receiver<Vec<Claimed>>) {
+        let (fresh, rx) = mpsc::channel(capacity);
+        let intake = Intake {
+            fresh,
+            held: Arc::default(),
+            wake: Arc::default(),
+            lease: Duration::from_secs(60),
+            taken: Arc::default(),
+            stalled_at: Default::default(),
+        };
+        (intake, rx)
+    }
+
+    #[tokio::test]
+    async fn ingestion_waits_for_a_moving_dispatch_and_not_for_a_stalled_one() {
+        let (intake, mut rx) = intake(1);
+        intake.room().unwrap().send(vec![]);
+        // A worker takes the waiting batch a moment later: the wait gets the room.
+        let taken = intake.taken.clone();
+        let worker = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let batch = rx.recv().await;
+            taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            (batch, rx)
+        });
+        let room = intake.room_soon().await;
+        assert!(room.is_some(), "room once the worker took its batch");
+        room.unwrap().send(vec![]);
+        let (_, mut rx) = worker.await.unwrap();
+        // Nobody takes anything: the wait runs out, and the next batch does not wait.
+        assert!(intake.room_soon().await.is_none());
+        assert_eq!(*intake.stalled_at.lock().unwrap(), Some(1));
+        assert!(intake.room_soon().await.is_none(), "stalled: straight to the queue");
+        // A worker takes a batch again: waiting resumes.
+        rx.recv().await.unwrap();
+        intake.taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(intake.room_soon().await.is_some());
     }
 
     #[test]

@@ -81,7 +81,12 @@ pub async fn connect(url: &str) -> Result<Client, LedgerError> {
     // Whatever the server's default: a ledger commit must be on disk before the
     // relay acts on it (confirms the offset past it, or forgets an outcome).
     // With `synchronous_commit = off` a server crash could undo it afterwards.
-    client.batch_execute("SET synchronous_commit = on").await?;
+    //
+    // Prepared statements are planned for their parameters every time: a
+    // generic plan made while the ledger was nearly empty (a sequential scan
+    // and a hash join for an outcome update) would be kept as the table grew
+    // to millions of rows.
+    client.batch_execute("SET synchronous_commit = on; SET plan_cache_mode = force_custom_plan").await?;
     Ok(client)
 }
 
@@ -229,9 +234,8 @@ pub struct Ledger {
     client: Client,
     schema: String,
     /// The hot statements (insert, claim, finish), prepared once per
-    /// connection: an unprepared query costs a Parse/Describe round trip and
-    /// a fresh plan every time, which for a 10-event Pusher call's outcome
-    /// was as much work as the update itself.
+    /// connection: an unprepared query costs a Parse/Describe round trip
+    /// every time. Still planned per execution (see [`connect`]).
     prepared: std::sync::Mutex<HashMap<&'static str, Statement>>,
 }
 
@@ -329,6 +333,13 @@ impl Ledger {
     /// LOCKED lets several workers claim side by side without waiting on each
     /// other. A row still `sending` after its lease (its worker lost the
     /// database mid-batch) is claimed again and flagged as a possible re-send.
+    /// Scans the queue from its start, for the slot's relay; dispatch uses
+    /// [`Ledger::claim_from`].
+    pub async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<Claimed>, LedgerError> {
+        Ok(self.claim_from(limit, lease, None, None).await?.0)
+    }
+
+    /// [`Ledger::claim`], for `claimer` and from a floor.
     ///
     /// `claimer`: `None` for the slot's relay, a dispatch-only process's name
     /// otherwise (see `claimed_by` in migration 008).
@@ -337,7 +348,7 @@ impl Ledger {
     /// `None` scans it from its start. Rows below `from` are not lost, only
     /// left to the next full scan. Returns the claims and the lowest
     /// `next_attempt_at` among them (the next floor).
-    pub async fn claim(
+    pub async fn claim_from(
         &self,
         limit: usize,
         lease: Duration,
@@ -506,7 +517,7 @@ fn finish_sql(s: &str) -> String {
     )
 }
 
-/// The claim. `$3`: the floor (see [`Ledger::claim`]); the queue index's
+/// The claim. `$3`: the floor (see [`Ledger::claim_from`]); the queue index's
 /// dead entries below it — every settled delivery leaves one until VACUUM —
 /// are not walked. `due_at` comes back to move the floor.
 fn claim_sql(s: &str) -> String {
