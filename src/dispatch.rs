@@ -413,10 +413,20 @@ impl Dispatcher {
                 return;
             }
             let result = match crate::ledger::connect(db_url).await {
-                Ok(client) => {
-                    let ledger = Ledger::new(client, schema);
-                    self.work(&ledger, &mut unrecorded, &mut failures, &mut shutdown).await
-                }
+                // The claim must walk the queue index in order and stop after
+                // `batch` rows. Judged against statistics from when a backlog
+                // was written, a bounded range of `next_attempt_at` looks like
+                // a few hundred rows, and the planner's choice becomes "fetch
+                // every row in the range, then sort": the whole backlog for
+                // each claim of 500 (280 ms instead of 5 at 300 k). Without
+                // bitmap scans the ordered index scan is the only cheap plan.
+                Ok(client) => match client.batch_execute("SET enable_bitmapscan = off").await {
+                    Err(e) => Err(LedgerError::Db(e)),
+                    Ok(()) => {
+                        let ledger = Ledger::new(client, schema);
+                        self.work(&ledger, &mut unrecorded, &mut failures, &mut shutdown).await
+                    }
+                },
                 Err(e) => Err(e),
             };
             match result {

@@ -519,7 +519,8 @@ fn finish_sql(s: &str) -> String {
 
 /// The claim. `$3`: the floor (see [`Ledger::claim_from`]); the queue index's
 /// dead entries below it — every settled delivery leaves one until VACUUM —
-/// are not walked. `due_at` comes back to move the floor.
+/// are not walked. `due_at` comes back to move the floor. Dispatch
+/// connections run it with bitmap scans off (see `Dispatcher::run_worker`).
 fn claim_sql(s: &str) -> String {
     format!(
         "WITH due AS (

@@ -86,11 +86,11 @@ async fn the_slots_relay_leaves_a_dispatch_only_claim_alone() {
     env.wait_settled(6, Duration::from_secs(60)).await;
     sigterm(&child);
     assert!(child.wait().unwrap().success());
-    let held: (String, i32) = client
+    let row = client
         .query_one("SELECT status, attempts FROM outbox_relay.deliveries WHERE idempotency_key = 'held-elsewhere'", &[])
-        .map(|r| r.map(|r| (r.get(0), r.get(1))))
         .await
         .unwrap();
+    let held: (String, i32) = (row.get(0), row.get(1));
     assert_eq!(held, ("sending".to_string(), 1), "still the other process's claim, until its lease ends");
     let counts = env.pusher_counts();
     assert_eq!(counts.get(&100002), Some(&1), "the relay's own orphan went out: {counts:?}");
