@@ -28,7 +28,8 @@ async fn backlog(client: &tokio_postgres::Client, n: i32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dispatch_only_processes_drain_the_ledger_each_delivery_once() {
     let env = Env::new("dispatchonly").await;
-    let client = env.db.client().await;
+    let mut client = env.db.client().await;
+    outbox_relay::ledger::migrate(&mut client, "outbox_relay").await.unwrap();
     backlog(&client, 300).await;
     // Two of them side by side, in-process: SKIP LOCKED keeps them apart.
     let mut runs = Vec::new();
@@ -64,7 +65,8 @@ async fn dispatch_only_processes_drain_the_ledger_each_delivery_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_slots_relay_leaves_a_dispatch_only_claim_alone() {
     let env = Env::new("dispatchclaim").await;
-    let client = env.db.client().await;
+    let mut client = env.db.client().await;
+    outbox_relay::ledger::migrate(&mut client, "outbox_relay").await.unwrap();
     // One claim held by a dispatch-only process (maybe sending right now),
     // one left by an earlier run of the slot's relay (an orphan).
     client
