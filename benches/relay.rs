@@ -178,7 +178,10 @@ async fn backlog_memory(client: &tokio_postgres::Client, pusher: &FakePusher, re
     println!("\n| measure (outage backlog, {n} rows) | value |\n|---|---|");
     println!("| backlog | {n} rows recorded `pending` with Pusher down, in {ingest_secs:.1} s |");
     println!("| relay peak RSS with the whole backlog in the ledger | {rss_backlog:.1} MiB |");
-    println!("| drained after Pusher recovered (first → last event accepted) | **{:.0} deliveries/s** ({secs:.2} s) |", n as f64 / secs);
+    println!(
+        "| drained after Pusher recovered (first → last event accepted) | **{:.0} deliveries/s** ({secs:.2} s) |",
+        n as f64 / secs
+    );
     println!("| accepted per second, averaged over tenths of the drain | {} |", per_window.join(", "));
     println!(
         "| during the drain, per delivery | {:.2} transactions committed, {:.0} bytes of WAL |",

@@ -111,8 +111,7 @@ pub async fn run_dispatch_only(cfg: Config, shutdown: watch::Receiver<bool>) -> 
     ledger::migrate(&mut ledger::connect(&url).await?, &schema).await?;
     let name = format!("dispatch:{}", uuid::Uuid::new_v4());
     info!(claimer = %name, "dispatch only: claiming from the ledger beside the slot's relay");
-    let dispatcher =
-        Arc::new(Dispatcher::new(&cfg, health.clone()).map_err(RunError::Provider)?.dispatch_only(name));
+    let dispatcher = Arc::new(Dispatcher::new(&cfg, health.clone()).map_err(RunError::Provider)?.dispatch_only(name));
     // Ready when the ledger answers: there is no stream to be connected to.
     health.source_connected.store(true, Ordering::Relaxed);
     health.ledger_connected.store(true, Ordering::Relaxed);

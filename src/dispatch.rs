@@ -487,7 +487,8 @@ impl Dispatcher {
                 None => {
                     let _registered_before_release = self.held.gate.read().await;
                     let from = self.floor.lock().unwrap_or_else(|p| p.into_inner()).start(Instant::now());
-                    let (claimed, first_due) = ledger.claim_from(self.batch, self.lease, self.claimer.as_deref(), from).await?;
+                    let (claimed, first_due) =
+                        ledger.claim_from(self.batch, self.lease, self.claimer.as_deref(), from).await?;
                     self.floor.lock().unwrap_or_else(|p| p.into_inner()).claimed(from, first_due);
                     self.held.add(&claimed);
                     claimed
