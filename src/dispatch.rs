@@ -173,9 +173,10 @@ pub struct Intake {
 
 /// How long ingestion waits for room in the hand-over before it counts
 /// dispatch as stalled and writes the batch to the ledger's queue instead.
-/// Several batches' sending time on a loaded machine: a drain that is merely
-/// slow must not spill.
-const HANDOVER_STALL: Duration = Duration::from_millis(500);
+/// Draining, four workers take a batch about every 100 ms; a slow provider
+/// (seconds per call) must cost the stream no more than one such wait, since
+/// waiting resumes only when a worker takes a batch again.
+const HANDOVER_STALL: Duration = Duration::from_millis(100);
 
 impl Intake {
     /// Room for one batch in memory, if dispatch keeps up; hold it across the
