@@ -268,9 +268,7 @@ impl CpuSplit {
                 _ => "other PostgreSQL",
             };
             let ticks = cpu_ticks(pid as u32);
-            if !self.first.contains_key(&(pid as u32)) {
-                self.first.insert(pid as u32, if baseline { ticks } else { 0 });
-            }
+            self.first.entry(pid as u32).or_insert(if baseline { ticks } else { 0 });
             self.last.insert(pid as u32, (class.to_string(), ticks));
         }
     }

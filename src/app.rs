@@ -76,7 +76,7 @@ async fn serve_metrics(
             telemetry::bind(addr).await.map_err(|source| RunError::MetricsListen { addr: addr.to_string(), source })?;
         info!(%addr, "serving /metrics, /healthz, /readyz");
         let mut app = telemetry::router(metrics, health.clone());
-        if let Some(hooks) = crate::webhooks::router(&cfg) {
+        if let Some(hooks) = crate::webhooks::router(cfg) {
             app = app.merge(hooks);
         }
         let stop = stop.clone();
