@@ -164,19 +164,43 @@ pub struct Intake {
     held: Arc<Held>,
     wake: Arc<Notify>,
     lease: Duration,
-    /// Fresh batches workers have taken so far, shared with the dispatcher.
-    taken: Arc<std::sync::atomic::AtomicU64>,
-    /// `taken` when a wait for room last ran out: no waiting until it moves
-    /// (see [`Intake::room_soon`]).
-    stalled_at: std::sync::Mutex<Option<u64>>,
+    /// When a worker last finished a handed-over batch, shared with the
+    /// dispatcher (see [`Intake::room_soon`]).
+    finished: Arc<Finished>,
 }
 
-/// How long ingestion waits for room in the hand-over before it counts
-/// dispatch as stalled and writes the batch to the ledger's queue instead.
-/// Draining, four workers take a batch about every 100 ms; a slow provider
-/// (seconds per call) must cost the stream no more than one such wait, since
-/// waiting resumes only when a worker takes a batch again.
-const HANDOVER_STALL: Duration = Duration::from_millis(100);
+/// When a worker last finished a handed-over batch (every outcome recorded).
+#[derive(Debug)]
+struct Finished {
+    base: Instant,
+    /// Milliseconds after `base`; 0: never.
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Finished {
+    fn default() -> Finished {
+        Finished { base: Instant::now(), last_ms: Default::default() }
+    }
+}
+
+impl Finished {
+    fn now(&self) {
+        let ms = self.base.elapsed().as_millis() as u64 + 1;
+        self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A batch was finished less than `within` ago.
+    fn recently(&self, within: Duration) -> bool {
+        let last = self.last_ms.load(std::sync::atomic::Ordering::Relaxed);
+        last > 0 && (self.base.elapsed().as_millis() as u64 + 1).saturating_sub(last) <= within.as_millis() as u64
+    }
+}
+
+/// How long ingestion waits for room in the hand-over, and how recently a
+/// worker must have finished a batch for waiting to be worth it. Draining,
+/// four workers finish a batch about every 100 ms; a slow provider (seconds
+/// per call) finishes none that recently, and the stream does not wait.
+const HANDOVER_WAIT: Duration = Duration::from_millis(100);
 
 impl Intake {
     /// Room for one batch in memory, if dispatch keeps up; hold it across the
@@ -190,26 +214,18 @@ impl Intake {
     /// then takes the fast path — inserted claimed, then its outcome: two
     /// writes — instead of queueing in the ledger — inserted, claimed,
     /// outcome: three, and a claim query. The rows not yet read wait in the
-    /// slot's WAL, which holds them anyway. When no worker has taken a batch
-    /// for [`HANDOVER_STALL`] (a provider down, the circuit open, workers
-    /// stopping), dispatch is stalled: the batch goes to the queue, and so do
-    /// the next ones, at full speed, until a worker takes a batch again.
+    /// slot's WAL, which holds them anyway. Waiting only while workers keep
+    /// finishing batches (one done in the last [`HANDOVER_WAIT`]) means a
+    /// slow or failing provider never holds the stream: the batch goes to
+    /// the ledger's queue at once, as before.
     pub async fn room_soon(&self) -> Option<mpsc::Permit<'_, Vec<Claimed>>> {
-        use std::sync::atomic::Ordering::Relaxed;
         if let Ok(permit) = self.fresh.try_reserve() {
             return Some(permit);
         }
-        let taken = self.taken.load(Relaxed);
-        if *self.stalled_at.lock().unwrap_or_else(|p| p.into_inner()) == Some(taken) {
+        if !self.finished.recently(HANDOVER_WAIT) {
             return None;
         }
-        match tokio::time::timeout(HANDOVER_STALL, self.fresh.reserve()).await {
-            Ok(Ok(permit)) => Some(permit),
-            _ => {
-                *self.stalled_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(self.taken.load(Relaxed));
-                None
-            }
-        }
+        tokio::time::timeout(HANDOVER_WAIT, self.fresh.reserve()).await.ok()?.ok()
     }
 
     /// The lease to insert fresh rows under, when there is room for them.
@@ -270,8 +286,8 @@ pub struct Dispatcher {
     /// `None` in the slot's relay; a dispatch-only process's name, written
     /// with each of its claims (see [`Dispatcher::dispatch_only`]).
     claimer: Option<String>,
-    /// Fresh batches taken, for [`Intake::room_soon`].
-    taken: Arc<std::sync::atomic::AtomicU64>,
+    /// When a handed-over batch was last finished, for [`Intake::room_soon`].
+    finished: Arc<Finished>,
     /// Shared by the workers: one worker's claim moves every worker's floor.
     floor: std::sync::Mutex<QueueFloor>,
     /// `standby` set: this relay does not hold its lock (see `instance`), so
@@ -340,7 +356,7 @@ impl Dispatcher {
             health,
             held: Arc::default(),
             floor: Default::default(),
-            taken: Arc::default(),
+            finished: Arc::default(),
             claimer: None,
             fresh_tx,
             fresh_rx: tokio::sync::Mutex::new(fresh_rx),
@@ -373,16 +389,13 @@ impl Dispatcher {
             held: self.held.clone(),
             wake: self.wake.clone(),
             lease: self.lease,
-            taken: self.taken.clone(),
-            stalled_at: Default::default(),
+            finished: self.finished.clone(),
         }
     }
 
     /// A batch ingestion handed over, if any (and if no other worker is taking one).
     fn take_fresh(&self) -> Option<Vec<Claimed>> {
-        let batch = self.fresh_rx.try_lock().ok()?.try_recv().ok()?;
-        self.taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Some(batch)
+        self.fresh_rx.try_lock().ok()?.try_recv().ok()
     }
 
     /// After the workers stopped: batches still waiting in memory were never
@@ -483,8 +496,12 @@ impl Dispatcher {
             let notified = self.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            let mut handed_over = false;
             let batch = match self.take_fresh() {
-                Some(fresh) => fresh,
+                Some(fresh) => {
+                    handed_over = true;
+                    fresh
+                }
                 None => {
                     let _registered_before_release = self.held.gate.read().await;
                     let from = self.floor.lock().unwrap_or_else(|p| p.into_inner()).start(Instant::now());
@@ -543,6 +560,9 @@ impl Dispatcher {
                 ledger.finish(unrecorded).await?;
                 self.held.remove(unrecorded);
                 unrecorded.clear();
+            }
+            if handed_over {
+                self.finished.now();
             }
             if full {
                 // More is probably waiting: let the other workers know.
@@ -859,36 +879,27 @@ mod tests {
             held: Arc::default(),
             wake: Arc::default(),
             lease: Duration::from_secs(60),
-            taken: Arc::default(),
-            stalled_at: Default::default(),
+            finished: Arc::default(),
         };
         (intake, rx)
     }
 
     #[tokio::test]
-    async fn ingestion_waits_for_a_moving_dispatch_and_not_for_a_stalled_one() {
+    async fn ingestion_waits_for_a_moving_dispatch_and_not_for_a_slow_one() {
         let (intake, mut rx) = intake(1);
         intake.room().unwrap().send(vec![]);
-        // A worker takes the waiting batch a moment later: the wait gets the room.
-        let taken = intake.taken.clone();
-        let worker = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            let batch = rx.recv().await;
-            taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            (batch, rx)
-        });
-        let room = intake.room_soon().await;
-        assert!(room.is_some(), "room once the worker took its batch");
-        room.unwrap().send(vec![]);
-        let (_, mut rx) = worker.await.unwrap();
-        // Nobody takes anything: the wait runs out, and the next batch does not wait.
+        // No batch finished yet (a provider taking seconds per call looks like
+        // this): the hand-over is full, the batch goes to the queue at once.
         assert!(intake.room_soon().await.is_none());
-        assert_eq!(*intake.stalled_at.lock().unwrap(), Some(1));
-        assert!(intake.room_soon().await.is_none(), "stalled: straight to the queue");
-        // A worker takes a batch again: waiting resumes.
-        rx.recv().await.unwrap();
-        intake.taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        assert!(intake.room_soon().await.is_some());
+        // Workers finish batches: ingestion waits, and gets the room a worker frees.
+        intake.finished.now();
+        let worker = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            rx.recv().await.unwrap();
+            rx
+        });
+        assert!(intake.room_soon().await.is_some(), "room once the worker took its batch");
+        drop(worker.await.unwrap());
     }
 
     #[test]
