@@ -9,6 +9,12 @@
 //!    `sent_at` being set just after the provider accepted);
 //! 3. the relay process's peak RSS (VmHWM) over both.
 //!
+//! BENCH_DRAIN=N instead drains a backlog of N rows written while the relay
+//! was stopped, beside pg_recvlogical on the same WAL, with the CPU split per
+//! process and the ledger's size before and after (see [`drain`]).
+//!
+//! BENCH_BIN=path runs another build of the relay under the same harness.
+//!
 //! BENCH_ROWS, BENCH_RATE and BENCH_SECONDS override the sizes; BENCH_MODE=listen
 //! runs the same on the LISTEN/NOTIFY source; BENCH_RELAY="k = v; k = v" sets
 //! `[relay]` keys.
@@ -126,7 +132,9 @@ async fn insert_notifications(client: &tokio_postgres::Client, n: i64, per_tx: i
 }
 
 /// BENCH_BACKLOG=N: Pusher down, N rows inserted; the relay's memory while
-/// the whole backlog sits in the ledger, then while it drains for 45 s.
+/// the whole backlog sits in the ledger as `pending` (an outage's backlog:
+/// every row takes the claim path), then the time to drain it once Pusher
+/// is back, the rate over the drain, the CPU split and the ledger's size.
 async fn backlog_memory(client: &tokio_postgres::Client, pusher: &FakePusher, relay: &Relay, n: i64) {
     pusher.fail_next(100_000_000, 503, None);
     let t0 = Instant::now();
@@ -140,17 +148,61 @@ async fn backlog_memory(client: &tokio_postgres::Client, pusher: &FakePusher, re
     }
     let ingest_secs = t0.elapsed().as_secs_f64();
     let rss_backlog = peak_rss_kib(relay.0.id()) as f64 / 1024.0;
+    let size_before = ledger_size(client).await;
     pusher.recover();
-    // The circuit stays open up to relay.circuit_open_ms (30 s) before its probe.
-    tokio::time::sleep(Duration::from_secs(45)).await;
-    let sent = count_sent(client).await;
+    // The circuit stays open up to relay.circuit_open_ms (30 s) before its
+    // probe: the drain is timed from the first event accepted.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while pusher.accepted_count() == 0 {
+        assert!(Instant::now() < deadline, "no event accepted 120 s after Pusher recovered");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let t = Instant::now();
+    let (xacts_before, wal_before) = xacts_and_wal(client).await;
+    let mut cpu = CpuSplit::start(client, relay.0.id()).await;
+    let mut rates = Vec::new();
+    let mut last = (Instant::now(), pusher.accepted_count());
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        cpu.sample(client, false).await;
+        let got = pusher.accepted_count();
+        let now = Instant::now();
+        rates.push(((got - last.1) as f64 / (now - last.0).as_secs_f64()) as u64);
+        last = (now, got);
+        if got >= n as usize {
+            break;
+        }
+        assert!(now < deadline, "backlog not drained within an hour");
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let split = cpu.finish(secs);
+    let (xacts_after, wal_after) = xacts_and_wal(client).await;
+    wait_sent(client, n, Duration::from_secs(120)).await;
+    let size_after = ledger_size(client).await;
     let rss_drain = peak_rss_kib(relay.0.id()) as f64 / 1024.0;
-    println!("\n| measure | value |\n|---|---|");
-    println!("| backlog | {n} rows recorded with Pusher down, in {ingest_secs:.1} s |");
+    let per_window: Vec<String> = rates
+        .chunks(rates.len().div_ceil(10).max(1))
+        .map(|c| format!("{}", c.iter().sum::<u64>() / c.len() as u64))
+        .collect();
+    println!("\n| measure (outage backlog, {n} rows) | value |\n|---|---|");
+    println!("| backlog | {n} rows recorded `pending` with Pusher down, in {ingest_secs:.1} s |");
     println!("| relay peak RSS with the whole backlog in the ledger | {rss_backlog:.1} MiB |");
     println!(
-        "| then 45 s after Pusher recovers (circuit probe after ≤ 30 s) | {sent} sent, peak RSS {rss_drain:.1} MiB |"
+        "| drained after Pusher recovered (first → last event accepted) | **{:.0} deliveries/s** ({secs:.2} s) |",
+        n as f64 / secs
     );
+    println!("| accepted per second, averaged over tenths of the drain | {} |", per_window.join(", "));
+    println!(
+        "| during the drain, per delivery | {:.2} transactions committed, {:.0} bytes of WAL |",
+        (xacts_after - xacts_before) as f64 / n as f64,
+        (wal_after - wal_before) as f64 / n as f64
+    );
+    println!("| relay peak RSS after the drain | {rss_drain:.1} MiB |");
+    println!("| ledger before the drain | {size_before} |");
+    println!("| ledger after | {size_after} |");
+    println!("\n{split}");
+    eprintln!("outage backlog: {n} rows, drained at {:.0} deliveries/s", n as f64 / secs);
 }
 
 /// Rows committed by `writers` connections in `seconds`, each statement
@@ -245,6 +297,267 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU ticks (user + system) of one process, from /proc/<pid>/stat; 0 once gone.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name may hold spaces; fields resume after its closing parenthesis.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else { return 0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of the stat line (utime, stime), counted from `state` (field 3).
+    f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+}
+
+/// Busy and total ticks of the whole machine (/proc/stat), to show how loaded it was.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> =
+        stat.lines().next().unwrap_or_default().split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// Samples CPU per process class while a phase runs: the relay, the bench
+/// itself (fake Pusher and harness), and PostgreSQL backends by type (the
+/// walsender, client backends — the relay's ledger connections —, autovacuum,
+/// the rest). A backend first seen during the phase started during it, so
+/// all its ticks count; one that ends between two samples loses its last
+/// fraction of a second.
+struct CpuSplit {
+    relay: u32,
+    first: std::collections::HashMap<u32, u64>,
+    last: std::collections::HashMap<u32, (String, u64)>,
+    relay_start: u64,
+    bench_start: u64,
+    machine_start: (u64, u64),
+}
+
+impl CpuSplit {
+    async fn start(client: &tokio_postgres::Client, relay: u32) -> CpuSplit {
+        let mut s = CpuSplit {
+            relay,
+            first: Default::default(),
+            last: Default::default(),
+            relay_start: cpu_ticks(relay),
+            bench_start: cpu_ticks(std::process::id()),
+            machine_start: machine_ticks(),
+        };
+        s.sample(client, true).await;
+        s
+    }
+
+    async fn sample(&mut self, client: &tokio_postgres::Client, baseline: bool) {
+        let own: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await.map(|r| r.get(0)).unwrap_or(0);
+        let rows =
+            client.query("SELECT pid, coalesce(backend_type, '') FROM pg_stat_activity", &[]).await.unwrap_or_default();
+        for r in rows {
+            let (pid, kind): (i32, String) = (r.get(0), r.get(1));
+            let class = match kind.as_str() {
+                "walsender" => "walsender",
+                "client backend" if pid == own => "bench's own backend",
+                "client backend" => "ledger backends (relay's connections)",
+                "autovacuum worker" => "autovacuum",
+                _ => "other PostgreSQL",
+            };
+            let ticks = cpu_ticks(pid as u32);
+            self.first.entry(pid as u32).or_insert(if baseline { ticks } else { 0 });
+            self.last.insert(pid as u32, (class.to_string(), ticks));
+        }
+    }
+
+    /// Seconds of CPU per class over the phase, and the machine's busy share.
+    fn finish(&self, secs: f64) -> String {
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let mut by: std::collections::BTreeMap<String, f64> = Default::default();
+        for (pid, (class, ticks)) in &self.last {
+            *by.entry(class.clone()).or_default() += ticks.saturating_sub(self.first[pid]) as f64 / hz;
+        }
+        by.insert("relay process".into(), cpu_ticks(self.relay).saturating_sub(self.relay_start) as f64 / hz);
+        by.insert(
+            "bench process (fake Pusher, harness)".into(),
+            cpu_ticks(std::process::id()).saturating_sub(self.bench_start) as f64 / hz,
+        );
+        let (busy, total) = machine_ticks();
+        let machine = (busy - self.machine_start.0) as f64 / (total - self.machine_start.1).max(1) as f64;
+        let ours: f64 = by.values().sum();
+        let mut out = String::from("| process | CPU s | share of one core |\n|---|---|---|\n");
+        for (class, s) in &by {
+            out.push_str(&format!("| {class} | {s:.1} | {:.0} % |\n", 100.0 * s / secs));
+        }
+        out.push_str(&format!(
+            "| all of the above | {ours:.1} | {:.0} % |\n| whole machine busy (other engineers' work included) | | {:.0} % of {} cores |\n",
+            100.0 * ours / secs,
+            100.0 * machine,
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+        ));
+        out
+    }
+}
+
+/// Transactions committed in this database, and the WAL position in bytes.
+async fn xacts_and_wal(client: &tokio_postgres::Client) -> (i64, i64) {
+    let _ = client.batch_execute("SELECT pg_stat_force_next_flush()").await;
+    let r = client
+        .query_one(
+            "SELECT xact_commit, (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint FROM pg_stat_database
+             WHERE datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+/// The ledger's size, its dead tuples and its indexes, for before/after a drain.
+async fn ledger_size(client: &tokio_postgres::Client) -> String {
+    let _ = client.batch_execute("SELECT pg_stat_force_next_flush()").await;
+    let rows = client
+        .query(
+            "SELECT c.relname, pg_relation_size(c.oid), coalesce(s.n_live_tup, 0), coalesce(s.n_dead_tup, 0),
+                    coalesce(s.autovacuum_count, 0) + coalesce(s.vacuum_count, 0)
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
+             WHERE n.nspname = 'outbox_relay' AND c.relkind IN ('r', 'i') AND pg_relation_size(c.oid) > 8192
+             ORDER BY pg_relation_size(c.oid) DESC",
+            &[],
+        )
+        .await
+        .unwrap_or_default();
+    rows.iter()
+        .map(|r| {
+            let (name, bytes, live, dead, vacuums): (String, i64, i64, i64, i64) =
+                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            if live + dead > 0 {
+                format!(
+                    "{name} {:.1} MiB ({live} live, {dead} dead tuples, {vacuums} vacuums)",
+                    bytes as f64 / 1048576.0
+                )
+            } else {
+                format!("{name} {:.1} MiB", bytes as f64 / 1048576.0)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// BENCH_DRAIN=N: the relay is stopped while N rows are committed (5 000 per
+/// transaction); then pg_recvlogical streams the same WAL through pgoutput
+/// (protocol 1, the relay's publication, to /dev/null) from its own slot,
+/// created beside the relay's; then the relay starts and drains the backlog
+/// to the fake Pusher. Prints the drain rate, the ingestion rate against
+/// pg_recvlogical's, where the CPU went, and the ledger's size before/after.
+async fn drain(
+    pg: &EmbeddedPg,
+    url: &str,
+    client: &tokio_postgres::Client,
+    pusher: &FakePusher,
+    start_relay: impl FnOnce() -> Relay,
+    n: i64,
+) {
+    client.batch_execute("SELECT pg_create_logical_replication_slot('bench_recvlogical', 'pgoutput')").await.unwrap();
+    let t0 = Instant::now();
+    insert_notifications(client, n, 5000).await;
+    let insert_secs = t0.elapsed().as_secs_f64();
+    let end_lsn: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    let wal_mib: f64 = client
+        .query_one(
+            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::float8 / 1048576 FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    // pg_recvlogical: the same WAL, the same publication, nothing done with it.
+    let t = Instant::now();
+    let out = Command::new("pg_recvlogical")
+        .args(["-d", url, "--slot", "bench_recvlogical", "--start", "--no-loop", "-f", "/dev/null"])
+        .args(["-o", "proto_version=1", "-o", "publication_names=outbox_relay", "--endpos", &end_lsn])
+        .stderr(Stdio::piped())
+        .output()
+        .expect("pg_recvlogical on PATH");
+    let recv_secs = t.elapsed().as_secs_f64();
+    assert!(out.status.success(), "pg_recvlogical: {}", String::from_utf8_lossy(&out.stderr));
+    client.batch_execute("SELECT pg_drop_replication_slot('bench_recvlogical')").await.unwrap();
+
+    let size_before = ledger_size(client).await;
+    let (xacts_before, wal_before) = xacts_and_wal(client).await;
+    let start_server: chrono::DateTime<chrono::Utc> = client.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    let t = Instant::now();
+    let relay = start_relay();
+    let mut cpu = CpuSplit::start(client, relay.0.id()).await;
+    // Sampled every second: backends that come and go are seen, and the drain
+    // rate over time shows whether it degrades as `sent` rows pile up.
+    let mut rates = Vec::new();
+    let mut last = (Instant::now(), 0usize);
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        cpu.sample(client, false).await;
+        let got = pusher.accepted_count();
+        let now = Instant::now();
+        rates.push(((got - last.1) as f64 / (now - last.0).as_secs_f64()) as u64);
+        last = (now, got);
+        if got >= n as usize {
+            break;
+        }
+        assert!(now < deadline, "backlog not drained within an hour");
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let split = cpu.finish(secs);
+    let ingested: f64 = client
+        .query_one(
+            "SELECT extract(epoch FROM max(created_at) - $1)::float8 FROM outbox_relay.deliveries",
+            &[&start_server],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let (xacts_after, wal_after) = xacts_and_wal(client).await;
+    wait_sent(client, n, Duration::from_secs(120)).await;
+    let size_after = ledger_size(client).await;
+    let rss = peak_rss_kib(relay.0.id()) as f64 / 1024.0;
+    let per_window: Vec<String> = rates
+        .chunks(rates.len().div_ceil(10).max(1))
+        .map(|c| format!("{}", c.iter().sum::<u64>() / c.len() as u64))
+        .collect();
+    let _ = pg;
+
+    println!("\n| measure (backlog drain, {n} rows) | value |\n|---|---|");
+    println!("| backlog | {n} rows committed in transactions of 5 000 with the relay stopped ({insert_secs:.1} s), {wal_mib:.0} MiB of WAL |");
+    println!(
+        "| pg_recvlogical, pgoutput proto 1, same publication, to /dev/null | {:.0} rows/s ({recv_secs:.2} s) |",
+        n as f64 / recv_secs
+    );
+    println!(
+        "| relay: every row in the ledger (ingestion) | {:.0} rows/s ({ingested:.2} s after start) |",
+        n as f64 / ingested
+    );
+    println!("| ingestion / pg_recvlogical | {:.2} |", recv_secs / ingested);
+    println!(
+        "| relay: backlog drained (start → last event accepted by Pusher) | **{:.0} deliveries/s** ({secs:.2} s) |",
+        n as f64 / secs
+    );
+    println!("| accepted per second, averaged over tenths of the drain | {} |", per_window.join(", "));
+    println!("| relay peak RSS | {rss:.1} MiB |");
+    println!(
+        "| during the drain, per delivery | {:.2} transactions committed, {:.0} bytes of WAL (the relay's own: the backlog was written before) |",
+        (xacts_after - xacts_before) as f64 / n as f64,
+        (wal_after - wal_before) as f64 / n as f64
+    );
+    println!("| ledger before the drain | {} |", if size_before.is_empty() { "empty" } else { &size_before });
+    println!("| ledger after | {size_after} |");
+    println!("\n{split}");
+    eprintln!(
+        "drain: {n} rows, {:.0} deliveries/s, ingestion {:.0}/s, pg_recvlogical {:.0}/s",
+        n as f64 / secs,
+        n as f64 / ingested,
+        n as f64 / recv_secs
+    );
+    drop(relay);
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let rows = env_or("BENCH_ROWS", 100_000) as i64;
@@ -271,14 +584,25 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("relay.toml");
     std::fs::write(&path, text).unwrap();
-    let mut relay = Relay(
-        Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
-            .args(["--config", path.to_str().unwrap(), "run"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    // BENCH_BIN: another build of the relay (an earlier commit, say) under
+    // the same harness, for before/after figures from the same run.
+    let relay_bin = std::env::var("BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_outbox-relay").to_string());
+    let spawn = || {
+        Relay(
+            Command::new(&relay_bin)
+                .args(["--config", path.to_str().unwrap(), "run"])
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let drain_rows = env_or("BENCH_DRAIN", 0) as i64;
+    if drain_rows > 0 {
+        drain(&pg, &url, &client, &pusher, spawn, drain_rows).await;
+        return;
+    }
+    let mut relay = spawn();
     let started = if mode == "listen" {
         "SELECT true FROM outbox_relay.listen_progress WHERE name = 'outbox_relay'"
     } else {

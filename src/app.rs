@@ -64,6 +64,75 @@ impl Drop for StopOnDrop {
     }
 }
 
+/// The metrics, health and webhook endpoints, until `stop`.
+async fn serve_metrics(
+    cfg: &Config,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    health: &Arc<Health>,
+    stop: &watch::Receiver<bool>,
+) -> Result<(), RunError> {
+    if let Some(addr) = cfg.metrics.socket_addr()? {
+        let listener =
+            telemetry::bind(addr).await.map_err(|source| RunError::MetricsListen { addr: addr.to_string(), source })?;
+        info!(%addr, "serving /metrics, /healthz, /readyz");
+        let mut app = telemetry::router(metrics, health.clone());
+        if let Some(hooks) = crate::webhooks::router(cfg) {
+            app = app.merge(hooks);
+        }
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if let Err(e) = telemetry::serve(listener, app, stop).await {
+                warn!(error = %e, "metrics server stopped");
+            }
+        });
+    }
+    Ok(())
+}
+
+/// `run --only dispatch`: dispatch workers and nothing else, beside the relay
+/// that works the slot. Such a process reads no stream and takes no lock (it
+/// is not the slot's relay, and any number may run), and for the same reason
+/// never gives back rows left `sending`: it cannot know whose they are. Its
+/// own claims carry its name (`claimed_by`), so the slot's relay leaves them
+/// alone too; if it dies, they are taken over when their lease ends, and
+/// counted as possible re-sends. It takes no fresh hand-over either: it
+/// claims what the ledger holds (`FOR UPDATE SKIP LOCKED`), which is what a
+/// backlog is.
+pub async fn run_dispatch_only(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
+    let cfg = Arc::new(cfg);
+    let metrics = telemetry::install_metrics();
+    let health = Arc::new(Health::default());
+    let (stop_tx, stop) = watch::channel(false);
+    let stop_tx = StopOnDrop(stop_tx);
+    serve_metrics(&cfg, metrics, &health, &stop).await?;
+    let url = cfg.source.database_url.clone();
+    let schema = cfg.relay.schema.clone();
+    // The schema this build expects (serialised against other migrators).
+    ledger::migrate(&mut ledger::connect(&url).await?, &schema).await?;
+    let name = format!("dispatch:{}", uuid::Uuid::new_v4());
+    info!(claimer = %name, "dispatch only: claiming from the ledger beside the slot's relay");
+    let dispatcher = Arc::new(Dispatcher::new(&cfg, health.clone()).map_err(RunError::Provider)?.dispatch_only(name));
+    // Ready when the ledger answers: there is no stream to be connected to.
+    health.source_connected.store(true, Ordering::Relaxed);
+    health.ledger_connected.store(true, Ordering::Relaxed);
+    let mut tasks = JoinSet::new();
+    for _ in 0..cfg.relay.dispatch_workers.max(1) {
+        let (d, url, schema, stop) = (dispatcher.clone(), url.clone(), schema.clone(), stop.clone());
+        tasks.spawn(async move { d.run_worker(&url, &schema, stop).await });
+    }
+    let mut outside = shutdown;
+    crate::stopped(&mut outside).await;
+    info!("shutting down");
+    let _ = stop_tx.0.send(true);
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    if tokio::time::timeout_at(deadline, async { while tasks.join_next().await.is_some() {} }).await.is_err() {
+        warn!("dispatch did not finish in time; its claims are taken over when their lease ends");
+        tasks.abort_all();
+    }
+    info!("stopped");
+    Ok(())
+}
+
 /// Runs the relay until `shutdown` turns true (or a fatal error).
 pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
     let cfg = Arc::new(cfg);
@@ -74,21 +143,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
     let (stop_tx, stop) = watch::channel(false);
     let stop_tx = StopOnDrop(stop_tx);
     // Served from the start: a standby answers /readyz (503, "standby") and /metrics.
-    if let Some(addr) = cfg.metrics.socket_addr()? {
-        let listener =
-            telemetry::bind(addr).await.map_err(|source| RunError::MetricsListen { addr: addr.to_string(), source })?;
-        info!(%addr, "serving /metrics, /healthz, /readyz");
-        let mut app = telemetry::router(metrics, health.clone());
-        if let Some(hooks) = crate::webhooks::router(&cfg) {
-            app = app.merge(hooks);
-        }
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            if let Err(e) = telemetry::serve(listener, app, stop).await {
-                warn!(error = %e, "metrics server stopped");
-            }
-        });
-    }
+    serve_metrics(&cfg, metrics, &health, &stop).await?;
 
     let url = cfg.source.database_url.clone();
     let schema = cfg.relay.schema.clone();
@@ -272,13 +327,12 @@ async fn observe(l: &Ledger, cfg: &Config, max_wal: i64) -> Result<(), LedgerErr
     metrics::gauge!(metric::BACKLOG).set(l.backlog().await? as f64);
     let oldest = l.oldest_pending_age().await?.unwrap_or_default();
     metrics::gauge!(metric::OLDEST_PENDING).set(oldest.as_secs_f64());
-    let mut dead: std::collections::BTreeMap<String, i64> = Default::default();
-    for (channel, status, n) in l.counts().await? {
-        if status == "dead" {
-            *dead.entry(channel).or_default() += n;
-        } else {
-            dead.entry(channel).or_default();
-        }
+    // Every configured channel has the gauge, at 0 when it has no dead letter.
+    let mut dead: std::collections::BTreeMap<String, i64> = cfg.channels.keys().map(|c| (c.clone(), 0)).collect();
+    for (channel, n) in l.dead_counts().await? {
+        // Channel names can come from row data: only configured ones become labels.
+        let label = if cfg.channels.contains_key(&channel) { channel } else { "unknown".to_string() };
+        *dead.entry(label).or_default() += n;
     }
     for (channel, n) in dead {
         metrics::gauge!(metric::DEAD_LETTERS, "channel" => channel).set(n as f64);

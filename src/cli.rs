@@ -31,7 +31,12 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Stream changes and deliver them until SIGTERM/SIGINT.
-    Run,
+    Run {
+        /// `dispatch`: only send what the ledger holds, beside the relay that
+        /// works the slot (more sending capacity, on other machines too).
+        #[arg(long, value_enum)]
+        only: Option<Only>,
+    },
     /// Create or upgrade the relay's schema (ledger, offset). Safe to run twice.
     Migrate,
     /// Create the publication, slot and role the relay needs. Safe to run twice.
@@ -101,6 +106,13 @@ pub enum Command {
         #[arg(long)]
         recipient: String,
     },
+}
+
+/// One part of `run`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Only {
+    /// Claim and send due deliveries from the ledger: no stream, no lock.
+    Dispatch,
 }
 
 #[derive(Debug, Subcommand)]
@@ -306,10 +318,14 @@ pub async fn main(cli: Cli) -> Result<(), Failure> {
             let ledger = crate::ledger::Ledger::new(connect(&cfg).await?, &cfg.relay.schema);
             dead_letters(&ledger, cmd).await
         }
-        Command::Run => {
+        Command::Run { only } => {
             let cfg = load()?;
             let shutdown = signal_shutdown();
-            crate::app::run(cfg, shutdown).await.map_err(|e| match &e {
+            let run = match only {
+                None => crate::app::run(cfg, shutdown).await,
+                Some(Only::Dispatch) => crate::app::run_dispatch_only(cfg, shutdown).await,
+            };
+            run.map_err(|e| match &e {
                 crate::app::RunError::Ingest(i) if !i.is_retryable() => Failure::user(e),
                 crate::app::RunError::ListenSource(l) if !l.is_retryable() => Failure::user(e),
                 crate::app::RunError::Ledger(l) if !l.is_retryable() => Failure::user(e),

@@ -241,11 +241,12 @@ impl Ingest {
         written: mpsc::UnboundedSender<Lsn>,
     ) -> Result<(), IngestError> {
         while let Some(h) = batches.recv().await {
-            let started = std::time::Instant::now();
-            // Dispatch has room: write the fresh rows already claimed and hand
-            // them over in memory. If not, they wait in the ledger's queue.
-            let room = self.intake.room();
+            // Dispatch has room (or will in a moment): write the fresh rows
+            // already claimed and hand them over in memory. If not, they wait
+            // in the ledger's queue.
+            let room = self.intake.room_soon().await;
             let claim = self.intake.claim(&room);
+            let started = std::time::Instant::now();
             let inserted = ledger.record(&h.deliveries, &self.cfg.source.slot, h.end, claim).await?;
             metrics::histogram!(metric::LEDGER_FLUSH).record(started.elapsed().as_secs_f64());
             crate::routing::count_recorded(inserted.fresh.iter().map(|&i| &h.deliveries[i]), &self.cfg);

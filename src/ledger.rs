@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value as Json;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 use tracing::{info, warn};
 
 use crate::routing::NewDelivery;
@@ -61,6 +61,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (5, include_str!("../sql/migrations/005_capture_args.sql")),
     (6, include_str!("../sql/migrations/006_change_keys.sql")),
     (7, include_str!("../sql/migrations/007_capture_rows.sql")),
+    (8, include_str!("../sql/migrations/008_claims_and_vacuum.sql")),
 ];
 
 /// The migrations' SQL with the schema name filled in (it is a validated identifier).
@@ -84,9 +85,15 @@ pub async fn connect(url: &str) -> Result<Client, LedgerError> {
     // And a transaction the relay left open (its process frozen by SIGSTOP, or
     // cut off) must not hold its row locks for ever: the relay that takes
     // over would wait on them. The relay never waits inside a transaction.
+    //
+    // Prepared statements are planned for their parameters every time: a
+    // generic plan made while the ledger was nearly empty (a sequential scan
+    // and a hash join for an outcome update) would be kept as the table grew
+    // to millions of rows.
     client
         .batch_execute(&format!(
-            "SET synchronous_commit = on; SET idle_in_transaction_session_timeout = {}",
+            "SET synchronous_commit = on; SET idle_in_transaction_session_timeout = {}; \
+             SET plan_cache_mode = force_custom_plan",
             IDLE_IN_TRANSACTION.as_millis()
         ))
         .await?;
@@ -240,11 +247,25 @@ impl Outcome {
 pub struct Ledger {
     client: Client,
     schema: String,
+    /// The hot statements (insert, claim, finish), prepared once per
+    /// connection: an unprepared query costs a Parse/Describe round trip
+    /// every time. Still planned per execution (see [`connect`]).
+    prepared: std::sync::Mutex<HashMap<&'static str, Statement>>,
 }
 
 impl Ledger {
     pub fn new(client: Client, schema: &str) -> Ledger {
-        Ledger { client, schema: schema.to_string() }
+        Ledger { client, schema: schema.to_string(), prepared: Default::default() }
+    }
+
+    /// `sql(schema)` prepared on this connection, once.
+    async fn statement(&self, name: &'static str, sql: fn(&str) -> String) -> Result<Statement, LedgerError> {
+        if let Some(st) = self.prepared.lock().unwrap_or_else(|p| p.into_inner()).get(name) {
+            return Ok(st.clone());
+        }
+        let st = self.client.prepare(&sql(&self.schema)).await?;
+        self.prepared.lock().unwrap_or_else(|p| p.into_inner()).insert(name, st.clone());
+        Ok(st)
     }
 
     pub fn client(&self) -> &Client {
@@ -270,8 +291,9 @@ impl Ledger {
         end_lsn: Lsn,
         claim: Option<Duration>,
     ) -> Result<Inserted, LedgerError> {
+        let insert = self.statement("insert", insert_sql).await?;
         let tx = self.client.transaction().await?;
-        let inserted = insert_deliveries(&tx, &self.schema, deliveries, claim).await?;
+        let inserted = insert_with(&tx, &insert, deliveries, claim).await?;
         save_offset(&tx, &self.schema, slot, end_lsn).await?;
         tx.commit().await?;
         Ok(inserted)
@@ -284,13 +306,15 @@ impl Ledger {
 
     /// After a crash: rows left `sending` go back to `pending`. Their earlier
     /// attempt may have reached the provider, so the caller counts them.
+    /// Claims of dispatch-only processes (`claimed_by` set) are theirs: they
+    /// may be sending right now, and end by outcome or lease.
     pub async fn recover_in_flight(&self) -> Result<u64, LedgerError> {
         let n = self
             .client
             .execute(
                 &format!(
                     "UPDATE {}.deliveries SET status = 'pending', next_attempt_at = now(), updated_at = now()
-                     WHERE status = 'sending'",
+                     WHERE status = 'sending' AND claimed_by IS NULL",
                     self.schema
                 ),
                 &[],
@@ -311,7 +335,7 @@ impl Ledger {
                 &format!(
                     "UPDATE {}.deliveries SET status = 'pending', attempts = greatest(attempts - 1, 0),
                          next_attempt_at = now(), updated_at = now()
-                     WHERE status = 'sending' AND NOT (id = ANY($1))",
+                     WHERE status = 'sending' AND claimed_by IS NULL AND NOT (id = ANY($1))",
                     self.schema
                 ),
                 &[&held],
@@ -323,52 +347,58 @@ impl Ledger {
     /// LOCKED lets several workers claim side by side without waiting on each
     /// other. A row still `sending` after its lease (its worker lost the
     /// database mid-batch) is claimed again and flagged as a possible re-send.
+    /// Scans the queue from its start, for the slot's relay; dispatch uses
+    /// [`Ledger::claim_from`].
     pub async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<Claimed>, LedgerError> {
-        let s = &self.schema;
+        Ok(self.claim_from(limit, lease, None, None).await?.0)
+    }
+
+    /// [`Ledger::claim`], for `claimer` and from a floor.
+    ///
+    /// `claimer`: `None` for the slot's relay, a dispatch-only process's name
+    /// otherwise (see `claimed_by` in migration 008).
+    ///
+    /// `from`: where to start in the queue index (see `dispatch::QueueFloor`);
+    /// `None` scans it from its start. Rows below `from` are not lost, only
+    /// left to the next full scan. Returns the claims and the lowest
+    /// `next_attempt_at` among them (the next floor).
+    pub async fn claim_from(
+        &self,
+        limit: usize,
+        lease: Duration,
+        claimer: Option<&str>,
+        from: Option<DateTime<Utc>>,
+    ) -> Result<(Vec<Claimed>, Option<DateTime<Utc>>), LedgerError> {
+        let claim = self.statement("claim", claim_sql).await?;
         // Measured before the statement: the lease runs from the server's now().
         let send_by = std::time::Instant::now() + lease.mul_f64(0.8);
-        let rows = self
-            .client
-            .query(
-                &format!(
-                    "WITH due AS (
-                        SELECT id, status AS was FROM {s}.deliveries
-                        WHERE status IN ('pending', 'sending') AND next_attempt_at <= now()
-                        ORDER BY next_attempt_at, id
-                        LIMIT $1
-                        FOR UPDATE SKIP LOCKED)
-                     UPDATE {s}.deliveries d
-                     SET status = 'sending', attempts = d.attempts + 1, updated_at = now(),
-                         next_attempt_at = now() + $2::float8 * interval '1 second'
-                     FROM due WHERE d.id = due.id
-                     RETURNING d.id, d.idempotency_key, d.source_table, d.source_pk, d.channel, d.event,
-                               d.recipient, d.payload, d.attempts, d.committed_at, due.was = 'sending',
-                               d.provider"
-                ),
-                &[&(limit as i64), &lease.as_secs_f64()],
-            )
-            .await?;
+        let rows = self.client.query(&claim, &[&(limit as i64), &lease.as_secs_f64(), &from, &claimer]).await?;
+        let mut first_due: Option<DateTime<Utc>> = None;
         let mut claimed: Vec<Claimed> = rows
             .iter()
-            .map(|r| Claimed {
-                id: r.get(0),
-                idempotency_key: r.get(1),
-                source_table: r.get(2),
-                source_pk: r.get(3),
-                channel: r.get(4),
-                event: r.get(5),
-                recipient: r.get(6),
-                payload: r.get(7),
-                attempts: r.get(8),
-                committed_at: r.get(9),
-                lease_expired: r.get(10),
-                provider: r.get(11),
-                send_by,
+            .map(|r| {
+                let due: DateTime<Utc> = r.get(12);
+                first_due = Some(first_due.map_or(due, |f| f.min(due)));
+                Claimed {
+                    id: r.get(0),
+                    idempotency_key: r.get(1),
+                    source_table: r.get(2),
+                    source_pk: r.get(3),
+                    channel: r.get(4),
+                    event: r.get(5),
+                    recipient: r.get(6),
+                    payload: r.get(7),
+                    attempts: r.get(8),
+                    committed_at: r.get(9),
+                    lease_expired: r.get(10),
+                    provider: r.get(11),
+                    send_by,
+                }
             })
             .collect();
         // RETURNING does not keep the CTE's order; providers should see commit order.
         claimed.sort_unstable_by_key(|c| c.id);
-        Ok(claimed)
+        Ok((claimed, first_due))
     }
 
     /// Records outcomes for claimed deliveries, in one statement.
@@ -400,25 +430,10 @@ impl Ledger {
             errors.push(err.map(|e| storable_text(e)));
             delays.push(delay.clamp(0.0, MAX_DELAY.as_secs_f64()));
         }
-        let s = &self.schema;
+        let finish = self.statement("finish", finish_sql).await?;
         self.client
             .execute(
-                &format!(
-                    "UPDATE {s}.deliveries d SET
-                        status = CASE WHEN u.st = 'deferred' THEN 'pending' ELSE u.st END,
-                        attempts = CASE WHEN u.st = 'deferred' THEN d.attempts - 1 ELSE d.attempts END,
-                        provider = COALESCE(u.pr, d.provider),
-                        provider_message_id = COALESCE(u.mid, d.provider_message_id),
-                        last_error = CASE WHEN u.st = 'sent' THEN d.last_error ELSE u.err END,
-                        next_attempt_at = CASE WHEN u.st IN ('pending', 'deferred')
-                            THEN now() + u.delay * interval '1 second' ELSE d.next_attempt_at END,
-                        sent_at = CASE WHEN u.st = 'sent' THEN now() ELSE d.sent_at END,
-                        updated_at = now()
-                     FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[],
-                                 $7::int[])
-                          AS u(id, st, pr, mid, err, delay, att)
-                     WHERE d.id = u.id AND d.status = 'sending' AND d.attempts = u.att"
-                ),
+                &finish,
                 &[
                     &ids,
                     &statuses,
@@ -448,6 +463,24 @@ impl Ledger {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
     }
 
+    /// Dead letters by channel, for the gauge: read through the
+    /// `deliveries_dead` index. The gauge once grouped the whole ledger every
+    /// 5 s, a full scan that grew with every delivery ever made.
+    pub async fn dead_counts(&self) -> Result<Vec<(String, i64)>, LedgerError> {
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT channel, count(*) FROM {}.deliveries
+                     WHERE status IN ('dead', 'failed') AND status = 'dead' GROUP BY 1",
+                    self.schema
+                ),
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     /// Deliveries not yet settled (pending or in flight).
     pub async fn backlog(&self) -> Result<i64, LedgerError> {
         let row = self
@@ -475,6 +508,50 @@ impl Ledger {
             .await?;
         Ok(row.get::<_, Option<f64>>(0).map(|s| Duration::from_secs_f64(s.max(0.0))))
     }
+}
+
+/// Records outcomes; `$7` is each row's claim (attempt count), so a worker
+/// that lost its lease cannot overwrite the one that took the row over.
+fn finish_sql(s: &str) -> String {
+    format!(
+        "UPDATE {s}.deliveries d SET
+                status = CASE WHEN u.st = 'deferred' THEN 'pending' ELSE u.st END,
+                attempts = CASE WHEN u.st = 'deferred' THEN d.attempts - 1 ELSE d.attempts END,
+                provider = COALESCE(u.pr, d.provider),
+                provider_message_id = COALESCE(u.mid, d.provider_message_id),
+                last_error = CASE WHEN u.st = 'sent' THEN d.last_error ELSE u.err END,
+                next_attempt_at = CASE WHEN u.st IN ('pending', 'deferred')
+                    THEN now() + u.delay * interval '1 second' ELSE d.next_attempt_at END,
+                sent_at = CASE WHEN u.st = 'sent' THEN now() ELSE d.sent_at END,
+                updated_at = now()
+             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[],
+                 $7::int[])
+                  AS u(id, st, pr, mid, err, delay, att)
+             WHERE d.id = u.id AND d.status = 'sending' AND d.attempts = u.att"
+    )
+}
+
+/// The claim. `$3`: the floor (see [`Ledger::claim_from`]); the queue index's
+/// dead entries below it — every settled delivery leaves one until VACUUM —
+/// are not walked. `due_at` comes back to move the floor. Dispatch
+/// connections run it with bitmap scans off (see `Dispatcher::run_worker`).
+fn claim_sql(s: &str) -> String {
+    format!(
+        "WITH due AS (
+            SELECT id, status AS was, next_attempt_at AS due_at FROM {s}.deliveries
+            WHERE status IN ('pending', 'sending') AND next_attempt_at <= now()
+              AND next_attempt_at >= coalesce($3::timestamptz, '-infinity')
+            ORDER BY next_attempt_at, id
+            LIMIT $1
+            FOR UPDATE SKIP LOCKED)
+         UPDATE {s}.deliveries d
+         SET status = 'sending', attempts = d.attempts + 1, updated_at = now(),
+             next_attempt_at = now() + $2::float8 * interval '1 second', claimed_by = $4::text
+         FROM due WHERE d.id = due.id
+         RETURNING d.id, d.idempotency_key, d.source_table, d.source_pk, d.channel, d.event,
+                   d.recipient, d.payload, d.attempts, d.committed_at, due.was = 'sending',
+                   d.provider, due.due_at"
+    )
 }
 
 /// A delivery that needs an operator: `dead` (retries exhausted) or `failed`.
@@ -601,6 +678,18 @@ pub async fn insert_deliveries(
     deliveries: &[NewDelivery],
     claim: Option<Duration>,
 ) -> Result<Inserted, LedgerError> {
+    let insert = client.prepare(&insert_sql(schema)).await?;
+    insert_with(client, &insert, deliveries, claim).await
+}
+
+/// [`insert_deliveries`] with the statement already prepared (by
+/// [`insert_sql`]) on this connection.
+async fn insert_with(
+    client: &impl tokio_postgres::GenericClient,
+    insert: &Statement,
+    deliveries: &[NewDelivery],
+    claim: Option<Duration>,
+) -> Result<Inserted, LedgerError> {
     let mut out = Inserted::default();
     let lease: Option<f64> = claim.map(|l| l.as_secs_f64());
     // Measured before the statement: the lease runs from the server's now().
@@ -637,23 +726,7 @@ pub async fn insert_deliveries(
             lsns.push(d.commit_lsn.to_string());
             times.push(d.committed_at);
         }
-        let sql = format!(
-            "INSERT INTO {schema}.deliveries
-               (source_table, source_pk, channel, idempotency_key, event, status,
-                recipient, last_error, payload, commit_lsn, committed_at, attempts, next_attempt_at,
-                operation, change_ref)
-             SELECT t, pk, ch, k, ev, CASE WHEN x.claim THEN 'sending' ELSE st END,
-                    r, e, p::jsonb, l::pg_lsn, c, CASE WHEN x.claim THEN 1 ELSE 0 END,
-                    CASE WHEN x.claim THEN now() + $12::float8 * interval '1 second' ELSE now() END,
-                    op, cr
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                         $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[],
-                         $13::text[], $14::text[])
-                  AS u(t, pk, ch, k, ev, st, r, e, p, l, c, op, cr),
-                  LATERAL (SELECT u.st = 'pending' AND $12::float8 IS NOT NULL AS claim) x
-             ON CONFLICT (idempotency_key) DO NOTHING
-             RETURNING id, idempotency_key, status = 'sending'",
-        );
+
         for (i, d) in chunk.iter().enumerate() {
             if unstorable.contains(&d.idempotency_key.as_str()) {
                 cols[5][i] = "failed";
@@ -677,7 +750,7 @@ pub async fn insert_deliveries(
             &cols[6],
             &changes,
         ];
-        let rows = client.query(&sql, &params).await?;
+        let rows = client.query(insert, &params).await?;
         out.count += rows.len() as u64;
         // The first of several deliveries sharing a key is the one ON CONFLICT
         // kept: the claim handed to dispatch must carry what the ledger holds.
@@ -709,6 +782,28 @@ pub async fn insert_deliveries(
     }
     out.claimed.sort_unstable_by_key(|c| c.id);
     Ok(out)
+}
+
+/// The one INSERT of deliveries: replays (same key) ignored, sendable rows
+/// written already claimed when `$12` (the lease) is given.
+pub fn insert_sql(schema: &str) -> String {
+    format!(
+        "INSERT INTO {schema}.deliveries
+           (source_table, source_pk, channel, idempotency_key, event, status,
+            recipient, last_error, payload, commit_lsn, committed_at, attempts, next_attempt_at,
+            operation, change_ref)
+         SELECT t, pk, ch, k, ev, CASE WHEN x.claim THEN 'sending' ELSE st END,
+                r, e, p::jsonb, l::pg_lsn, c, CASE WHEN x.claim THEN 1 ELSE 0 END,
+                CASE WHEN x.claim THEN now() + $12::float8 * interval '1 second' ELSE now() END,
+                op, cr
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[],
+                     $13::text[], $14::text[])
+              AS u(t, pk, ch, k, ev, st, r, e, p, l, c, op, cr),
+              LATERAL (SELECT u.st = 'pending' AND $12::float8 IS NOT NULL AS claim) x
+         ON CONFLICT (idempotency_key) DO NOTHING
+         RETURNING id, idempotency_key, status = 'sending'"
+    )
 }
 
 async fn save_offset(
