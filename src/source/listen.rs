@@ -336,7 +336,7 @@ impl ListenSource {
         let mut deliveries = Vec::new();
         self.route(&tx, &changes, &mut deliveries).await?;
         // As in logical mode: fresh rows go to dispatch in memory when it has room.
-        let room = self.intake.room();
+        let room = self.intake.room_soon().await;
         let inserted = ledger::insert_deliveries(&tx, schema, &deliveries, self.intake.claim(&room)).await?;
         crate::routing::count_recorded(inserted.fresh.iter().map(|&i| &deliveries[i]), &self.cfg);
         if !changes.is_empty() || watermark > from || next_cursor != cursor {
