@@ -19,7 +19,9 @@ use outbox_relay::providers::bus::redis::{RedisConfig, RedisStreams};
 use outbox_relay::providers::bus::{BusMessage, BusRoute, EnvelopeMode};
 use outbox_relay::providers::{OutboundMessage, Provider, ProviderError};
 use serde_json::json;
-use support::relay::{free_port, insert_notifications, scrape_counter, sigterm, Env};
+use support::relay::{
+    free_port, insert_notifications, kill_9_rounds, scrape_counter, sigterm, stream_notifications, Env,
+};
 use tokio::sync::watch;
 
 const TABLE: &str = "public.operators_notificationoperateur";
@@ -452,24 +454,8 @@ async fn kill_9(sink: Sink) {
     let mut child = spawn_relay(&env, &toml);
     env.wait_streaming().await;
 
-    let db = env.db.clone();
-    let inserter = tokio::spawn(async move {
-        let client = db.client().await;
-        let mut ids = vec![];
-        for _ in 0..60 {
-            ids.extend(insert_notifications(&client, 25, 25).await);
-            tokio::time::sleep(Duration::from_millis(15)).await;
-        }
-        ids
-    });
-    let mut resends = 0.0;
-    for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(150 + rand::random::<u64>() % 400)).await;
-        resends += scrape_counter(port, "outbox_relay_resends_after_restart_total").await.unwrap_or(0.0);
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        child = spawn_relay(&env, &toml);
-    }
+    let inserter = stream_notifications(env.db.clone());
+    let mut resends = kill_9_rounds(&mut child, port, 4, 400, || spawn_relay(&env, &toml)).await;
     let ids = inserter.await.unwrap();
     env.wait_settled(ids.len() as i64, Duration::from_secs(90)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;

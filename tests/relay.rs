@@ -5,7 +5,9 @@ mod support;
 
 use std::time::Duration;
 
-use support::relay::{free_port, insert_notifications, scrape_counter, sigterm, Env, Mode};
+use support::relay::{
+    free_port, insert_notifications, kill_9_rounds, scrape_counter, sigterm, stream_notifications, Env, Mode,
+};
 
 crate::both_modes!(every_committed_insert_is_delivered_once_and_nothing_else);
 async fn every_committed_insert_is_delivered_once_and_nothing_else(mode: Mode) {
@@ -162,26 +164,9 @@ async fn kill_9_at_random_moments_loses_nothing_and_counts_every_resend(mode: Mo
     let mut child = env.spawn_binary(port);
     env.wait_streaming().await;
 
-    let db = env.db.clone();
-    let inserter = tokio::spawn(async move {
-        let client = db.client().await;
-        let mut ids = vec![];
-        for _ in 0..60 {
-            ids.extend(insert_notifications(&client, 25, 25).await);
-            tokio::time::sleep(Duration::from_millis(15)).await;
-        }
-        ids
-    });
+    let inserter = stream_notifications(env.db.clone());
 
-    let mut resends = 0.0;
-    for round in 0..4u64 {
-        tokio::time::sleep(Duration::from_millis(150 + rand::random::<u64>() % 400)).await;
-        resends += scrape_counter(port, "outbox_relay_resends_after_restart_total").await.unwrap_or(0.0);
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        child = env.spawn_binary(port);
-        let _ = round;
-    }
+    let mut resends = kill_9_rounds(&mut child, port, 4, 400, || env.spawn_binary(port)).await;
     let ids = inserter.await.unwrap();
     env.wait_settled(ids.len() as i64, Duration::from_secs(60)).await;
     // The last process's count, read before stopping it.
@@ -475,14 +460,7 @@ async fn kill_9_with_updates_deletes_and_reused_keys_loses_nothing(mode: Mode) {
         }
         expect
     });
-    let mut resends = 0.0;
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(150 + rand::random::<u64>() % 300)).await;
-        resends += scrape_counter(port, "outbox_relay_resends_after_restart_total").await.unwrap_or(0.0);
-        child.kill().unwrap();
-        child.wait().unwrap();
-        child = env.spawn_binary(port);
-    }
+    let mut resends = kill_9_rounds(&mut child, port, 3, 300, || env.spawn_binary(port)).await;
     let expect = writer.await.unwrap();
     env.wait_settled(expect.len() as i64, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -465,3 +465,38 @@ pub async fn churn(client: &tokio_postgres::Client, n: usize, tag: &str) -> Vec<
 pub async fn truncate_notifications(client: &tokio_postgres::Client) {
     client.batch_execute("TRUNCATE operators_notificationoperateur RESTART IDENTITY").await.unwrap();
 }
+
+/// The write load the kill -9 tests run under: 60 transactions of 25
+/// notifications, 15 ms apart, on their own connection. Yields their ids.
+pub fn stream_notifications(db: TestDb) -> JoinHandle<Vec<i64>> {
+    tokio::spawn(async move {
+        let client = db.client().await;
+        let mut ids = vec![];
+        for _ in 0..60 {
+            ids.extend(insert_notifications(&client, 25, 25).await);
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+        ids
+    })
+}
+
+/// `rounds` times: wait 150 ms plus up to `jitter_ms`, read the possible
+/// re-sends the running relay counted, SIGKILL it, start the next with
+/// `respawn`. Returns the re-sends counted by the killed processes.
+pub async fn kill_9_rounds(
+    child: &mut Child,
+    port: u16,
+    rounds: usize,
+    jitter_ms: u64,
+    mut respawn: impl FnMut() -> Child,
+) -> f64 {
+    let mut resends = 0.0;
+    for _ in 0..rounds {
+        tokio::time::sleep(Duration::from_millis(150 + rand::random::<u64>() % jitter_ms)).await;
+        resends += scrape_counter(port, "outbox_relay_resends_after_restart_total").await.unwrap_or(0.0);
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        *child = respawn();
+    }
+    resends
+}
