@@ -176,6 +176,10 @@ async fn a_gap_in_the_source_is_refused_until_an_operator_accepts_it(mode: Mode)
     assert_eq!(code, 2, "a gap is refused with exit 2: {out}");
     assert!(out.contains(expect) && out.contains("accept-gap"), "names the gap and the fix: {out}");
 
+    let (code, out) = tokio::task::block_in_place(|| run_to_exit(&env, &["check"]));
+    assert_eq!(code, 2, "check refuses the gap as run does: {out}");
+    assert!(out.contains(expect), "{out}");
+
     let (code, out) = tokio::task::block_in_place(|| run_to_exit(&env, &["accept-gap"]));
     assert_eq!(code, 0, "{out}");
     let relay = env.start_in_process();
