@@ -230,7 +230,7 @@ async fn a_slow_provider_never_stalls_the_stream(mode: Mode) {
         let recorded: i64 = client.query_one("SELECT count(*) FROM outbox_relay.deliveries", &[]).await.unwrap().get(0);
         let confirmed: bool = client
             .query_opt(
-                "SELECT confirmed_flush_lsn > (SELECT max(commit_lsn) FROM outbox_relay.deliveries)
+                "SELECT coalesce(confirmed_flush_lsn > (SELECT max(commit_lsn) FROM outbox_relay.deliveries), false)
                  FROM pg_replication_slots WHERE slot_name = $1",
                 &[&env.slot],
             )
