@@ -20,7 +20,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bus_support::{Bus, Sink};
-use outbox_relay::embedded_pg::{self, EmbeddedPg, DJANGO_FIXTURE};
+use outbox_relay::demo::embedded_pg::{self, EmbeddedPg, DJANGO_FIXTURE};
 
 /// The relay child, killed if the bench panics (it would otherwise outlive the cluster).
 struct Relay(std::process::Child);

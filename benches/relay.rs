@@ -36,8 +36,8 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use outbox_relay::embedded_pg::{self, EmbeddedPg, DJANGO_FIXTURE};
-use support::fake_pusher::FakePusher;
+use outbox_relay::demo::embedded_pg::{self, EmbeddedPg, DJANGO_FIXTURE};
+use support::fakes::pusher::FakePusher;
 
 /// The relay child, killed if the bench panics (it would otherwise outlive the cluster).
 struct Relay(std::process::Child);

@@ -21,11 +21,12 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 
+use crate::change::{ChangeId, Column, Lsn, Operation, RowChange, Table, Value};
 use crate::config::Config;
+use crate::db::quote_ident;
 use crate::ledger::{self, LedgerError};
 use crate::routing::{NewDelivery, Router};
-use crate::setup::{quote_ident, quote_table};
-use crate::source::{ChangeId, Column, Lsn, Operation, RowChange, Table, Value};
+use crate::setup::quote_table;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackfillError {
@@ -142,7 +143,7 @@ pub async fn run(
     let select: Vec<String> = table.columns.iter().map(|c| format!("{}::text", quote_ident(&c.name))).collect();
     let mut conditions = vec![];
     if let Some(since) = &req.since {
-        conditions.push(format!("{} >= {}", quote_ident(&req.since_column), crate::setup::quote_literal(since)));
+        conditions.push(format!("{} >= {}", quote_ident(&req.since_column), crate::db::quote_literal(since)));
     }
     if let Some(filter) = &req.filter {
         conditions.push(format!("({filter})"));

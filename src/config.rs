@@ -17,9 +17,12 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
-use crate::source::Operation;
+pub use crate::providers::{LimitConfig, ProviderKind, ProvidersConfig, TlsConfig};
+pub use crate::secret::{read_file_value, read_secret_file, redact_url, Secret};
+
+use crate::change::Operation;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -29,51 +32,9 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// A string that never prints: passwords, API secrets, tokens. A value
-/// `file:/path` is read from that file (see the module docs).
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl<'de> Deserialize<'de> for Secret {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw = String::deserialize(d)?;
-        read_file_value(&raw).map(Secret).map_err(serde::de::Error::custom)
-    }
-}
-
-/// `file:/path` → the file's content without its trailing newline; anything
-/// else as is. The error names the path, never a value.
-pub fn read_file_value(value: &str) -> Result<String, String> {
-    match value.strip_prefix("file:") {
-        Some(path) => read_secret_file(Path::new(path)),
-        None => Ok(value.to_string()),
-    }
-}
-
-fn read_secret_file(path: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
-    // `echo secret > file` and Kubernetes' editors leave a newline the secret never had.
-    Ok(text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text).to_string())
-}
-
 /// Keys whose own name ends in `_file`: their `..._FILE` env variable sets the
 /// key itself rather than naming a file to read it from.
 const KEYS_NAMED_FILE: [&str; 1] = ["ca_file"];
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"***\"")
-    }
-}
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,17 +79,6 @@ impl Default for LedgerConfig {
 
 fn default_retention_days() -> u32 {
     30
-}
-
-/// TLS to providers (HTTP APIs and SMTP). PostgreSQL's TLS is set in
-/// `source.database_url`, libpq style.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM bundle of extra CAs to trust (an inspecting proxy, an internal mail
-    /// relay), in addition to the usual public roots.
-    #[serde(default)]
-    pub ca_file: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -179,12 +129,6 @@ impl fmt::Debug for SourceConfig {
             .field("notify", &self.notify)
             .finish()
     }
-}
-
-/// `postgres://user:pw@host/db` → `postgres://user:***@host/db`, for logs; also
-/// `?password=` and key=value `password='...'` ([`crate::db::dsn::redact`]).
-pub fn redact_url(url: &str) -> String {
-    crate::db::dsn::redact(url)
 }
 
 fn default_slot() -> String {
@@ -254,49 +198,6 @@ impl RouteConfig {
             cols.extend(p.iter().map(String::as_str));
         }
         cols
-    }
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[serde(rename_all = "lowercase")]
-pub enum ProviderKind {
-    Pusher,
-    Ably,
-    Brevo,
-    Smtp,
-    Twilio,
-    Log,
-    Kafka,
-    Rabbitmq,
-    Redis,
-    Nats,
-}
-
-impl ProviderKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProviderKind::Pusher => "pusher",
-            ProviderKind::Ably => "ably",
-            ProviderKind::Brevo => "brevo",
-            ProviderKind::Smtp => "smtp",
-            ProviderKind::Twilio => "twilio",
-            ProviderKind::Log => "log",
-            ProviderKind::Kafka => "kafka",
-            ProviderKind::Rabbitmq => "rabbitmq",
-            ProviderKind::Redis => "redis",
-            ProviderKind::Nats => "nats",
-        }
-    }
-
-    /// Providers that reach a person at an address (e-mail, phone) rather
-    /// than on an app channel: they need the channel's `address_query`.
-    pub fn needs_address(self) -> bool {
-        matches!(self, ProviderKind::Brevo | ProviderKind::Smtp | ProviderKind::Twilio)
-    }
-
-    /// Event-bus sinks: they need the channel's `[channels.<name>.bus]` route.
-    pub fn is_bus(self) -> bool {
-        matches!(self, ProviderKind::Kafka | ProviderKind::Rabbitmq | ProviderKind::Redis | ProviderKind::Nats)
     }
 }
 
@@ -382,138 +283,10 @@ fn default_max_attempts() -> u32 {
     8
 }
 
-/// How hard the relay may push one provider.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct LimitConfig {
-    /// Calls in flight at once, across all workers.
-    pub concurrency: usize,
-    /// Messages per second; 0 = unlimited.
-    #[serde(default)]
-    pub per_second: f64,
-}
-
-impl ProvidersConfig {
-    /// The longest per-call timeout among configured providers.
-    pub fn longest_timeout(&self) -> std::time::Duration {
-        let ms = [
-            self.pusher.as_ref().map(|p| p.timeout_ms),
-            self.ably.as_ref().map(|p| p.timeout_ms),
-            self.brevo.as_ref().map(|p| p.timeout_ms),
-            self.smtp.as_ref().map(|p| p.timeout_ms),
-            self.twilio.as_ref().map(|p| p.timeout_ms),
-            self.kafka.as_ref().map(|p| p.timeout_ms),
-            self.rabbitmq.as_ref().map(|p| p.timeout_ms),
-            self.redis.as_ref().map(|p| p.timeout_ms),
-            self.nats.as_ref().map(|p| p.timeout_ms),
-        ];
-        std::time::Duration::from_millis(ms.into_iter().flatten().max().unwrap_or(0))
-    }
-}
-
-impl ProviderKind {
-    /// Defaults when `[limits.<provider>]` is absent; docs/providers.md says where each comes from.
-    pub fn default_limits(self) -> LimitConfig {
-        match self {
-            ProviderKind::Pusher => LimitConfig { concurrency: 16, per_second: 0.0 },
-            ProviderKind::Ably => LimitConfig { concurrency: 16, per_second: 0.0 },
-            // Brevo's general tier: POST /v3/smtp/email 1,000 RPS and 3,600,000 RPH, i.e. 1,000/s sustained.
-            ProviderKind::Brevo => LimitConfig { concurrency: 32, per_second: 1000.0 },
-            ProviderKind::Smtp => LimitConfig { concurrency: 4, per_second: 0.0 },
-            // Twilio answers 20429 past its REST concurrency and queues messages beyond the
-            // senders' throughput; 10/s keeps a backlog in the ledger, not in Twilio's queue.
-            ProviderKind::Twilio => LimitConfig { concurrency: 16, per_second: 10.0 },
-            ProviderKind::Log => LimitConfig { concurrency: 4, per_second: 0.0 },
-            ProviderKind::Kafka => bus_limits(crate::providers::bus::kafka::DEFAULT_CONCURRENCY),
-            ProviderKind::Rabbitmq => bus_limits(crate::providers::bus::rabbitmq::DEFAULT_CONCURRENCY),
-            ProviderKind::Redis => bus_limits(crate::providers::bus::redis::DEFAULT_CONCURRENCY),
-            ProviderKind::Nats => bus_limits(crate::providers::bus::nats::DEFAULT_CONCURRENCY),
-        }
-    }
-}
-
-/// Buses have no rate limit to respect: only how many calls are in flight.
-fn bus_limits(concurrency: usize) -> LimitConfig {
-    LimitConfig { concurrency, per_second: 0.0 }
-}
-
 impl Config {
     pub fn limits_for(&self, kind: ProviderKind) -> LimitConfig {
-        self.limits.get(&kind).copied().unwrap_or_else(|| kind.default_limits())
+        self.limits.get(&kind).copied().unwrap_or_else(|| kind.profile().limits)
     }
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProvidersConfig {
-    #[serde(default)]
-    pub pusher: Option<PusherConfig>,
-    #[serde(default)]
-    pub ably: Option<AblyConfig>,
-    #[serde(default)]
-    pub brevo: Option<crate::providers::brevo::BrevoConfig>,
-    #[serde(default)]
-    pub smtp: Option<crate::providers::smtp::SmtpConfig>,
-    #[serde(default)]
-    pub twilio: Option<crate::providers::twilio::TwilioConfig>,
-    #[serde(default)]
-    pub kafka: Option<crate::providers::bus::kafka::KafkaConfig>,
-    #[serde(default)]
-    pub rabbitmq: Option<crate::providers::bus::rabbitmq::RabbitmqConfig>,
-    #[serde(default)]
-    pub redis: Option<crate::providers::bus::redis::RedisConfig>,
-    #[serde(default)]
-    pub nats: Option<crate::providers::bus::nats::NatsConfig>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PusherConfig {
-    pub app_id: String,
-    pub key: String,
-    pub secret: Secret,
-    /// `eu` → `https://api-eu.pusher.com`.
-    #[serde(default)]
-    pub cluster: Option<String>,
-    /// Overrides the host entirely (tests, proxies): `http://127.0.0.1:8080`.
-    #[serde(default)]
-    pub base_url: Option<String>,
-    #[serde(default = "default_timeout_ms")]
-    pub timeout_ms: u64,
-}
-
-impl PusherConfig {
-    pub fn endpoint(&self) -> String {
-        match (&self.base_url, &self.cluster) {
-            (Some(url), _) => url.trim_end_matches('/').to_string(),
-            (None, Some(c)) => format!("https://api-{c}.pusher.com"),
-            (None, None) => "https://api.pusherapp.com".to_string(),
-        }
-    }
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AblyConfig {
-    /// `appid.keyid:secret`, used for HTTP Basic auth.
-    pub api_key: Secret,
-    #[serde(default)]
-    pub base_url: Option<String>,
-    #[serde(default = "default_timeout_ms")]
-    pub timeout_ms: u64,
-}
-
-impl AblyConfig {
-    pub fn endpoint(&self) -> String {
-        self.base_url
-            .as_deref()
-            .map(|u| u.trim_end_matches('/').to_string())
-            .unwrap_or_else(|| "https://rest.ably.io".to_string())
-    }
-}
-
-fn default_timeout_ms() -> u64 {
-    10_000
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -773,18 +546,7 @@ impl Config {
         }
         for (name, ch) in &self.channels {
             for kind in std::iter::once(ch.provider).chain(ch.fallback) {
-                let missing = match kind {
-                    ProviderKind::Pusher => self.providers.pusher.is_none(),
-                    ProviderKind::Ably => self.providers.ably.is_none(),
-                    ProviderKind::Brevo => self.providers.brevo.is_none(),
-                    ProviderKind::Smtp => self.providers.smtp.is_none(),
-                    ProviderKind::Twilio => self.providers.twilio.is_none(),
-                    ProviderKind::Log => false,
-                    ProviderKind::Kafka => self.providers.kafka.is_none(),
-                    ProviderKind::Rabbitmq => self.providers.rabbitmq.is_none(),
-                    ProviderKind::Redis => self.providers.redis.is_none(),
-                    ProviderKind::Nats => self.providers.nats.is_none(),
-                };
+                let missing = !self.providers.has(kind);
                 if missing {
                     let p = kind.as_str();
                     return bad(format!("channels.{name}: provider {p:?} needs a [providers.{p}] section"));

@@ -170,7 +170,7 @@ fn bind(ty: &Type, text: &str) -> Result<Box<dyn ToSql + Sync + Send>, String> {
 }
 
 fn classify(e: tokio_postgres::Error, sql: &str) -> Prepared {
-    if crate::ledger::db_error_is_retryable(&e) {
+    if crate::db::db_error_is_retryable(&e) {
         Prepared::Retry(format!("contact lookup: {e}"))
     } else {
         Prepared::Fail(format!("contact lookup failed ({e}): fix the channel's query: {sql}"))

@@ -20,13 +20,11 @@ use tracing::{debug, error, info, warn};
 use crate::circuit::{Admission, Circuit};
 use crate::config::{Config, ProviderKind};
 use crate::contacts::{self, ContactPlan, Prepared};
+use crate::db::reconnect_delay;
 use crate::ledger::{ClaimRef, Claimed, Inserted, Ledger, LedgerError, Outcome};
 use crate::limits::Pacer;
-use crate::providers::bus::{kafka::Kafka, nats::Nats, rabbitmq::Rabbitmq, redis::RedisStreams, BusMessage, BusRoute};
-use crate::providers::{
-    ably::Ably, brevo::Brevo, log::Log, pusher::Pusher, smtp::Smtp, twilio::Twilio, OutboundMessage, Provider,
-    ProviderError,
-};
+use crate::providers::bus::{BusMessage, BusRoute};
+use crate::providers::{BuildContext, OutboundMessage, Provider, ProviderError};
 use crate::telemetry::{metric, Health};
 
 /// Outcomes by claim (ledger id and the attempt count it was claimed with).
@@ -66,22 +64,6 @@ impl Backoff {
         let cap = exp.min(self.max);
         Duration::from_secs_f64(rand::rng().random_range(0.0..=cap.as_secs_f64()))
     }
-}
-
-/// Pause before the `failures`-th reconnection attempt to PostgreSQL:
-/// exponential from 200 ms, at most 10 s with jitter, so that the relay's
-/// connections do not all knock at once when the server comes back.
-pub fn reconnect_delay(failures: u32) -> Duration {
-    use backon::BackoffBuilder;
-    backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        // backon's jitter adds up to one more delay: 5 s cap, 10 s at worst.
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-        .build()
-        .nth(failures.saturating_sub(1) as usize)
-        .unwrap_or(Duration::from_secs(10))
 }
 
 /// The claims this process holds in memory: handed over, being sent, or
@@ -302,26 +284,13 @@ pub struct Dispatcher {
 /// guarantees the sections exist; an SMTP URL lettre cannot parse is the one
 /// error left.
 pub fn build_providers(cfg: &Config) -> Result<HashMap<ProviderKind, Provider>, ProviderError> {
-    let http = crate::providers::http_client_with(&cfg.tls)?;
-    let p = &cfg.providers;
+    let ctx = BuildContext { http: crate::providers::http_client_with(&cfg.tls)?, tls: cfg.tls.clone() };
     let mut out = HashMap::new();
     for kind in cfg.channels.values().flat_map(|ch| std::iter::once(ch.provider).chain(ch.fallback)) {
         if out.contains_key(&kind) {
             continue;
         }
-        let provider = match kind {
-            ProviderKind::Pusher => Provider::Pusher(Pusher::new(p.pusher.as_ref().unwrap(), http.clone())),
-            ProviderKind::Ably => Provider::Ably(Ably::new(p.ably.as_ref().unwrap(), http.clone())),
-            ProviderKind::Brevo => Provider::Brevo(Brevo::new(p.brevo.as_ref().unwrap(), http.clone())),
-            ProviderKind::Smtp => Provider::Smtp(Smtp::with_tls(p.smtp.as_ref().unwrap(), &cfg.tls)?),
-            ProviderKind::Twilio => Provider::Twilio(Twilio::new(p.twilio.as_ref().unwrap(), http.clone())),
-            ProviderKind::Log => Provider::Log(Log::new()),
-            ProviderKind::Kafka => Provider::Kafka(Kafka::new(p.kafka.as_ref().unwrap())?),
-            ProviderKind::Rabbitmq => Provider::Rabbitmq(Rabbitmq::new(p.rabbitmq.as_ref().unwrap())),
-            ProviderKind::Redis => Provider::Redis(RedisStreams::new(p.redis.as_ref().unwrap())),
-            ProviderKind::Nats => Provider::Nats(Nats::new(p.nats.as_ref().unwrap())),
-        };
-        out.insert(kind, provider);
+        out.insert(kind, Provider::build(kind, &cfg.providers, &ctx)?);
     }
     Ok(out)
 }
@@ -880,6 +849,42 @@ fn record(c: &Claimed, provider: &'static str, outcome: &Outcome, now: chrono::D
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const EXAMPLE: &str = include_str!("../docs/bus.example.toml");
+
+    #[test]
+    fn the_readme_example_routes_one_table_to_each_bus() {
+        let readme = include_str!("../README.md");
+        assert!(readme.contains(EXAMPLE), "README shows docs/bus.example.toml verbatim");
+        let cfg = Config::from_toml(EXAMPLE).unwrap();
+        let kinds: Vec<_> = cfg.routes[0].channels.iter().map(|c| cfg.channels[c].provider.as_str()).collect();
+        assert_eq!(kinds, ["kafka", "rabbitmq", "redis", "nats"]);
+        assert_eq!(cfg.channels["rabbitmq"].bus.as_ref().unwrap().mode, crate::providers::bus::EnvelopeMode::Binary);
+        let redis = cfg.channels["redis"].bus.as_ref().unwrap();
+        assert_eq!(redis.events["order_shipped"].destination.as_deref(), Some("orders:shipped"));
+        assert_eq!(cfg.providers.nats.as_ref().unwrap().create_stream.as_ref().unwrap().duplicate_window_s, 86_400);
+        assert!(build_providers(&cfg).is_ok(), "every sink builds from it");
+    }
+
+    #[test]
+    fn bus_channels_are_checked_at_start() {
+        let with = |channel: &str| EXAMPLE.replace("[channels.kafka]\nprovider = \"kafka\"", channel);
+        let err = |toml: String| Config::from_toml(&toml).unwrap_err().to_string();
+        // A bus provider without its route.
+        let no_route = EXAMPLE.replace("bus = { destination = \"notifications.{event}\" }", "");
+        assert!(err(no_route).contains("needs [channels.kafka.bus]"));
+        // A route on a provider that is not a bus.
+        let on_log = with("[channels.kafka]\nprovider = \"log\"");
+        assert!(err(on_log).contains("only for bus providers"));
+        // A fallback that does not reach the same kind of place.
+        let mixed = with("[channels.kafka]\nprovider = \"kafka\"\nfallback = \"log\"");
+        assert!(err(mixed).contains("fallback must be a bus"));
+        // A bus provider with no [providers.<sink>] section.
+        let no_section = EXAMPLE.replace("[providers.kafka]\nbrokers = \"127.0.0.1:9092\"\n", "");
+        assert!(err(no_section).contains("needs a [providers.kafka] section"));
+        let empty = EXAMPLE.replace("destination = \"notifications.{event}\" }", "destination = \"\" }");
+        assert!(err(empty).contains("destination is empty"));
+    }
 
     const B: Backoff = Backoff { base: Duration::from_millis(100), max: Duration::from_secs(10) };
 

@@ -11,7 +11,7 @@
 
 use tokio_postgres::Client;
 
-use crate::source::Lsn;
+use crate::change::Lsn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GapError {
@@ -26,7 +26,7 @@ impl GapError {
     pub fn is_retryable(&self) -> bool {
         match self {
             GapError::Gap(_) => false,
-            GapError::Db(e) => crate::ledger::db_error_is_retryable(e),
+            GapError::Db(e) => crate::db::db_error_is_retryable(e),
         }
     }
 }

@@ -18,12 +18,12 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+use crate::change::Lsn;
 use crate::config::Config;
 use crate::dispatch::Intake;
 use crate::ledger::{self, Ledger, LedgerError};
 use crate::routing::{NewDelivery, Router};
 use crate::source::replication::{ReplicationError, ReplicationEvent, ReplicationStream};
-use crate::source::Lsn;
 use crate::telemetry::{metric, Health};
 
 #[derive(Debug, thiserror::Error)]

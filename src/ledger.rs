@@ -15,8 +15,9 @@ use serde_json::Value as Json;
 use tokio_postgres::{Client, Statement};
 use tracing::{info, warn};
 
+use crate::change::Lsn;
+use crate::db::db_error_is_retryable;
 use crate::routing::NewDelivery;
-use crate::source::Lsn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -33,21 +34,6 @@ impl LedgerError {
         match self {
             LedgerError::Db(e) => db_error_is_retryable(e),
             LedgerError::Connect(e) => e.is_retryable(),
-        }
-    }
-}
-
-/// Connection trouble, server restarts and serialization conflicts pass;
-/// anything else (missing privilege, missing schema) needs a human.
-pub fn db_error_is_retryable(e: &tokio_postgres::Error) -> bool {
-    if e.is_closed() {
-        return true;
-    }
-    match e.code() {
-        None => true, // I/O errors carry no SQLSTATE
-        Some(code) => {
-            let c = code.code();
-            c.starts_with("08") || c.starts_with("57P") || c == "40001" || c == "40P01" || c == "53300"
         }
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod app;
 pub mod backfill;
+pub mod change;
 pub mod circuit;
 pub mod cli;
 pub mod config;
@@ -15,7 +16,6 @@ pub mod contacts;
 pub mod db;
 pub mod demo;
 pub mod dispatch;
-pub mod embedded_pg;
 pub mod gap;
 pub mod gdpr;
 pub mod ingest;
@@ -26,8 +26,8 @@ pub mod preflight;
 pub mod providers;
 pub mod retention;
 pub mod routing;
+pub mod secret;
 pub mod setup;
-pub mod smtp_sink;
 pub mod source;
 pub mod status;
 pub mod telemetry;

@@ -11,9 +11,9 @@
 
 use tokio_postgres::Client;
 
+use crate::change::Operation;
 use crate::config::{Config, SourceMode};
 use crate::setup;
-use crate::source::Operation;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PreflightError {
@@ -270,7 +270,7 @@ async fn failover_readiness(client: &Client, slot: &str) -> Result<(), Preflight
 /// published for them; under DEFAULT or USING INDEX a DELETE carries only the
 /// key columns, so a delete route needing any other column gets NULLs.
 async fn replica_identity(client: &Client, cfg: &Config, problems: &mut Vec<String>) -> Result<(), PreflightError> {
-    use crate::source::Operation;
+    use crate::change::Operation;
     for route in &cfg.routes {
         let wants_update = route.operations.contains(&Operation::Update);
         let wants_delete = route.operations.contains(&Operation::Delete);

@@ -14,8 +14,8 @@ use sha2::{Digest, Sha256};
 
 use tracing::{info, warn};
 
+use crate::change::{ChangeId, CommittedTx, Lsn, Operation, RowChange, Table, Value};
 use crate::config::{Config, RouteConfig};
-use crate::source::{ChangeId, CommittedTx, Lsn, Operation, RowChange, Table, Value};
 use crate::telemetry::metric;
 
 /// What the ledger records for a new delivery.
@@ -401,7 +401,7 @@ pub struct RowView<'a> {
 }
 
 impl RowView<'_> {
-    fn column(&self, name: &str) -> Result<(&crate::source::Column, &Value), String> {
+    fn column(&self, name: &str) -> Result<(&crate::change::Column, &Value), String> {
         let i = self
             .table
             .columns
@@ -588,7 +588,7 @@ pub fn parse_text_array(text: &str) -> Option<Vec<Option<String>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::Column;
+    use crate::change::Column;
 
     fn table(name: &str, cols: &[(&str, u32, bool)]) -> Arc<Table> {
         Arc::new(Table {

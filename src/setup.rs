@@ -7,8 +7,9 @@
 
 use tokio_postgres::Client;
 
+use crate::change::Operation;
 use crate::config::{Config, SourceMode};
-use crate::source::Operation;
+use crate::db::{quote_ident, quote_literal};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -20,16 +21,6 @@ pub enum SetupError {
     Db(#[from] tokio_postgres::Error),
     #[error("relay schema: {0}")]
     Migrate(#[from] crate::ledger::LedgerError),
-}
-
-/// `name` as a SQL identifier, always quoted (safe for any configured name).
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// `'text'` as a SQL literal.
-pub fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
 }
 
 /// `schema.table` → `"schema"."table"`.

@@ -6,14 +6,14 @@ mod support;
 use std::time::Duration;
 
 use outbox_relay::config::Secret;
+use outbox_relay::demo::smtp_sink::SmtpSink;
 use outbox_relay::providers::brevo::{Brevo, BrevoConfig};
 use outbox_relay::providers::smtp::{Smtp, SmtpConfig};
 use outbox_relay::providers::twilio::{Twilio, TwilioConfig};
 use outbox_relay::providers::{http_client, Contact, OutboundMessage, ProviderError};
-use outbox_relay::smtp_sink::SmtpSink;
 use serde_json::json;
-use support::fake_brevo::FakeBrevo;
-use support::fake_twilio::FakeTwilio;
+use support::fakes::brevo::FakeBrevo;
+use support::fakes::twilio::FakeTwilio;
 
 fn message(address: &str, template_id: Option<i64>, whatsapp: bool) -> OutboundMessage {
     OutboundMessage {

@@ -5,7 +5,7 @@
 #[path = "support/pg.rs"]
 mod pg;
 
-use outbox_relay::embedded_pg::EmbeddedPg;
+use outbox_relay::demo::embedded_pg::EmbeddedPg;
 
 async fn count(client: &tokio_postgres::Client, table: &str) -> i64 {
     client.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.expect("count query").get(0)
@@ -90,7 +90,7 @@ async fn restart_immediate_keeps_committed_data_and_port() {
     let url = own.create_database("crash").await.expect("create database");
     assert_eq!(url, format!("postgres://postgres@127.0.0.1:{port}/crash"));
 
-    let client = outbox_relay::embedded_pg::connect(&url).await.expect("connect");
+    let client = outbox_relay::demo::embedded_pg::connect(&url).await.expect("connect");
     client
         .batch_execute(
             "CREATE TABLE ledger (id int PRIMARY KEY, state text NOT NULL);
@@ -104,7 +104,7 @@ async fn restart_immediate_keeps_committed_data_and_port() {
 
     // The old connection died with the server; a new one on the same URL sees the committed row.
     assert!(client.query_one("SELECT 1", &[]).await.is_err());
-    let client = outbox_relay::embedded_pg::connect(&url).await.expect("reconnect");
+    let client = outbox_relay::demo::embedded_pg::connect(&url).await.expect("reconnect");
     let state: String =
         client.query_one("SELECT state FROM ledger WHERE id = 1", &[]).await.expect("row after crash").get(0);
     assert_eq!(state, "delivered");
@@ -123,12 +123,12 @@ async fn drop_stops_server_and_removes_directory() {
     let own = tokio::task::spawn_blocking(EmbeddedPg::start).await.expect("join").expect("start cluster");
     let url = own.url("postgres");
     let dir = own.data_dir().parent().expect("data dir has a parent").to_path_buf();
-    outbox_relay::embedded_pg::connect(&url).await.expect("server is up");
+    outbox_relay::demo::embedded_pg::connect(&url).await.expect("server is up");
     assert!(dir.exists());
 
     drop(own);
     assert!(!dir.exists(), "{} should be removed", dir.display());
-    assert!(outbox_relay::embedded_pg::connect(&url).await.is_err(), "server should be stopped");
+    assert!(outbox_relay::demo::embedded_pg::connect(&url).await.is_err(), "server should be stopped");
 }
 
 #[test]

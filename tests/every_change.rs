@@ -348,7 +348,7 @@ async fn a_redirect_is_never_followed() {
     // A 302 followed would turn the POST into a GET; this GET answers 200, so
     // a client that follows would record the message sent without sending it.
     let (elsewhere, _server) =
-        support::fake_http::serve(axum::Router::new().route("/", axum::routing::get(|| async { "{}" })));
+        support::fakes::http::serve(axum::Router::new().route("/", axum::routing::get(|| async { "{}" })));
     let env = Env::in_mode(Mode::Logical, "redirect").await;
     env.pusher.answer_next_raw(302, &[("location", &format!("{elsewhere}/"))], b"");
     let relay = env.start_in_process();

@@ -7,7 +7,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use support::fake_ably::FakeAbly;
+use support::fakes::ably::FakeAbly;
 use support::relay::{insert_notifications, Env};
 
 fn report(fault: &str, ids: &[i64], counts: &BTreeMap<i64, usize>) -> (usize, usize) {

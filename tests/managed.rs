@@ -5,7 +5,7 @@
 //! here: docs/managed-postgres.md says what was checked against what).
 
 use outbox_relay::config::Config;
-use outbox_relay::embedded_pg::{self, ClusterOptions, EmbeddedPg, DJANGO_FIXTURE};
+use outbox_relay::demo::embedded_pg::{self, ClusterOptions, EmbeddedPg, DJANGO_FIXTURE};
 use outbox_relay::preflight;
 
 fn config(url: &str) -> Config {

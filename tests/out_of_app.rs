@@ -8,8 +8,8 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use support::fake_brevo::FakeBrevo;
-use support::fake_twilio::{FakeTwilio, TwilioMessage};
+use support::fakes::brevo::FakeBrevo;
+use support::fakes::twilio::{FakeTwilio, TwilioMessage};
 use support::relay::{free_port, scrape_counter, sigterm, Env, Mode};
 
 const ALL_FOUR: &str = "{in_app,email,sms,whatsapp}";

@@ -7,12 +7,12 @@
 mod support;
 
 use outbox_relay::config::{Secret, TlsConfig};
+use outbox_relay::demo::smtp_sink::SmtpSink;
 use outbox_relay::providers::pusher::Pusher;
 use outbox_relay::providers::smtp::{Smtp, SmtpConfig};
 use outbox_relay::providers::{http_client, http_client_with, Contact, OutboundMessage, ProviderError};
-use outbox_relay::smtp_sink::SmtpSink;
 use serde_json::json;
-use support::fake_pusher::FakePusher;
+use support::fakes::pusher::FakePusher;
 use support::pki::TestCa;
 use support::tls_proxy::TlsProxy;
 

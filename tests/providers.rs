@@ -8,8 +8,8 @@ use outbox_relay::providers::ably::Ably;
 use outbox_relay::providers::pusher::Pusher;
 use outbox_relay::providers::{http_client, Accepted, OutboundMessage, Provider, ProviderError};
 use serde_json::json;
-use support::fake_ably::FakeAbly;
-use support::fake_pusher::{FakePusher, ReceivedEvent};
+use support::fakes::ably::FakeAbly;
+use support::fakes::pusher::{FakePusher, ReceivedEvent};
 
 const APP_ID: &str = "1234";
 const KEY: &str = "278d425bdf160c739803";

@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use outbox_relay::db::PgTarget;
-use outbox_relay::embedded_pg::{self, ClusterOptions, EmbeddedPg, DJANGO_FIXTURE};
+use outbox_relay::demo::embedded_pg::{self, ClusterOptions, EmbeddedPg, DJANGO_FIXTURE};
 use outbox_relay::source::replication::ReplicationStream;
 use outbox_relay::source::Lsn;
 use support::pg::TestDb;

@@ -10,6 +10,7 @@ pub mod dsn;
 pub mod tls;
 
 use std::io;
+use std::time::Duration;
 
 use tokio_postgres::config::Host;
 use tokio_postgres::{Client, Connection, Socket};
@@ -244,4 +245,45 @@ impl PgTarget {
 /// the replication stream (which uses [`tls::negotiate`] on its own socket).
 pub async fn connect(dsn: &str) -> Result<(Client, Connection<Socket, RustlsStream<Socket>>), ConnectError> {
     PgTarget::parse(dsn)?.connect().await
+}
+
+/// `name` as a SQL identifier, always quoted (safe for any configured name).
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `'text'` as a SQL literal.
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// Connection trouble, server restarts and serialization conflicts pass;
+/// anything else (missing privilege, missing schema) needs a human.
+pub fn db_error_is_retryable(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        None => true, // I/O errors carry no SQLSTATE
+        Some(code) => {
+            let c = code.code();
+            c.starts_with("08") || c.starts_with("57P") || c == "40001" || c == "40P01" || c == "53300"
+        }
+    }
+}
+
+/// Pause before the `failures`-th reconnection attempt to PostgreSQL:
+/// exponential from 200 ms, at most 10 s with jitter, so that the relay's
+/// connections do not all knock at once when the server comes back.
+pub fn reconnect_delay(failures: u32) -> Duration {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        // backon's jitter adds up to one more delay: 5 s cap, 10 s at worst.
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .nth(failures.saturating_sub(1) as usize)
+        .unwrap_or(Duration::from_secs(10))
 }

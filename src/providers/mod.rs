@@ -1,8 +1,16 @@
-//! Providers: the services that carry a delivery to a person.
+//! Providers: the services that carry a delivery to a person or a bus.
+//!
+//! Each provider is one folder, `<name>/`: `config.rs` holds its
+//! `[providers.<name>]` section and its [`Profile`] (limits, batch size, what
+//! it needs to reach someone), `mod.rs` its client. The table at the end of
+//! this file lists them, one line each; from it come [`ProviderKind`] (the
+//! name a channel's `provider` key takes), [`ProvidersConfig`] (the
+//! `[providers]` section) and [`Provider`] (the built clients).
 //!
 //! A closed enum rather than trait objects: the set is known at compile time,
-//! `match` shows every provider at each decision, and adding one is a compile
-//! error everywhere it must be handled.
+//! `match` shows every provider at each decision, and adding one is one
+//! folder plus one line of the table. Providers never import the top-level
+//! configuration: it is composed from their sections, not the other way round.
 
 pub mod ably;
 pub mod brevo;
@@ -15,6 +23,9 @@ pub mod template;
 pub mod twilio;
 
 use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 
 /// What a provider is asked to deliver: one event on one provider channel.
 #[derive(Clone, Debug, PartialEq)]
@@ -110,87 +121,6 @@ impl ProviderError {
     }
 }
 
-/// The provider clients, built once from config and shared by dispatch workers.
-#[derive(Clone, Debug)]
-pub enum Provider {
-    Pusher(pusher::Pusher),
-    Ably(ably::Ably),
-    Brevo(brevo::Brevo),
-    Smtp(smtp::Smtp),
-    Twilio(twilio::Twilio),
-    Log(log::Log),
-    Kafka(bus::kafka::Kafka),
-    Rabbitmq(bus::rabbitmq::Rabbitmq),
-    Redis(bus::redis::RedisStreams),
-    Nats(bus::nats::Nats),
-}
-
-/// Sends one message at a time per provider call, all of a batch at once.
-async fn each<'a, F, Fut>(messages: &'a [OutboundMessage], send: F) -> Vec<Result<Accepted, ProviderError>>
-where
-    F: Fn(&'a OutboundMessage) -> Fut,
-    Fut: std::future::Future<Output = Result<Accepted, ProviderError>> + 'a,
-{
-    futures_util::future::join_all(messages.iter().map(send)).await
-}
-
-impl Provider {
-    /// Stable name for the ledger, logs and metric labels.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Provider::Pusher(_) => "pusher",
-            Provider::Ably(_) => "ably",
-            Provider::Brevo(_) => "brevo",
-            Provider::Smtp(_) => "smtp",
-            Provider::Twilio(_) => "twilio",
-            Provider::Log(_) => "log",
-            Provider::Kafka(_) => "kafka",
-            Provider::Rabbitmq(_) => "rabbitmq",
-            Provider::Redis(_) => "redis",
-            Provider::Nats(_) => "nats",
-        }
-    }
-
-    /// Messages per `send_batch` call that dispatch aims for: what the provider
-    /// takes in one HTTP call. Each call's outcome is recorded as soon as it
-    /// returns, so this also bounds the re-sends a crash can cause per call.
-    pub fn batch_size(&self) -> usize {
-        match self {
-            Provider::Pusher(_) => pusher::MAX_EVENTS_PER_CALL,
-            // Ably deduplicates re-sends by id; a few per call keeps statements few.
-            Provider::Ably(_) => 10,
-            // One HTTP call or SMTP transaction per message; a few per chunk.
-            Provider::Brevo(_) | Provider::Smtp(_) | Provider::Twilio(_) => 10,
-            Provider::Log(_) => 100,
-            // Published at once and confirmed one by one: a batch is one round
-            // trip's worth, and what a crash may re-send.
-            Provider::Kafka(_) | Provider::Rabbitmq(_) | Provider::Redis(_) | Provider::Nats(_) => 50,
-        }
-    }
-
-    /// Delivers `messages`, as few HTTP calls as the provider allows.
-    ///
-    /// Contract: returns exactly one result per message, in the same order. May
-    /// be called concurrently from several workers. Calling it twice with the
-    /// same message may deliver it twice, except where the provider deduplicates
-    /// on `idempotency_key` (Ably, JetStream, the Redis sink). `Ok` means the provider accepted the message:
-    /// it is the point after which the ledger marks it sent.
-    pub async fn send_batch(&self, messages: &[OutboundMessage]) -> Vec<Result<Accepted, ProviderError>> {
-        match self {
-            Provider::Pusher(p) => p.send_batch(messages).await,
-            Provider::Ably(p) => p.send_batch(messages).await,
-            Provider::Brevo(p) => each(messages, |m| p.send(m)).await,
-            Provider::Smtp(p) => each(messages, |m| p.send(m)).await,
-            Provider::Twilio(p) => each(messages, |m| p.send(m)).await,
-            Provider::Log(p) => p.send_batch(messages).await,
-            Provider::Kafka(p) => p.send_batch(messages).await,
-            Provider::Rabbitmq(p) => p.send_batch(messages).await,
-            Provider::Redis(p) => p.send_batch(messages).await,
-            Provider::Nats(p) => p.send_batch(messages).await,
-        }
-    }
-}
-
 /// The HTTP client every provider shares, so connections (and TLS sessions)
 /// to a provider stay open between batches instead of being set up per call.
 /// Per-request timeouts come from each provider's config, not from here.
@@ -205,7 +135,7 @@ pub fn http_client() -> reqwest::Client {
 
 /// [`http_client`], also trusting the CAs of `tls.ca_file` (an inspecting
 /// proxy's, say). A bundle that cannot be read or parsed stops the start.
-pub fn http_client_with(tls: &crate::config::TlsConfig) -> Result<reqwest::Client, ProviderError> {
+pub fn http_client_with(tls: &TlsConfig) -> Result<reqwest::Client, ProviderError> {
     let mut builder = http_builder();
     if let Some(path) = &tls.ca_file {
         let bad = |e: String| ProviderError::Permanent { reason: format!("tls.ca_file {path}: {e}") };
@@ -233,4 +163,214 @@ fn http_builder() -> reqwest::ClientBuilder {
         // the message would be recorded sent. A redirect is the provider's
         // answer, classified like any other status.
         .redirect(reqwest::redirect::Policy::none())
+}
+
+/// TLS to providers (HTTP APIs and SMTP). PostgreSQL's TLS is set in
+/// `source.database_url`, libpq style.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM bundle of extra CAs to trust (an inspecting proxy, an internal mail
+    /// relay), in addition to the usual public roots.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+}
+
+/// How hard the relay may push one provider (`[limits.<provider>]`).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitConfig {
+    /// Calls in flight at once, across all workers.
+    pub concurrency: usize,
+    /// Messages per second; 0 = unlimited.
+    #[serde(default)]
+    pub per_second: f64,
+}
+
+/// What a channel must say for a provider to reach someone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// A provider-side channel named from the recipient (`private-user-42`).
+    Channel,
+    /// A person's address (e-mail, phone), looked up at send time by the
+    /// channel's `address_query`.
+    Address,
+    /// A topic, queue or stream, set by the channel's `[channels.<name>.bus]`.
+    Bus,
+}
+
+/// What dispatch needs to know of a provider before calling it; each
+/// provider's `config.rs` defines its own as `PROFILE`, with the sources of
+/// its numbers (docs/providers.md collects them).
+#[derive(Clone, Copy, Debug)]
+pub struct Profile {
+    /// Defaults when `[limits.<provider>]` is absent.
+    pub limits: LimitConfig,
+    /// Messages per `send_batch` call that dispatch aims for: what the
+    /// provider takes in one call. Each call's outcome is recorded as soon as
+    /// it returns, so this also bounds the re-sends a crash can cause per call.
+    pub batch_size: usize,
+    pub reach: Reach,
+}
+
+/// What the provider table needs of each provider's config section.
+pub trait Section: Clone + std::fmt::Debug + DeserializeOwned {
+    /// The section a channel gets when `[providers.<name>]` is absent, for
+    /// providers with nothing to configure (`log`); `None` makes it required.
+    fn implicit() -> Option<Self> {
+        None
+    }
+    /// The longest one call may take: shutdown waits this long for calls in flight.
+    fn timeout(&self) -> Duration;
+}
+
+/// Shared by every client built at startup.
+#[derive(Clone, Debug)]
+pub struct BuildContext {
+    /// One HTTP client (one connection pool) for every HTTP provider.
+    pub http: reqwest::Client,
+    pub tls: TlsConfig,
+}
+
+/// Sends one message at a time per provider call, all of a batch at once:
+/// for providers whose API takes one message per call.
+async fn each<'a, F, Fut>(messages: &'a [OutboundMessage], send: F) -> Vec<Result<Accepted, ProviderError>>
+where
+    F: Fn(&'a OutboundMessage) -> Fut,
+    Fut: std::future::Future<Output = Result<Accepted, ProviderError>> + 'a,
+{
+    futures_util::future::join_all(messages.iter().map(send)).await
+}
+
+/// Generates, from one line per provider, the kind enum, the `[providers]`
+/// section and the client enum with their matches. Each line reads
+/// `Variant "name" field: module::path => Client(Config);`; the module must
+/// define `PROFILE`, `Client::build(&Config, &BuildContext)` and
+/// `Client::send_batch(&self, &[OutboundMessage])`.
+macro_rules! provider_table {
+    ($($Variant:ident $name:literal $field:ident: $($module:ident)::+ => $Client:ident($Config:ident);)+) => {
+        /// A provider, as channels name it (`provider = "pusher"`).
+        #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[serde(rename_all = "lowercase")]
+        pub enum ProviderKind {
+            $($Variant,)+
+        }
+
+        impl ProviderKind {
+            pub const ALL: &'static [ProviderKind] = &[$(ProviderKind::$Variant,)+];
+
+            /// Stable name for the config, the ledger, logs and metric labels.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ProviderKind::$Variant => $name,)+
+                }
+            }
+
+            pub fn profile(self) -> Profile {
+                match self {
+                    $(ProviderKind::$Variant => $($module)::+::PROFILE,)+
+                }
+            }
+        }
+
+        /// `[providers]`: one optional section per provider.
+        #[derive(Clone, Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct ProvidersConfig {
+            $(#[serde(default)] pub $field: Option<$($module)::+::$Config>,)+
+        }
+
+        impl ProvidersConfig {
+            /// Whether a channel may use `kind`: its section is set, or it needs none.
+            pub fn has(&self, kind: ProviderKind) -> bool {
+                match kind {
+                    $(ProviderKind::$Variant => {
+                        self.$field.is_some() || <$($module)::+::$Config as Section>::implicit().is_some()
+                    })+
+                }
+            }
+
+            /// The longest per-call timeout among configured providers.
+            pub fn longest_timeout(&self) -> Duration {
+                [$(self.$field.as_ref().map(Section::timeout),)+].into_iter().flatten().max().unwrap_or_default()
+            }
+        }
+
+        /// The provider clients, built once from config and shared by dispatch workers.
+        #[derive(Clone, Debug)]
+        pub enum Provider {
+            $($Variant($($module)::+::$Client),)+
+        }
+
+        impl Provider {
+            /// The client for `kind`, from its section (checked present by config validation).
+            pub fn build(kind: ProviderKind, cfg: &ProvidersConfig, ctx: &BuildContext) -> Result<Provider, ProviderError> {
+                let missing = |name: &str| ProviderError::Permanent { reason: format!("[providers.{name}] is missing") };
+                Ok(match kind {
+                    $(ProviderKind::$Variant => {
+                        let section = cfg.$field.clone().or_else(<$($module)::+::$Config as Section>::implicit);
+                        let section = section.ok_or_else(|| missing($name))?;
+                        Provider::$Variant($($module)::+::$Client::build(&section, ctx)?)
+                    })+
+                })
+            }
+
+            pub fn kind(&self) -> ProviderKind {
+                match self {
+                    $(Provider::$Variant(_) => ProviderKind::$Variant,)+
+                }
+            }
+
+            /// Delivers `messages`, as few calls as the provider allows.
+            ///
+            /// Contract: returns exactly one result per message, in the same
+            /// order. May be called concurrently from several workers. Calling it
+            /// twice with the same message may deliver it twice, except where the
+            /// provider deduplicates on `idempotency_key` (docs/providers.md says
+            /// which). `Ok` means the provider accepted the message: it is the
+            /// point after which the ledger marks it sent.
+            pub async fn send_batch(&self, messages: &[OutboundMessage]) -> Vec<Result<Accepted, ProviderError>> {
+                match self {
+                    $(Provider::$Variant(p) => p.send_batch(messages).await,)+
+                }
+            }
+        }
+    };
+}
+
+provider_table! {
+    Pusher "pusher" pusher: pusher => Pusher(PusherConfig);
+    Ably "ably" ably: ably => Ably(AblyConfig);
+    Brevo "brevo" brevo: brevo => Brevo(BrevoConfig);
+    Smtp "smtp" smtp: smtp => Smtp(SmtpConfig);
+    Twilio "twilio" twilio: twilio => Twilio(TwilioConfig);
+    Log "log" log: log => Log(LogConfig);
+    Kafka "kafka" kafka: bus::kafka => Kafka(KafkaConfig);
+    Rabbitmq "rabbitmq" rabbitmq: bus::rabbitmq => Rabbitmq(RabbitmqConfig);
+    Redis "redis" redis: bus::redis => RedisStreams(RedisConfig);
+    Nats "nats" nats: bus::nats => Nats(NatsConfig);
+}
+
+impl ProviderKind {
+    /// Providers that reach a person at an address (e-mail, phone): they need
+    /// the channel's `address_query`.
+    pub fn needs_address(self) -> bool {
+        self.profile().reach == Reach::Address
+    }
+
+    /// Event-bus sinks: they need the channel's `[channels.<name>.bus]` route.
+    pub fn is_bus(self) -> bool {
+        self.profile().reach == Reach::Bus
+    }
+}
+
+impl Provider {
+    /// Stable name for the ledger, logs and metric labels.
+    pub fn name(&self) -> &'static str {
+        self.kind().as_str()
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.kind().profile().batch_size
+    }
 }

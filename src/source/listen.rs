@@ -45,10 +45,11 @@ use tokio_postgres::{AsyncMessage, Client, IsolationLevel};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::dispatch::{reconnect_delay, Intake};
+use crate::db::quote_ident;
+use crate::db::reconnect_delay;
+use crate::dispatch::Intake;
 use crate::ledger::{self, LedgerError};
 use crate::routing::{Disposition, NewDelivery, Router};
-use crate::setup::quote_ident;
 use crate::source::{ChangeId, Column, Lsn, Operation, RowChange, Table, Value};
 use crate::telemetry::{metric, Health};
 
@@ -492,7 +493,7 @@ async fn listen_for_wakeups(url: String, channel: String, wake: Arc<Notify>, mut
 fn classify(e: &ListenError) -> bool {
     match e {
         ListenError::Ledger(l) => l.is_retryable(),
-        ListenError::Db(e) => ledger::db_error_is_retryable(e),
+        ListenError::Db(e) => crate::db::db_error_is_retryable(e),
     }
 }
 

@@ -34,6 +34,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_postgres::config::{ChannelBinding, Host};
 
 use crate::db::tls::{self as pg_tls, Negotiated, SslMode};
+use crate::db::{quote_ident, quote_literal};
 
 use super::pgoutput::{self, DecodeError, TxAssembler};
 use super::{CommittedTx, Lsn};
@@ -314,18 +315,6 @@ fn log_notice(msg: &Message) -> bool {
     } else {
         false
     }
-}
-
-/// `"name"` with embedded quotes doubled, as the replication grammar reads
-/// identifiers (<https://www.postgresql.org/docs/15/sql-syntax-lexical.html#SQL-SYNTAX-IDENTIFIERS>).
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// `'text'` with embedded quotes doubled. The replication command scanner has
-/// no backslash escapes, so doubling is the whole story.
-fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
 }
 
 fn start_replication_command(slot: &str, publication: &str, start: Lsn) -> Result<String, ReplicationError> {

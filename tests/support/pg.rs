@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use outbox_relay::embedded_pg::{self, EmbeddedPg, EmbeddedPgError, DJANGO_FIXTURE};
+use outbox_relay::demo::embedded_pg::{self, EmbeddedPg, EmbeddedPgError, DJANGO_FIXTURE};
 
 /// The server the tests talk to.
 pub struct PgServer {

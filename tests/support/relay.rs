@@ -12,7 +12,7 @@ use outbox_relay::config::Config;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::fake_pusher::FakePusher;
+use super::fakes::pusher::FakePusher;
 use super::pg::{fresh_db, TestDb};
 
 /// Which source the relay under test uses.

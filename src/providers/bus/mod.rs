@@ -209,42 +209,6 @@ mod tests {
         assert!(empty.validate("channels.x").unwrap_err().contains("destination"));
     }
 
-    const EXAMPLE: &str = include_str!("../../../docs/bus.example.toml");
-
-    #[test]
-    fn the_readme_example_routes_one_table_to_each_bus() {
-        let readme = include_str!("../../../README.md");
-        assert!(readme.contains(EXAMPLE), "README shows docs/bus.example.toml verbatim");
-        let cfg = crate::config::Config::from_toml(EXAMPLE).unwrap();
-        let kinds: Vec<_> = cfg.routes[0].channels.iter().map(|c| cfg.channels[c].provider.as_str()).collect();
-        assert_eq!(kinds, ["kafka", "rabbitmq", "redis", "nats"]);
-        assert_eq!(cfg.channels["rabbitmq"].bus.as_ref().unwrap().mode, EnvelopeMode::Binary);
-        let redis = cfg.channels["redis"].bus.as_ref().unwrap();
-        assert_eq!(redis.events["order_shipped"].destination.as_deref(), Some("orders:shipped"));
-        assert_eq!(cfg.providers.nats.as_ref().unwrap().create_stream.as_ref().unwrap().duplicate_window_s, 86_400);
-        assert!(crate::dispatch::build_providers(&cfg).is_ok(), "every sink builds from it");
-    }
-
-    #[test]
-    fn bus_channels_are_checked_at_start() {
-        let with = |channel: &str| EXAMPLE.replace("[channels.kafka]\nprovider = \"kafka\"", channel);
-        let err = |toml: String| crate::config::Config::from_toml(&toml).unwrap_err().to_string();
-        // A bus provider without its route.
-        let no_route = EXAMPLE.replace("bus = { destination = \"notifications.{event}\" }", "");
-        assert!(err(no_route).contains("needs [channels.kafka.bus]"));
-        // A route on a provider that is not a bus.
-        let on_log = with("[channels.kafka]\nprovider = \"log\"");
-        assert!(err(on_log).contains("only for bus providers"));
-        // A fallback that does not reach the same kind of place.
-        let mixed = with("[channels.kafka]\nprovider = \"kafka\"\nfallback = \"log\"");
-        assert!(err(mixed).contains("fallback must be a bus"));
-        // A bus provider with no [providers.<sink>] section.
-        let no_section = EXAMPLE.replace("[providers.kafka]\nbrokers = \"127.0.0.1:9092\"\n", "");
-        assert!(err(no_section).contains("needs a [providers.kafka] section"));
-        let empty = EXAMPLE.replace("destination = \"notifications.{event}\" }", "destination = \"\" }");
-        assert!(err(empty).contains("destination is empty"));
-    }
-
     fn toml_route(s: &str) -> BusRoute {
         config::Config::builder()
             .add_source(config::File::from_str(s, config::FileFormat::Toml))

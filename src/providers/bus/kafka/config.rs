@@ -1,10 +1,12 @@
 //! `[providers.kafka]`.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::Secret;
+use crate::providers::{LimitConfig, Profile, Reach, Section};
+use crate::secret::Secret;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,4 +42,17 @@ fn default_max_message_bytes() -> usize {
 }
 
 /// Sends in flight at once; librdkafka batches them per partition anyway.
-pub const DEFAULT_CONCURRENCY: usize = 32;
+pub const PROFILE: Profile = Profile {
+    // Buses have no rate limit to respect: only how many calls are in flight.
+    limits: LimitConfig { concurrency: 32, per_second: 0.0 },
+    // Published at once and confirmed one by one: a batch is one round
+    // trip's worth, and what a crash may re-send.
+    batch_size: 50,
+    reach: Reach::Bus,
+};
+
+impl Section for KafkaConfig {
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}

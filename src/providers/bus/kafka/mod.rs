@@ -20,7 +20,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-pub use self::config::{KafkaConfig, DEFAULT_CONCURRENCY};
+pub use self::config::{KafkaConfig, PROFILE};
 use super::envelope;
 use super::{retryable, short, too_large};
 use crate::providers::{Accepted, OutboundMessage, ProviderError};
@@ -58,6 +58,10 @@ impl std::fmt::Debug for Kafka {
 }
 
 impl Kafka {
+    pub fn build(cfg: &KafkaConfig, _: &crate::providers::BuildContext) -> Result<Kafka, ProviderError> {
+        Kafka::new(cfg)
+    }
+
     /// Builds the producer; it connects in the background. A property
     /// librdkafka refuses is a configuration error, reported at start.
     pub fn new(cfg: &KafkaConfig) -> Result<Kafka, ProviderError> {
@@ -187,7 +191,7 @@ fn classify(e: KafkaError, topic: &str) -> ProviderError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Secret;
+    use crate::secret::Secret;
 
     #[test]
     fn properties_cannot_weaken_idempotence() {

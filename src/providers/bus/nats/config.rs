@@ -1,8 +1,11 @@
 //! `[providers.nats]`.
 
+use std::time::Duration;
+
 use serde::Deserialize;
 
-use crate::config::Secret;
+use crate::providers::{LimitConfig, Profile, Reach, Section};
+use crate::secret::Secret;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,4 +50,17 @@ fn default_duplicate_window_s() -> u64 {
 }
 
 /// Publishes in flight at once; each waits for its PubAck.
-pub const DEFAULT_CONCURRENCY: usize = 32;
+pub const PROFILE: Profile = Profile {
+    // Buses have no rate limit to respect: only how many calls are in flight.
+    limits: LimitConfig { concurrency: 32, per_second: 0.0 },
+    // Published at once and confirmed one by one: a batch is one round
+    // trip's worth, and what a crash may re-send.
+    batch_size: 50,
+    reach: Reach::Bus,
+};
+
+impl Section for NatsConfig {
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}

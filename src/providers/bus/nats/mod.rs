@@ -17,7 +17,7 @@ use async_nats::jetstream::{self, stream};
 use async_nats::{ConnectErrorKind, HeaderMap};
 use futures_util::future::join_all;
 
-pub use self::config::{NatsConfig, StreamSpec, DEFAULT_CONCURRENCY};
+pub use self::config::{NatsConfig, StreamSpec, PROFILE};
 use super::envelope;
 use super::{retryable, short, too_large, Lazy};
 use crate::providers::{Accepted, OutboundMessage, ProviderError};
@@ -43,11 +43,15 @@ struct Inner {
 
 impl std::fmt::Debug for Nats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Nats").field("url", &crate::config::redact_url(self.inner.cfg.url.expose())).finish()
+        f.debug_struct("Nats").field("url", &crate::secret::redact_url(self.inner.cfg.url.expose())).finish()
     }
 }
 
 impl Nats {
+    pub fn build(cfg: &NatsConfig, _: &crate::providers::BuildContext) -> Result<Nats, ProviderError> {
+        Ok(Nats::new(cfg))
+    }
+
     pub fn new(cfg: &NatsConfig) -> Nats {
         Nats { inner: Arc::new(Inner { cfg: cfg.clone(), link: Lazy::default() }) }
     }

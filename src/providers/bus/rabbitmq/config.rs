@@ -1,8 +1,11 @@
 //! `[providers.rabbitmq]`.
 
+use std::time::Duration;
+
 use serde::Deserialize;
 
-use crate::config::Secret;
+use crate::providers::{LimitConfig, Profile, Reach, Section};
+use crate::secret::Secret;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,4 +43,17 @@ fn default_max_message_bytes() -> usize {
 
 /// Publishes in flight at once across workers: confirms are pipelined on one
 /// channel, so more only queue up inside the client.
-pub const DEFAULT_CONCURRENCY: usize = 16;
+pub const PROFILE: Profile = Profile {
+    // Buses have no rate limit to respect: only how many calls are in flight.
+    limits: LimitConfig { concurrency: 16, per_second: 0.0 },
+    // Published at once and confirmed one by one: a batch is one round
+    // trip's worth, and what a crash may re-send.
+    batch_size: 50,
+    reach: Reach::Bus,
+};
+
+impl Section for RabbitmqConfig {
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}

@@ -21,7 +21,7 @@ use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ErrorKind, ExchangeKind};
 
-pub use self::config::{RabbitmqConfig, DEFAULT_CONCURRENCY};
+pub use self::config::{RabbitmqConfig, PROFILE};
 use super::envelope::{self, Outgoing};
 use super::{retryable, short, too_large, Lazy};
 use crate::providers::{Accepted, OutboundMessage, ProviderError};
@@ -49,11 +49,15 @@ struct Inner {
 
 impl std::fmt::Debug for Rabbitmq {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Rabbitmq").field("url", &crate::config::redact_url(self.inner.cfg.url.expose())).finish()
+        f.debug_struct("Rabbitmq").field("url", &crate::secret::redact_url(self.inner.cfg.url.expose())).finish()
     }
 }
 
 impl Rabbitmq {
+    pub fn build(cfg: &RabbitmqConfig, _: &crate::providers::BuildContext) -> Result<Rabbitmq, ProviderError> {
+        Ok(Rabbitmq::new(cfg))
+    }
+
     pub fn new(cfg: &RabbitmqConfig) -> Rabbitmq {
         Rabbitmq { inner: Arc::new(Inner { cfg: cfg.clone(), link: Lazy::default() }) }
     }

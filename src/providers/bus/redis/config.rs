@@ -1,8 +1,11 @@
 //! `[providers.redis]`.
 
+use std::time::Duration;
+
 use serde::Deserialize;
 
-use crate::config::Secret;
+use crate::providers::{LimitConfig, Profile, Reach, Section};
+use crate::secret::Secret;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,4 +53,17 @@ fn default_max_message_bytes() -> usize {
 }
 
 /// Scripts in flight at once: Redis runs them one at a time anyway.
-pub const DEFAULT_CONCURRENCY: usize = 16;
+pub const PROFILE: Profile = Profile {
+    // Buses have no rate limit to respect: only how many calls are in flight.
+    limits: LimitConfig { concurrency: 16, per_second: 0.0 },
+    // Published at once and confirmed one by one: a batch is one round
+    // trip's worth, and what a crash may re-send.
+    batch_size: 50,
+    reach: Reach::Bus,
+};
+
+impl Section for RedisConfig {
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}

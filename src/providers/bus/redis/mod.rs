@@ -17,7 +17,7 @@ use futures_util::future::join_all;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ErrorKind, RedisError, Script};
 
-pub use self::config::{RedisConfig, DEFAULT_CONCURRENCY};
+pub use self::config::{RedisConfig, PROFILE};
 use super::envelope;
 use super::{retryable, short, too_large, Lazy};
 use crate::providers::{Accepted, OutboundMessage, ProviderError};
@@ -74,11 +74,15 @@ struct Inner {
 
 impl std::fmt::Debug for RedisStreams {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisStreams").field("url", &crate::config::redact_url(self.inner.cfg.url.expose())).finish()
+        f.debug_struct("RedisStreams").field("url", &crate::secret::redact_url(self.inner.cfg.url.expose())).finish()
     }
 }
 
 impl RedisStreams {
+    pub fn build(cfg: &RedisConfig, _: &crate::providers::BuildContext) -> Result<RedisStreams, ProviderError> {
+        Ok(RedisStreams::new(cfg))
+    }
+
     pub fn new(cfg: &RedisConfig) -> RedisStreams {
         RedisStreams { inner: Arc::new(Inner { cfg: cfg.clone(), conn: Lazy::default() }) }
     }

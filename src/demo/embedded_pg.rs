@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 /// The Django project's tables (auth_user, operators_*) with 20 operators, as `migrate` leaves
 /// them. Loaded by the tests and the demo into each fresh database.
-pub const DJANGO_FIXTURE: &str = include_str!("../tests/fixtures/django_operators.sql");
+pub const DJANGO_FIXTURE: &str = include_str!("../../tests/fixtures/django_operators.sql");
 
 /// How long a start may wait for the server to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(30);

@@ -22,7 +22,7 @@ use base64::Engine;
 use serde_json::json;
 use tokio::task::JoinHandle;
 
-use super::fake_http::{form_decode, serve, with_retry_after, Conn, Faults};
+use super::http::{form_decode, serve, with_retry_after, Conn, Faults};
 
 /// One message Twilio accepted.
 #[derive(Clone, Debug)]

@@ -16,11 +16,12 @@ use axum::routing::post;
 use axum::Router;
 use hmac::{Hmac, Mac};
 use md5::{Digest, Md5};
-use outbox_relay::config::{PusherConfig, Secret};
+use outbox_relay::config::Secret;
+use outbox_relay::providers::pusher::PusherConfig;
 use sha2::Sha256;
 use tokio::task::JoinHandle;
 
-use super::fake_http::{form_decode, serve, with_retry_after, Conn, Faults};
+use super::http::{form_decode, serve, with_retry_after, Conn, Faults};
 
 /// One event Pusher accepted.
 #[derive(Clone, Debug, PartialEq)]

@@ -5,13 +5,17 @@
 //! SMTP sink for e-mail, a few notifications inserted (and one rolled back),
 //! each delivery shown as it arrives and each e-mail as the sink received it.
 
+pub mod embedded_pg;
+pub mod smtp_sink;
+
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::embedded_pg::{self, EmbeddedPg, DJANGO_FIXTURE};
-use crate::smtp_sink::SmtpSink;
+
+use self::embedded_pg::{EmbeddedPg, DJANGO_FIXTURE};
+use self::smtp_sink::SmtpSink;
 
 const DEMO_CONFIG: &str = r#"
 [source]

@@ -22,7 +22,10 @@ use serde::Serialize;
 
 use super::http::{by_status, retry_after, transport_error, truncate, MAX_REASON_BODY};
 use super::{Accepted, OutboundMessage, ProviderError};
-use crate::config::{AblyConfig, Secret};
+pub mod config;
+
+pub use self::config::{AblyConfig, PROFILE};
+use crate::secret::Secret;
 
 /// Default maximum message size; the size counts name, clientId, data and
 /// extras. https://ably.com/docs/platform/errors/codes/40009-max-message-size-exceeded
@@ -63,6 +66,10 @@ struct ErrorInfo {
 }
 
 impl Ably {
+    pub fn build(cfg: &AblyConfig, ctx: &super::BuildContext) -> Result<Ably, ProviderError> {
+        Ok(Ably::new(cfg, ctx.http.clone()))
+    }
+
     pub fn new(cfg: &AblyConfig, http: reqwest::Client) -> Ably {
         Ably {
             http,

@@ -25,45 +25,14 @@ use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, Tls, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
-use serde::Deserialize;
 
 use super::{Accepted, OutboundMessage, ProviderError};
-use crate::config::{redact_url, Secret, TlsConfig};
+pub mod config;
+
+pub use self::config::{SmtpConfig, PROFILE};
+use super::TlsConfig;
+use crate::secret::redact_url;
 use crate::telemetry::metric;
-
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SmtpConfig {
-    /// May carry credentials: never logged in clear.
-    pub url: String,
-    /// `Alerts <alerts@example.com>`.
-    pub from: String,
-    #[serde(default)]
-    pub username: Option<String>,
-    #[serde(default)]
-    pub password: Option<Secret>,
-    #[serde(default = "default_timeout_ms")]
-    pub timeout_ms: u64,
-    /// Lets credentials go over a connection without TLS (a relay on localhost).
-    #[serde(default)]
-    pub allow_insecure_auth: bool,
-}
-
-impl fmt::Debug for SmtpConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SmtpConfig")
-            .field("url", &redact_url(&self.url))
-            .field("from", &self.from)
-            .field("username", &self.username)
-            .field("password", &self.password)
-            .field("allow_insecure_auth", &self.allow_insecure_auth)
-            .finish()
-    }
-}
-
-fn default_timeout_ms() -> u64 {
-    10_000
-}
 
 #[derive(Clone)]
 pub struct Smtp {
@@ -101,6 +70,10 @@ impl fmt::Debug for Smtp {
 }
 
 impl Smtp {
+    pub fn build(cfg: &SmtpConfig, ctx: &super::BuildContext) -> Result<Smtp, ProviderError> {
+        Smtp::with_tls(cfg, &ctx.tls)
+    }
+
     pub fn new(cfg: &SmtpConfig) -> Result<Smtp, ProviderError> {
         Smtp::with_tls(cfg, &TlsConfig::default())
     }
@@ -189,6 +162,11 @@ impl Smtp {
     /// Messages this client sent in clear because the server offered no STARTTLS.
     pub fn starttls_missing(&self) -> u64 {
         self.starttls_missing.load(Ordering::Relaxed)
+    }
+
+    /// One API call (SMTP transaction) per message, the batch's at once.
+    pub async fn send_batch(&self, messages: &[OutboundMessage]) -> Vec<Result<Accepted, ProviderError>> {
+        super::each(messages, |m| self.send(m)).await
     }
 
     pub async fn send(&self, m: &OutboundMessage) -> Result<Accepted, ProviderError> {

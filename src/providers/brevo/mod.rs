@@ -4,36 +4,14 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde_json::json;
 
 use super::http::{brevo_reset, retry_after, transport_error, truncate, MAX_REASON_BODY};
 use super::{Accepted, OutboundMessage, ProviderError};
-use crate::config::Secret;
+pub mod config;
 
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BrevoConfig {
-    pub api_key: Secret,
-    pub sender_email: String,
-    #[serde(default)]
-    pub sender_name: Option<String>,
-    /// Default `https://api.brevo.com`.
-    #[serde(default)]
-    pub base_url: Option<String>,
-    #[serde(default = "default_timeout_ms")]
-    pub timeout_ms: u64,
-    /// `/webhooks/brevo` accepts `Authorization: Bearer <token>` or `?token=<token>`.
-    #[serde(default)]
-    pub webhook_token: Option<Secret>,
-    /// ...or HTTP Basic `user:password`.
-    #[serde(default)]
-    pub webhook_basic: Option<Secret>,
-}
-
-fn default_timeout_ms() -> u64 {
-    10_000
-}
+pub use self::config::{BrevoConfig, PROFILE};
+use crate::secret::Secret;
 
 #[derive(Clone, Debug)]
 pub struct Brevo {
@@ -45,6 +23,10 @@ pub struct Brevo {
 }
 
 impl Brevo {
+    pub fn build(cfg: &BrevoConfig, ctx: &super::BuildContext) -> Result<Brevo, ProviderError> {
+        Ok(Brevo::new(cfg, ctx.http.clone()))
+    }
+
     pub fn new(cfg: &BrevoConfig, http: reqwest::Client) -> Brevo {
         let base = cfg.base_url.as_deref().unwrap_or("https://api.brevo.com").trim_end_matches('/');
         let mut sender = json!({"email": cfg.sender_email});
@@ -58,6 +40,11 @@ impl Brevo {
             sender,
             timeout: Duration::from_millis(cfg.timeout_ms),
         }
+    }
+
+    /// One API call (SMTP transaction) per message, the batch's at once.
+    pub async fn send_batch(&self, messages: &[OutboundMessage]) -> Vec<Result<Accepted, ProviderError>> {
+        super::each(messages, |m| self.send(m)).await
     }
 
     pub async fn send(&self, m: &OutboundMessage) -> Result<Accepted, ProviderError> {

@@ -22,7 +22,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
-use super::fake_http::{serve, with_retry_after, Conn, Faults};
+use super::http::{serve, with_retry_after, Conn, Faults};
 
 #[derive(Default)]
 struct Record {

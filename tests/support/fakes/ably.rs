@@ -15,11 +15,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use base64::Engine as _;
-use outbox_relay::config::{AblyConfig, Secret};
+use outbox_relay::config::Secret;
+use outbox_relay::providers::ably::AblyConfig;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
-use super::fake_http::{serve, with_retry_after, Conn, Faults};
+use super::http::{serve, with_retry_after, Conn, Faults};
 
 /// One message Ably accepted and would deliver.
 #[derive(Clone, Debug, PartialEq)]

@@ -8,40 +8,13 @@ use std::time::Duration;
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
-use serde::Deserialize;
 use sha1::Sha1;
 
 use super::http::{retry_after, transport_error, truncate, MAX_REASON_BODY};
 use super::{Accepted, OutboundMessage, ProviderError};
-use crate::config::Secret;
+pub mod config;
 
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TwilioConfig {
-    pub account_sid: String,
-    pub auth_token: Secret,
-    /// Sender number (E.164) for SMS, or
-    #[serde(default)]
-    pub from: Option<String>,
-    /// a Messaging Service that picks the sender.
-    #[serde(default)]
-    pub messaging_service_sid: Option<String>,
-    /// `whatsapp:+33...`, for WhatsApp channels.
-    #[serde(default)]
-    pub whatsapp_from: Option<String>,
-    /// Public URL of this relay's `/webhooks/twilio`; also the URL Twilio signs.
-    #[serde(default)]
-    pub status_callback_url: Option<String>,
-    /// Default `https://api.twilio.com`.
-    #[serde(default)]
-    pub base_url: Option<String>,
-    #[serde(default = "default_timeout_ms")]
-    pub timeout_ms: u64,
-}
-
-fn default_timeout_ms() -> u64 {
-    10_000
-}
+pub use self::config::{TwilioConfig, PROFILE};
 
 #[derive(Clone, Debug)]
 pub struct Twilio {
@@ -60,6 +33,10 @@ pub fn is_e164(s: &str) -> bool {
 pub const MAX_BODY_CHARS: usize = 1600;
 
 impl Twilio {
+    pub fn build(cfg: &TwilioConfig, ctx: &super::BuildContext) -> Result<Twilio, ProviderError> {
+        Ok(Twilio::new(cfg, ctx.http.clone()))
+    }
+
     pub fn new(cfg: &TwilioConfig, http: reqwest::Client) -> Twilio {
         let base = cfg.base_url.as_deref().unwrap_or("https://api.twilio.com").trim_end_matches('/');
         Twilio {
@@ -68,6 +45,11 @@ impl Twilio {
             cfg: cfg.clone(),
             timeout: Duration::from_millis(cfg.timeout_ms),
         }
+    }
+
+    /// One API call (SMTP transaction) per message, the batch's at once.
+    pub async fn send_batch(&self, messages: &[OutboundMessage]) -> Vec<Result<Accepted, ProviderError>> {
+        super::each(messages, |m| self.send(m)).await
     }
 
     pub async fn send(&self, m: &OutboundMessage) -> Result<Accepted, ProviderError> {

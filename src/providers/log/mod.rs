@@ -11,6 +11,10 @@ use serde::Serialize;
 
 use super::{Accepted, OutboundMessage, ProviderError};
 
+pub mod config;
+
+pub use self::config::{LogConfig, PROFILE};
+
 #[derive(Clone, Debug, Default)]
 pub struct Log;
 
@@ -24,6 +28,10 @@ struct Line<'a> {
 }
 
 impl Log {
+    pub fn build(_: &LogConfig, _: &super::BuildContext) -> Result<Log, ProviderError> {
+        Ok(Log)
+    }
+
     pub fn new() -> Log {
         Log
     }

@@ -17,7 +17,10 @@ use sha2::Sha256;
 
 use super::http::{by_status, retry_after, transport_error, truncate, MAX_REASON_BODY};
 use super::{Accepted, OutboundMessage, ProviderError};
-use crate::config::{PusherConfig, Secret};
+pub mod config;
+
+pub use self::config::{PusherConfig, PROFILE};
+use crate::secret::Secret;
 
 /// "All of our multi-tenant clusters accept up to 10 events per request."
 /// https://pusher.com/blog/publish-batches-of-events-at-scale-with-the-batch-events-api/
@@ -63,6 +66,10 @@ struct BatchBody<'a> {
 }
 
 impl Pusher {
+    pub fn build(cfg: &PusherConfig, ctx: &super::BuildContext) -> Result<Pusher, ProviderError> {
+        Ok(Pusher::new(cfg, ctx.http.clone()))
+    }
+
     pub fn new(cfg: &PusherConfig, http: reqwest::Client) -> Pusher {
         Pusher {
             http,
