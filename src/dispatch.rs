@@ -75,13 +75,14 @@ impl Backoff {
 /// and its registration here.
 #[derive(Default)]
 struct Held {
-    ids: std::sync::Mutex<std::collections::HashSet<i64>>,
+    /// Each held claim's `send_by`: past it, its lease may have run out.
+    ids: std::sync::Mutex<HashMap<i64, Instant>>,
     gate: tokio::sync::RwLock<()>,
 }
 
 impl Held {
     fn add(&self, claims: &[Claimed]) {
-        self.ids.lock().unwrap_or_else(|p| p.into_inner()).extend(claims.iter().map(|c| c.id));
+        self.ids.lock().unwrap_or_else(|p| p.into_inner()).extend(claims.iter().map(|c| (c.id, c.send_by)));
     }
     fn remove(&self, outcomes: &Outcomes) {
         let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
@@ -90,7 +91,17 @@ impl Held {
         }
     }
     fn snapshot(&self) -> Vec<i64> {
-        self.ids.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect()
+        self.ids.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
+    }
+    /// Held claims whose lease may have run out: the process was frozen
+    /// (SIGSTOP, a VM pause) or starved while it held them. Their rows look
+    /// due again in the ledger, but this process still has them in hand — a
+    /// call may be under way, or its outcome not yet written — so its own
+    /// claims must not take them a second time. Empty in normal running.
+    fn overdue(&self) -> Vec<i64> {
+        let now = Instant::now();
+        let ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        ids.iter().filter(|(_, send_by)| **send_by <= now).map(|(id, _)| *id).collect()
     }
 }
 
@@ -497,8 +508,9 @@ impl Dispatcher {
                 None => {
                     let _registered_before_release = self.held.gate.read().await;
                     let from = self.floor.lock().unwrap_or_else(|p| p.into_inner()).start(Instant::now());
+                    let held = self.held.overdue();
                     let (claimed, first_due) =
-                        ledger.claim_from(self.batch, self.lease, self.claimer.as_deref(), from).await?;
+                        ledger.claim_from(self.batch, self.lease, self.claimer.as_deref(), from, &held).await?;
                     self.floor.lock().unwrap_or_else(|p| p.into_inner()).claimed(from, first_due);
                     self.held.add(&claimed);
                     claimed

@@ -336,7 +336,7 @@ impl Ledger {
     /// Scans the queue from its start, for the slot's relay; dispatch uses
     /// [`Ledger::claim_from`].
     pub async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<Claimed>, LedgerError> {
-        Ok(self.claim_from(limit, lease, None, None).await?.0)
+        Ok(self.claim_from(limit, lease, None, None, &[]).await?.0)
     }
 
     /// [`Ledger::claim`], for `claimer` and from a floor.
@@ -348,17 +348,21 @@ impl Ledger {
     /// `None` scans it from its start. Rows below `from` are not lost, only
     /// left to the next full scan. Returns the claims and the lowest
     /// `next_attempt_at` among them (the next floor).
+    ///
+    /// `held`: rows the caller still has in hand although their lease may
+    /// have run out (it was frozen); never claimed again by the same process.
     pub async fn claim_from(
         &self,
         limit: usize,
         lease: Duration,
         claimer: Option<&str>,
         from: Option<DateTime<Utc>>,
+        held: &[i64],
     ) -> Result<(Vec<Claimed>, Option<DateTime<Utc>>), LedgerError> {
         let claim = self.statement("claim", claim_sql).await?;
         // Measured before the statement: the lease runs from the server's now().
         let send_by = std::time::Instant::now() + lease.mul_f64(0.8);
-        let rows = self.client.query(&claim, &[&(limit as i64), &lease.as_secs_f64(), &from, &claimer]).await?;
+        let rows = self.client.query(&claim, &[&(limit as i64), &lease.as_secs_f64(), &from, &claimer, &held]).await?;
         let mut first_due: Option<DateTime<Utc>> = None;
         let mut claimed: Vec<Claimed> = rows
             .iter()
@@ -527,6 +531,7 @@ fn claim_sql(s: &str) -> String {
             SELECT id, status AS was, next_attempt_at AS due_at FROM {s}.deliveries
             WHERE status IN ('pending', 'sending') AND next_attempt_at <= now()
               AND next_attempt_at >= coalesce($3::timestamptz, '-infinity')
+              AND id <> ALL($5::int8[])
             ORDER BY next_attempt_at, id
             LIMIT $1
             FOR UPDATE SKIP LOCKED)

@@ -427,6 +427,10 @@ async fn an_outcome_from_a_lapsed_claim_is_ignored() {
     let ledger = Ledger::new(env.db.client().await, "outbox_relay");
     let first = ledger.claim(10, Duration::from_millis(300)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
+    // The process that holds the claim (frozen past its lease, say) never
+    // takes its own row a second time: it still has it in hand.
+    let (again, _) = ledger.claim_from(10, Duration::from_secs(60), None, None, &[first[0].id]).await.unwrap();
+    assert!(again.is_empty(), "a held row is not claimed again by its holder");
     let second = ledger.claim(10, Duration::from_secs(60)).await.unwrap();
     assert!(second[0].lease_expired, "taken over, flagged as a possible re-send");
     let sent = |mid: &str| Outcome::Sent { provider: "pusher", message_id: Some(mid.into()) };

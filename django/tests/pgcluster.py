@@ -1,4 +1,4 @@
-"""A throwaway PostgreSQL cluster for the Python suite, like the Rust suite's (src/embedded_pg.rs).
+"""A throwaway PostgreSQL cluster for the Python suite, like the Rust suite's (src/demo/embedded_pg.rs).
 
 initdb into a fresh /tmp/outbox-relay-pg-* directory (the prefix .ci/run checks
 for leftovers), a server on a free 127.0.0.1 port with wal_level=logical (the

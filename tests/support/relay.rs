@@ -47,6 +47,12 @@ pub struct Env {
     /// `source.database_url` of the relay: `db.url` unless the test connects
     /// the relay differently from its own admin connections (TLS, another role).
     pub database_url: String,
+    /// `[providers.pusher] timeout_ms` and `relay.claim_lease_ms`: short, so
+    /// that fault tests run fast. A test that loads the machine raises them:
+    /// a call that times out has an unknown outcome, which Pusher cannot
+    /// deduplicate (the counted window), and is not what such a test checks.
+    pub pusher_timeout_ms: u64,
+    pub claim_lease_ms: u64,
 }
 
 pub struct InProcess {
@@ -135,6 +141,8 @@ impl Env {
             route_extra: route_extra.to_string(),
             dir: tempfile::tempdir().unwrap(),
             database_url,
+            pusher_timeout_ms: 2000,
+            claim_lease_ms: 3000,
         };
         let cfg = env.config();
         outbox_relay::setup::apply(&mut env.db.client().await, &cfg).await.expect("setup");
@@ -178,7 +186,7 @@ app_id = "123"
 key = "key"
 secret = "secret"
 base_url = "{pusher}"
-timeout_ms = 2000
+timeout_ms = {pusher_timeout_ms}
 
 [metrics]
 listen = "{metrics_listen}"
@@ -186,7 +194,7 @@ listen = "{metrics_listen}"
 [relay]
 ingest_flush_ms = 5
 dispatch_poll_ms = 100
-claim_lease_ms = 3000
+claim_lease_ms = {claim_lease_ms}
 retry_base_ms = 50
 retry_max_ms = 1000
 heartbeat_ms = 1000
@@ -196,6 +204,8 @@ circuit_open_ms = 500
             url = self.database_url,
             slot = self.slot,
             pusher = self.pusher.base_url(),
+            pusher_timeout_ms = self.pusher_timeout_ms,
+            claim_lease_ms = self.claim_lease_ms,
             extra = self.extra,
             channel_extra = self.channel_extra,
             route_extra = self.route_extra,
