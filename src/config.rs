@@ -19,7 +19,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-pub use crate::providers::{LimitConfig, ProviderKind, ProvidersConfig, TlsConfig};
+pub use crate::providers::template::TemplateId;
+pub use crate::providers::{LimitConfig, ProviderKind, ProvidersConfig, Reach, TlsConfig};
 pub use crate::secret::{read_file_value, read_secret_file, redact_url, Secret};
 
 use crate::change::Operation;
@@ -228,10 +229,13 @@ pub struct ChannelConfig {
     /// user wants this event on this channel. False (or no row): `skipped: preference`.
     #[serde(default)]
     pub preferences_query: Option<String>,
-    /// Brevo: event → template id. An event without one gets a subject and body
-    /// from the payload, unless `require_template`.
+    /// E-mail providers: event → template (Brevo: a number, SendGrid: `d-...`,
+    /// Mailgun: a name), or per provider (`{ brevo = 14, sendgrid = "d-..." }`)
+    /// when the fallback is another service. An event without one for the
+    /// provider sending it gets a subject and body from the payload, unless
+    /// `require_template`.
     #[serde(default)]
-    pub templates: BTreeMap<String, i64>,
+    pub templates: BTreeMap<String, TemplateChoice>,
     #[serde(default)]
     pub require_template: bool,
     /// Text of SMS/WhatsApp messages and e-mails without a template: `{key}` is a
@@ -254,6 +258,29 @@ pub struct ChannelConfig {
     pub bus: Option<crate::providers::bus::BusRoute>,
 }
 
+/// One event's entry in a channel's `templates`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum TemplateChoice {
+    /// For the channel's `provider` (not its fallback): the form every
+    /// single-provider config has used since Brevo's `templates = { x = 12 }`.
+    One(TemplateId),
+    /// Per provider, so that a fallback to another service sends its own
+    /// template rather than the primary's id, which it would not know.
+    PerProvider(BTreeMap<ProviderKind, TemplateId>),
+}
+
+impl TemplateChoice {
+    /// The template `target` sends for this event, on a channel whose
+    /// provider is `primary`.
+    pub fn for_provider(&self, primary: ProviderKind, target: ProviderKind) -> Option<&TemplateId> {
+        match self {
+            TemplateChoice::One(t) => (target == primary).then_some(t),
+            TemplateChoice::PerProvider(m) => m.get(&target),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EventText {
@@ -266,6 +293,46 @@ pub struct EventText {
 impl ChannelConfig {
     pub fn is_whatsapp(&self, name: &str) -> bool {
         self.whatsapp.unwrap_or(name == "whatsapp")
+    }
+
+    /// How `kind` reaches someone on this channel: SNS sends SMS, or publishes
+    /// to a topic when the channel has a `bus` route.
+    pub fn reach_of(&self, kind: ProviderKind) -> Reach {
+        kind.reach_with(self.bus.is_some())
+    }
+
+    /// Config checks of `templates`: every value fits the provider that would
+    /// send it, a per-provider table names only this channel's providers, and
+    /// with `require_template` the fallback has its template too.
+    fn validate_templates(&self, name: &str) -> Result<(), String> {
+        let kinds: Vec<ProviderKind> = std::iter::once(self.provider).chain(self.fallback).collect();
+        for (event, choice) in &self.templates {
+            let at = format!("channels.{name}.templates.{event}");
+            if let TemplateChoice::PerProvider(m) = choice {
+                if let Some(other) = m.keys().find(|k| !kinds.contains(k)) {
+                    return Err(format!(
+                        "{at} names provider {:?}, which is neither this channel's provider nor its fallback",
+                        other.as_str()
+                    ));
+                }
+            }
+            for &kind in &kinds {
+                match choice.for_provider(self.provider, kind) {
+                    Some(t) => kind.takes_template(t).map_err(|e| format!("{at} = {t:?}: {e}"))?,
+                    None if self.require_template => {
+                        return Err(format!(
+                            "{at}: require_template is set but {:?} has no template for this event: \
+                             write {{ {} = ..., {} = ... }}",
+                            kind.as_str(),
+                            self.provider.as_str(),
+                            kind.as_str()
+                        ))
+                    }
+                    None => {}
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -552,13 +619,19 @@ impl Config {
                     return bad(format!("channels.{name}: provider {p:?} needs a [providers.{p}] section"));
                 }
             }
-            if ch.provider.needs_address() && ch.address_query.is_none() {
+            let reach = ch.reach_of(ch.provider);
+            if reach == Reach::Address && ch.address_query.is_none() {
+                let topic = if ch.provider.can_bus() {
+                    format!(" (or [channels.{name}.bus] with destination = \"<topic ARN>\" to publish to a topic)")
+                } else {
+                    String::new()
+                };
                 return bad(format!(
-                    "channels.{name}: provider {:?} sends to an address: set address_query (e.g. \"SELECT email FROM auth_user WHERE id = $1\")",
+                    "channels.{name}: provider {:?} sends to an address: set address_query (e.g. \"SELECT email FROM auth_user WHERE id = $1\"){topic}",
                     ch.provider.as_str()
                 ));
             }
-            if ch.fallback.is_some_and(|f| f.needs_address() != ch.provider.needs_address()) {
+            if ch.fallback.is_some_and(|f| (ch.reach_of(f) == Reach::Address) != (reach == Reach::Address)) {
                 return bad(format!(
                     "channels.{name}.fallback must reach people the same way as the provider (address or app channel)"
                 ));
@@ -567,23 +640,31 @@ impl Config {
                 return bad(format!("channels.{name}.fallback is the channel's own provider: name another one"));
             }
             let bus = ch.provider.is_bus() || ch.fallback.is_some_and(ProviderKind::is_bus);
+            let bus_allowed = ch.provider.can_bus() && ch.fallback.is_none_or(ProviderKind::can_bus);
             match (&ch.bus, bus) {
                 (None, true) => {
                     return bad(format!(
                         "channels.{name}: a bus provider needs [channels.{name}.bus] with destination = \"...\""
                     ))
                 }
-                (Some(_), false) => {
-                    return bad(format!("channels.{name}.bus is only for bus providers (kafka, rabbitmq, redis, nats)"))
+                (Some(_), _) if !bus_allowed => {
+                    return bad(format!(
+                        "channels.{name}.bus is only for bus providers (kafka, rabbitmq, redis, nats) and sns topics"
+                    ))
                 }
-                (Some(route), true) => route.validate(&format!("channels.{name}")).map_err(ConfigError::Invalid)?,
+                (Some(route), _) => route.validate(&format!("channels.{name}")).map_err(ConfigError::Invalid)?,
                 (None, false) => {}
             }
-            if ch.fallback.is_some_and(|f| f.is_bus() != ch.provider.is_bus()) {
+            if ch.fallback.is_some_and(|f| (ch.reach_of(f) == Reach::Bus) != (reach == Reach::Bus)) {
                 return bad(format!(
                     "channels.{name}.fallback must be a bus too when the provider is one, and not otherwise"
                 ));
             }
+            let sns_topic = std::iter::once(ch.provider).chain(ch.fallback).any(|k| k == ProviderKind::Sns);
+            if let (Some(route), true) = (&ch.bus, sns_topic) {
+                crate::providers::sns::validate_route(route, &format!("channels.{name}")).map_err(ConfigError::Invalid)?;
+            }
+            ch.validate_templates(name).map_err(ConfigError::Invalid)?;
             if ch.max_attempts == 0 {
                 return bad(format!("channels.{name}.max_attempts must be at least 1"));
             }
@@ -677,7 +758,7 @@ mod tests {
         assert_eq!(cfg.source.slot, "outbox_relay");
         assert_eq!(cfg.providers.pusher.as_ref().unwrap().endpoint(), "https://api-eu.pusher.com");
         assert_eq!(cfg.routes[1].channels_column.as_deref(), Some("channels"));
-        assert_eq!(cfg.channels["email"].templates["order_shipped"], 14);
+        assert_eq!(cfg.channels["email"].templates["order_shipped"], TemplateChoice::One(TemplateId::Number(14)));
         assert!(cfg.channels["whatsapp"].is_whatsapp("whatsapp") && !cfg.channels["sms"].is_whatsapp("sms"));
         assert_eq!(cfg.providers.twilio.as_ref().unwrap().from.as_deref(), Some("+33700000000"));
     }
