@@ -868,6 +868,77 @@ mod tests {
         assert_eq!(redact_url("postgres://relay@db/app"), "postgres://relay@db/app");
     }
 
+    const EMAIL_SNS: &str = include_str!("../docs/email-sns.example.toml");
+
+    #[test]
+    fn the_email_and_sns_example_parses_with_a_template_per_provider() {
+        assert!(include_str!("../README.md").contains(EMAIL_SNS), "README shows docs/email-sns.example.toml verbatim");
+        let cfg = Config::from_toml(EMAIL_SNS).unwrap();
+        let email = &cfg.channels["email"];
+        let choice = &email.templates["order_shipped"];
+        assert_eq!(choice.for_provider(ProviderKind::Brevo, ProviderKind::Brevo), Some(&TemplateId::Number(14)));
+        assert_eq!(
+            choice.for_provider(ProviderKind::Brevo, ProviderKind::Sendgrid),
+            Some(&TemplateId::Name("d-4ad23ad40a0e47d0a0232b85f24ca5c2".into()))
+        );
+        let digest = &cfg.channels["newsletter"].templates["digest"];
+        assert_eq!(digest.for_provider(ProviderKind::Mailgun, ProviderKind::Mailgun), Some(&TemplateId::Name("weekly-digest".into())));
+        assert_eq!(cfg.channels["sms"].reach_of(ProviderKind::Sns), Reach::Address);
+        assert_eq!(cfg.channels["orders"].reach_of(ProviderKind::Sns), Reach::Bus);
+        assert_eq!(cfg.providers.mailgun.as_ref().unwrap().endpoint(), "https://api.eu.mailgun.net");
+        assert_eq!(cfg.providers.sns.as_ref().unwrap().endpoint(), "https://sns.eu-west-3.amazonaws.com");
+    }
+
+    #[test]
+    fn plain_template_values_stay_the_primarys_and_brevo_configs_keep_working() {
+        // The README's Brevo channel, integers and all, is unchanged.
+        let cfg = Config::from_toml(README_EXAMPLE).unwrap();
+        let choice = &cfg.channels["email"].templates["notification_created"];
+        assert_eq!(choice.for_provider(ProviderKind::Brevo, ProviderKind::Brevo), Some(&TemplateId::Number(12)));
+        // A plain value is the primary's: a fallback sends plain text instead of an id it does not know.
+        assert_eq!(choice.for_provider(ProviderKind::Brevo, ProviderKind::Sendgrid), None);
+    }
+
+    #[test]
+    fn templates_and_sns_channels_are_checked_at_start() {
+        let err = |from: &str, to: &str| {
+            let text = EMAIL_SNS.replace(from, to);
+            assert_ne!(text, EMAIL_SNS, "{from:?} is in the example");
+            Config::from_toml(&text).unwrap_err().to_string()
+        };
+        let e = err("sendgrid = \"d-4ad23ad40a0e47d0a0232b85f24ca5c2\"", "sendgrid = 15");
+        assert!(e.contains("channels.email.templates.order_shipped") && e.contains("d-"), "{e}");
+        let e = err("brevo = 14", "brevo = \"fourteen\"");
+        assert!(e.contains("Brevo template ids are numbers"), "{e}");
+        let e = err("{ brevo = 14, sendgrid", "{ brevo = 14, mailgun = \"x\", sendgrid");
+        assert!(e.contains("neither this channel's provider nor its fallback"), "{e}");
+        // The e-mail providers are each other's fallback.
+        for (primary, fallback) in [("mailgun", "brevo"), ("mailgun", "sendgrid"), ("sendgrid", "smtp")] {
+            let text = EMAIL_SNS.replace("provider = \"mailgun\"", &format!("provider = \"{primary}\"\nfallback = \"{fallback}\""))
+                .replace("templates = { digest = \"weekly-digest\" }", "")
+                .replace("[providers.brevo]", "[providers.smtp]\nurl = \"smtp://127.0.0.1:1025\"\nfrom = \"a@example.com\"\n[providers.brevo]");
+            assert!(Config::from_toml(&text).is_ok(), "{primary} -> {fallback}: {:?}", Config::from_toml(&text).err());
+        }
+        let both = EMAIL_SNS.replace("fallback = \"sendgrid\"", "fallback = \"sendgrid\"\nrequire_template = true");
+        assert!(Config::from_toml(&both).is_ok(), "each provider has its template");
+        let need = EMAIL_SNS.replace("{ brevo = 14, sendgrid = \"d-4ad23ad40a0e47d0a0232b85f24ca5c2\" }", "14");
+        let need = need.replace("fallback = \"sendgrid\"", "fallback = \"sendgrid\"\nrequire_template = true");
+        let e = Config::from_toml(&need).unwrap_err().to_string();
+        assert!(e.contains("require_template is set but \"sendgrid\" has no template"), "{e}");
+        let e = err("body = \"{title}\"", "body = \"{title}\"\ntemplates = { x = 1 }");
+        assert!(e.contains("provider \"sns\" has no templates"), "{e}");
+        // SNS: SMS needs an address query, a topic an SNS ARN in structured mode.
+        let e = err("address_query = \"SELECT phone", "# address_query = \"SELECT phone");
+        assert!(e.contains("channels.sms") && e.contains("address_query") && e.contains("topic ARN"), "{e}");
+        let e = err("arn:aws:sns:eu-west-3:123456789012:orders.fifo", "orders");
+        assert!(e.contains("an SNS topic ARN"), "{e}");
+        let e = err("orders.fifo\" }", "orders.fifo\", mode = \"binary\" }");
+        assert!(e.contains("structured"), "{e}");
+        // A bus route on an e-mail provider is still refused.
+        let e = err("templates = { digest = \"weekly-digest\" }", "bus = { destination = \"x\" }");
+        assert!(e.contains("only for bus providers"), "{e}");
+    }
+
     #[test]
     fn route_naming_a_missing_channel_is_rejected() {
         let text = README_EXAMPLE.replace("channels = [\"in_app\"]", "channels = [\"pager\"]");

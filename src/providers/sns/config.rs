@@ -7,11 +7,12 @@ use serde::Deserialize;
 use crate::providers::{LimitConfig, Profile, Reach, Section};
 use crate::secret::Secret;
 
-/// SNS's account quota for SMS is 20 messages per second by default, and
-/// Publish is throttled per account and region
-/// (https://docs.aws.amazon.com/general/latest/gr/sns.html): 20/s keeps the
-/// backlog in the ledger rather than in `Throttling` answers. Raise
-/// `[limits.sns] per_second` with your quota (topics take thousands). One
+/// A cautious 20/s, not a published number: SMS throughput depends on the
+/// account's origination identities and destinations, and Publish is
+/// throttled per account and Region
+/// (https://docs.aws.amazon.com/general/latest/gr/sns.html) with `Throttling`
+/// answers; the pace keeps the backlog in the ledger instead. Set
+/// `[limits.sns] per_second` to your quota (topics take thousands). One
 /// Publish per message.
 pub const PROFILE: Profile =
     Profile { limits: LimitConfig { concurrency: 16, per_second: 20.0 }, batch_size: 10, reach: Reach::AddressOrBus };
