@@ -640,14 +640,13 @@ impl Config {
                 return bad(format!("channels.{name}.fallback is the channel's own provider: name another one"));
             }
             let bus = ch.provider.is_bus() || ch.fallback.is_some_and(ProviderKind::is_bus);
-            let bus_allowed = ch.provider.can_bus() && ch.fallback.is_none_or(ProviderKind::can_bus);
             match (&ch.bus, bus) {
                 (None, true) => {
                     return bad(format!(
                         "channels.{name}: a bus provider needs [channels.{name}.bus] with destination = \"...\""
                     ))
                 }
-                (Some(_), _) if !bus_allowed => {
+                (Some(_), _) if !ch.provider.can_bus() => {
                     return bad(format!(
                         "channels.{name}.bus is only for bus providers (kafka, rabbitmq, redis, nats) and sns topics"
                     ))
@@ -661,6 +660,11 @@ impl Config {
                 ));
             }
             let sns_topic = std::iter::once(ch.provider).chain(ch.fallback).any(|k| k == ProviderKind::Sns);
+            if sns_topic && ch.bus.is_some() && ch.address_query.is_some() {
+                return bad(format!(
+                    "channels.{name}: set address_query (SMS to a number) or bus (publish to a topic), not both"
+                ));
+            }
             if let (Some(route), true) = (&ch.bus, sns_topic) {
                 crate::providers::sns::validate_route(route, &format!("channels.{name}")).map_err(ConfigError::Invalid)?;
             }
@@ -934,6 +938,8 @@ mod tests {
         assert!(e.contains("an SNS topic ARN"), "{e}");
         let e = err("orders.fifo\" }", "orders.fifo\", mode = \"binary\" }");
         assert!(e.contains("structured"), "{e}");
+        let e = err("bus = { destination", "address_query = \"SELECT 1\"\nbus = { destination");
+        assert!(e.contains("not both"), "{e}");
         // A bus route on an e-mail provider is still refused.
         let e = err("templates = { digest = \"weekly-digest\" }", "bus = { destination = \"x\" }");
         assert!(e.contains("only for bus providers"), "{e}");
