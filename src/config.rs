@@ -666,7 +666,8 @@ impl Config {
                 ));
             }
             if let (Some(route), true) = (&ch.bus, sns_topic) {
-                crate::providers::sns::validate_route(route, &format!("channels.{name}")).map_err(ConfigError::Invalid)?;
+                crate::providers::sns::validate_route(route, &format!("channels.{name}"))
+                    .map_err(ConfigError::Invalid)?;
             }
             ch.validate_templates(name).map_err(ConfigError::Invalid)?;
             if ch.max_attempts == 0 {
@@ -886,7 +887,10 @@ mod tests {
             Some(&TemplateId::Name("d-4ad23ad40a0e47d0a0232b85f24ca5c2".into()))
         );
         let digest = &cfg.channels["newsletter"].templates["digest"];
-        assert_eq!(digest.for_provider(ProviderKind::Mailgun, ProviderKind::Mailgun), Some(&TemplateId::Name("weekly-digest".into())));
+        assert_eq!(
+            digest.for_provider(ProviderKind::Mailgun, ProviderKind::Mailgun),
+            Some(&TemplateId::Name("weekly-digest".into()))
+        );
         assert_eq!(cfg.channels["sms"].reach_of(ProviderKind::Sns), Reach::Address);
         assert_eq!(cfg.channels["orders"].reach_of(ProviderKind::Sns), Reach::Bus);
         assert_eq!(cfg.providers.mailgun.as_ref().unwrap().endpoint(), "https://api.eu.mailgun.net");
@@ -918,9 +922,13 @@ mod tests {
         assert!(e.contains("neither this channel's provider nor its fallback"), "{e}");
         // The e-mail providers are each other's fallback.
         for (primary, fallback) in [("mailgun", "brevo"), ("mailgun", "sendgrid"), ("sendgrid", "smtp")] {
-            let text = EMAIL_SNS.replace("provider = \"mailgun\"", &format!("provider = \"{primary}\"\nfallback = \"{fallback}\""))
+            let text = EMAIL_SNS
+                .replace("provider = \"mailgun\"", &format!("provider = \"{primary}\"\nfallback = \"{fallback}\""))
                 .replace("templates = { digest = \"weekly-digest\" }", "")
-                .replace("[providers.brevo]", "[providers.smtp]\nurl = \"smtp://127.0.0.1:1025\"\nfrom = \"a@example.com\"\n[providers.brevo]");
+                .replace(
+                    "[providers.brevo]",
+                    "[providers.smtp]\nurl = \"smtp://127.0.0.1:1025\"\nfrom = \"a@example.com\"\n[providers.brevo]",
+                );
             assert!(Config::from_toml(&text).is_ok(), "{primary} -> {fallback}: {:?}", Config::from_toml(&text).err());
         }
         let both = EMAIL_SNS.replace("fallback = \"sendgrid\"", "fallback = \"sendgrid\"\nrequire_template = true");

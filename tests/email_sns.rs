@@ -90,7 +90,10 @@ async fn sendgrid_errors_are_classified() {
     let plain = || mail("or1-a", "jane@example.com", None);
 
     let bad_key = sendgrid(&fake, "SG.wrong", "alerts@example.com").send(&plain()).await;
-    assert!(matches!(bad_key, Err(ProviderError::Unauthorized { ref reason }) if reason.contains("401")), "{bad_key:?}");
+    assert!(
+        matches!(bad_key, Err(ProviderError::Unauthorized { ref reason }) if reason.contains("401")),
+        "{bad_key:?}"
+    );
     let unverified = sendgrid(&fake, "SG.key", "other@example.com").send(&plain()).await;
     assert!(
         matches!(unverified, Err(ProviderError::Unauthorized { ref reason }) if reason.contains("from: The from address")),
@@ -99,10 +102,14 @@ async fn sendgrid_errors_are_classified() {
     let unknown = client.send(&mail("or1-a", "jane@example.com", Some(TemplateId::Name("d-nope".into())))).await;
     assert_eq!(
         unknown.unwrap_err(),
-        ProviderError::Permanent { reason: "sendgrid answered 400: template_id: The template_id is not a valid template ID.".into() }
+        ProviderError::Permanent {
+            reason: "sendgrid answered 400: template_id: The template_id is not a valid template ID.".into()
+        }
     );
     let invalid = client.send(&mail("or1-a", "not an address", None)).await;
-    assert!(matches!(invalid, Err(ProviderError::Permanent { ref reason }) if reason.contains("personalizations.0.to")));
+    assert!(
+        matches!(invalid, Err(ProviderError::Permanent { ref reason }) if reason.contains("personalizations.0.to"))
+    );
 
     // 429: no Retry-After, the window's reset as a Unix time.
     fake.faults().fail_next(1, 429, Some("3"));
@@ -113,7 +120,9 @@ async fn sendgrid_errors_are_classified() {
 
     // Too large: the service's 413 is permanent; over 30 MB the relay does not even call.
     fake.set_max_bytes(200);
-    assert!(matches!(client.send(&plain()).await, Err(ProviderError::Permanent { ref reason }) if reason.contains("413")));
+    assert!(
+        matches!(client.send(&plain()).await, Err(ProviderError::Permanent { ref reason }) if reason.contains("413"))
+    );
     let before = fake.rejections().len();
     let mut huge = plain();
     huge.contact.as_mut().unwrap().body = "x".repeat(30 * 1024 * 1024);
@@ -128,7 +137,9 @@ async fn sendgrid_timeouts_and_dropped_connections_are_retryable_then_it_deliver
     let client = sendgrid(&fake, "SG.key", "alerts@example.com");
     fake.faults().set_delay(Duration::from_millis(1500));
     let slow = client.send(&mail("or1-a", "jane@example.com", None)).await;
-    assert!(matches!(slow, Err(ProviderError::Retryable { ref reason, .. }) if reason.contains("no answer within 1000 ms")));
+    assert!(
+        matches!(slow, Err(ProviderError::Retryable { ref reason, .. }) if reason.contains("no answer within 1000 ms"))
+    );
     fake.faults().set_delay(Duration::ZERO);
     fake.faults().reset_connections_next(1);
     assert!(client.send(&mail("or1-a", "jane@example.com", None)).await.unwrap_err().is_retryable());
@@ -153,10 +164,15 @@ fn mailgun(fake: &FakeMailgun, key: &str, domain: &str) -> Mailgun {
 async fn mailgun_sends_templates_with_variables_and_plain_text_as_multipart() {
     let fake = FakeMailgun::start("key-1", "mg.example.com", &["order-shipped"]);
     let client = mailgun(&fake, "key-1", "mg.example.com");
-    let templated = client.send(&mail("or1-a", "jane@example.com", Some(TemplateId::Name("order-shipped".into())))).await;
+    let templated =
+        client.send(&mail("or1-a", "jane@example.com", Some(TemplateId::Name("order-shipped".into())))).await;
     let plain = client.send(&mail("or1-b", "jane@example.com", None)).await.unwrap();
     let sent = fake.accepted();
-    assert_eq!(templated.unwrap().provider_message_id.as_deref(), Some(sent[0].0.as_str()), "the returned id is recorded");
+    assert_eq!(
+        templated.unwrap().provider_message_id.as_deref(),
+        Some(sent[0].0.as_str()),
+        "the returned id is recorded"
+    );
     assert_eq!(plain.provider_message_id.as_deref(), Some(sent[1].0.as_str()));
     let (t, p) = (&sent[0].1, &sent[1].1);
     assert_eq!(t["template"], "order-shipped");
@@ -177,18 +193,28 @@ async fn mailgun_errors_and_faults_are_classified() {
     let plain = || mail("or1-a", "jane@example.com", None);
 
     let bad_key = mailgun(&fake, "key-2", "mg.example.com").send(&plain()).await;
-    assert!(matches!(bad_key, Err(ProviderError::Unauthorized { ref reason }) if reason.contains("401: Forbidden")), "{bad_key:?}");
+    assert!(
+        matches!(bad_key, Err(ProviderError::Unauthorized { ref reason }) if reason.contains("401: Forbidden")),
+        "{bad_key:?}"
+    );
     let other_domain = mailgun(&fake, "key-1", "other.example.com").send(&plain()).await;
-    assert!(matches!(other_domain, Err(ProviderError::Permanent { ref reason }) if reason.contains("Domain not found")));
+    assert!(
+        matches!(other_domain, Err(ProviderError::Permanent { ref reason }) if reason.contains("Domain not found"))
+    );
     let unknown = client.send(&mail("or1-a", "jane@example.com", Some(TemplateId::Name("nope".into())))).await;
-    assert_eq!(unknown.unwrap_err(), ProviderError::Permanent { reason: "mailgun answered 400: template not found".into() });
+    assert_eq!(
+        unknown.unwrap_err(),
+        ProviderError::Permanent { reason: "mailgun answered 400: template not found".into() }
+    );
 
     fake.faults().fail_next(1, 429, Some("3"));
     assert_eq!(retry_after(&client.send(&plain()).await), Some(Duration::from_secs(3)));
     fake.faults().fail_next(1, 500, None);
     assert_eq!(retry_after(&client.send(&plain()).await), None);
     fake.set_max_bytes(100);
-    assert!(matches!(client.send(&plain()).await, Err(ProviderError::Permanent { ref reason }) if reason.contains("413")));
+    assert!(
+        matches!(client.send(&plain()).await, Err(ProviderError::Permanent { ref reason }) if reason.contains("413"))
+    );
     fake.set_max_bytes(support::fakes::mailgun::MAX_BYTES);
 
     fake.faults().set_delay(Duration::from_millis(1500));
@@ -252,7 +278,8 @@ fn topic_message(key: &str, topic: &str, recipient: &str) -> OutboundMessage {
 #[tokio::test]
 async fn sns_publishes_sms_signed_with_sigv4_with_and_without_a_session_token() {
     let fake = FakeSns::start(AKID, SECRET, None, "eu-west-3");
-    let ok = sns(&fake, SECRET, None, "eu-west-3").send(&sms("or1-a", "+33612345678", "Commande 1042 🚚")).await.unwrap();
+    let ok =
+        sns(&fake, SECRET, None, "eu-west-3").send(&sms("or1-a", "+33612345678", "Commande 1042 🚚")).await.unwrap();
     let published = fake.published();
     assert_eq!(ok.provider_message_id.as_deref(), Some(published[0].message_id.as_str()), "MessageId recorded");
     assert_eq!(published[0].get("PhoneNumber"), Some("+33612345678"));
@@ -264,7 +291,9 @@ async fn sns_publishes_sms_signed_with_sigv4_with_and_without_a_session_token() 
         .await
         .unwrap();
     let missing = sns(&with_token, SECRET, None, "eu-west-3").send(&sms("or1-a", "+33612345678", "x")).await;
-    assert!(matches!(missing, Err(ProviderError::Unauthorized { ref reason }) if reason.contains("InvalidClientTokenId")));
+    assert!(
+        matches!(missing, Err(ProviderError::Unauthorized { ref reason }) if reason.contains("InvalidClientTokenId"))
+    );
 }
 
 #[tokio::test]
@@ -295,7 +324,9 @@ async fn sns_errors_and_faults_are_classified() {
     let text = || sms("or1-a", "+33612345678", "x");
 
     let wrong_secret = sns(&fake, "not-the-secret", None, "eu-west-3").send(&text()).await;
-    assert!(matches!(wrong_secret, Err(ProviderError::Unauthorized { ref reason }) if reason.contains("SignatureDoesNotMatch")));
+    assert!(
+        matches!(wrong_secret, Err(ProviderError::Unauthorized { ref reason }) if reason.contains("SignatureDoesNotMatch"))
+    );
     let wrong_region = sns(&fake, SECRET, None, "us-east-1").send(&text()).await;
     assert!(matches!(wrong_region, Err(ProviderError::Unauthorized { .. })), "{wrong_region:?}");
     let no_topic = client.send(&topic_message("or1-a", "arn:aws:sns:eu-west-3:123456789012:gone.fifo", "1")).await;
@@ -313,15 +344,11 @@ async fn sns_errors_and_faults_are_classified() {
 
     // Refused before any call: not E.164, an SMS over 1,600 characters, a topic message over 256 KB.
     let before = fake.rejections().len();
-    for m in [
-        sms("or1-a", "06 12 34 56 78", "x"),
-        sms("or1-a", "+33612345678", &"a".repeat(1601)),
-        {
-            let mut m = topic_message("or1-a", FIFO, "1");
-            m.payload = json!({"blob": "x".repeat(262_144)});
-            m
-        },
-    ] {
+    for m in [sms("or1-a", "06 12 34 56 78", "x"), sms("or1-a", "+33612345678", &"a".repeat(1601)), {
+        let mut m = topic_message("or1-a", FIFO, "1");
+        m.payload = json!({"blob": "x".repeat(262_144)});
+        m
+    }] {
         assert!(matches!(client.send(&m).await, Err(ProviderError::Permanent { .. })));
     }
     assert_eq!(fake.rejections().len(), before);
@@ -450,13 +477,19 @@ timeout_ms = 2000
     assert_eq!(statuses.get("sent"), Some(&10), "{statuses:?}");
     let on_brevo = counts(brevo.accepted().iter().map(|m| m["params"]["order"].as_i64().unwrap()));
     let on_sendgrid = counts(
-        sendgrid.accepted().iter().map(|(_, m)| m["personalizations"][0]["dynamic_template_data"]["order"].as_i64().unwrap()),
+        sendgrid
+            .accepted()
+            .iter()
+            .map(|(_, m)| m["personalizations"][0]["dynamic_template_data"]["order"].as_i64().unwrap()),
     );
     eprintln!("brevo 503 -> sendgrid: rows 10, on brevo {on_brevo:?}, on sendgrid {on_sendgrid:?}");
     let brevo_set: BTreeSet<i64> = on_brevo.keys().copied().collect();
     let sendgrid_set: BTreeSet<i64> = on_sendgrid.keys().copied().collect();
     assert!((1..=5).all(|o| brevo_set.contains(&o)), "A stayed with Brevo: {brevo_set:?}");
-    assert!(!sendgrid_set.is_empty() && sendgrid_set.iter().all(|o| (6..=10).contains(o)), "only fresh B went to SendGrid");
+    assert!(
+        !sendgrid_set.is_empty() && sendgrid_set.iter().all(|o| (6..=10).contains(o)),
+        "only fresh B went to SendGrid"
+    );
     assert!(brevo_set.is_disjoint(&sendgrid_set), "no mail reached both");
     assert_eq!(brevo_set.union(&sendgrid_set).copied().collect::<BTreeSet<_>>(), (1..=10).collect(), "none lost");
     assert!(on_brevo.values().chain(on_sendgrid.values()).all(|n| *n == 1), "each once");
@@ -515,7 +548,9 @@ base_url = "{url}"
     assert_eq!(statuses.get("sent"), Some(&6), "{statuses:?}");
     let sent = fake.accepted();
     let orders = counts(sent.iter().map(|(_, f)| {
-        let vars = f.get("t:variables").map(|v| serde_json::from_str::<serde_json::Value>(v).unwrap()["order"].as_i64().unwrap());
+        let vars = f
+            .get("t:variables")
+            .map(|v| serde_json::from_str::<serde_json::Value>(v).unwrap()["order"].as_i64().unwrap());
         vars.unwrap_or_else(|| f["subject"].trim_start_matches("Commande ").parse().unwrap())
     }));
     assert_eq!(orders, (1..=6).map(|o| (o, 1)).collect(), "each row once ({mode:?})");

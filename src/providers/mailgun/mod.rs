@@ -109,8 +109,7 @@ impl Mailgun {
             return Ok(Accepted { provider_message_id: id });
         }
         let message = json.get("message").and_then(|m| m.as_str()).map(str::to_string);
-        let reason =
-            format!("mailgun answered {status}: {}", truncate(&message.unwrap_or(text), MAX_REASON_BODY));
+        let reason = format!("mailgun answered {status}: {}", truncate(&message.unwrap_or(text), MAX_REASON_BODY));
         // https://documentation.mailgun.com/docs/mailgun/api-reference/api-overview (response codes)
         Err(match status {
             401 | 403 => ProviderError::Unauthorized { reason },
@@ -126,7 +125,9 @@ impl Mailgun {
 pub fn multipart(boundary: &str, fields: &[(&str, String)]) -> Vec<u8> {
     let mut out = Vec::new();
     for (name, value) in fields {
-        out.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n").as_bytes());
+        out.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n").as_bytes(),
+        );
         out.extend_from_slice(b"Content-Type: text/plain; charset=utf-8\r\n\r\n");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");

@@ -209,11 +209,16 @@ mod tests {
     #[test]
     fn errors_name_their_fields_and_keep_their_class() {
         let h = reqwest::header::HeaderMap::new();
-        let e = classify(400, &h, r#"{"errors":[{"message":"Does not contain a valid address.","field":"personalizations.0.to.0.email"}]}"#);
+        let e = classify(
+            400,
+            &h,
+            r#"{"errors":[{"message":"Does not contain a valid address.","field":"personalizations.0.to.0.email"}]}"#,
+        );
         assert_eq!(
             e,
             ProviderError::Permanent {
-                reason: "sendgrid answered 400: personalizations.0.to.0.email: Does not contain a valid address.".into()
+                reason: "sendgrid answered 400: personalizations.0.to.0.email: Does not contain a valid address."
+                    .into()
             }
         );
         assert!(matches!(classify(403, &h, "{}"), ProviderError::Unauthorized { .. }));

@@ -24,10 +24,10 @@ use std::time::Duration;
 use chrono::Utc;
 use sha2::{Digest, Sha256};
 
+pub use self::config::{SnsConfig, PROFILE};
 use super::bus::{envelope, BusRoute, EnvelopeMode};
 use super::http::{retry_after, transport_error, truncate, MAX_REASON_BODY};
 use super::{Accepted, OutboundMessage, ProviderError};
-pub use self::config::{SnsConfig, PROFILE};
 
 /// "The total size limit for a single SMS Publish action is 1,600
 /// characters" (Publish, `Message`); counted in UCS-2 units, as SMS encodes
@@ -59,7 +59,8 @@ impl Sns {
 
     pub fn new(cfg: &SnsConfig, http: reqwest::Client) -> Result<Sns, ProviderError> {
         let endpoint = cfg.endpoint();
-        let bad = |why: &str| ProviderError::Permanent { reason: format!("providers.sns.base_url {endpoint:?}: {why}") };
+        let bad =
+            |why: &str| ProviderError::Permanent { reason: format!("providers.sns.base_url {endpoint:?}: {why}") };
         let url = reqwest::Url::parse(&endpoint).map_err(|e| bad(&e.to_string()))?;
         let host = url.host_str().ok_or_else(|| bad("no host"))?;
         // reqwest sends `host:port` for a port that is not the scheme's default.
@@ -259,7 +260,9 @@ pub fn validate_route(route: &BusRoute, at: &str) -> Result<(), String> {
     let destinations = std::iter::once(&route.destination).chain(route.events.values().flat_map(|e| &e.destination));
     for d in destinations {
         if !d.starts_with("arn:") || !d.contains(":sns:") {
-            return Err(format!("{at}.bus.destination {d:?}: an SNS topic ARN (arn:aws:sns:<region>:<account>:<topic>)"));
+            return Err(format!(
+                "{at}.bus.destination {d:?}: an SNS topic ARN (arn:aws:sns:<region>:<account>:<topic>)"
+            ));
         }
     }
     if route.mode == EnvelopeMode::Binary {

@@ -153,7 +153,8 @@ async fn send(
     if let Some(response) = injected.await {
         return response;
     }
-    let expected = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("api:{}", shared.api_key)));
+    let expected =
+        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("api:{}", shared.api_key)));
     if headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
         shared.record.lock().unwrap().rejections.push((401, "Forbidden".into()));
         return (StatusCode::UNAUTHORIZED, "Forbidden").into_response();

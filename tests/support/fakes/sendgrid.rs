@@ -26,7 +26,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
-use super::http::{with_retry_after, serve, Conn, Faults};
+use super::http::{serve, with_retry_after, Conn, Faults};
 
 pub const MAX_BYTES: usize = 30 * 1024 * 1024;
 
@@ -134,12 +134,23 @@ async fn send(
     if let Some(response) = injected.await {
         return response;
     }
-    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let bearer =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     if bearer != Some(shared.api_key.as_str()) {
-        return refuse(&shared, StatusCode::UNAUTHORIZED, None, "The provided authorization grant is invalid, expired, or revoked");
+        return refuse(
+            &shared,
+            StatusCode::UNAUTHORIZED,
+            None,
+            "The provided authorization grant is invalid, expired, or revoked",
+        );
     }
     if body.len() > shared.max_bytes.load(Ordering::SeqCst) {
-        return refuse(&shared, StatusCode::PAYLOAD_TOO_LARGE, None, "The JSON payload you have included in your request is too large.");
+        return refuse(
+            &shared,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            None,
+            "The JSON payload you have included in your request is too large.",
+        );
     }
     let json_type = headers
         .get(header::CONTENT_TYPE)
@@ -158,7 +169,12 @@ async fn send(
     }
     let personalizations = mail["personalizations"].as_array().cloned().unwrap_or_default();
     if personalizations.is_empty() || personalizations.len() > 1000 {
-        return refuse(&shared, StatusCode::BAD_REQUEST, Some("personalizations"), "between 1 and 1000 personalizations are required");
+        return refuse(
+            &shared,
+            StatusCode::BAD_REQUEST,
+            Some("personalizations"),
+            "between 1 and 1000 personalizations are required",
+        );
     }
     for (i, p) in personalizations.iter().enumerate() {
         let to = p["to"].as_array().cloned().unwrap_or_default();
@@ -173,7 +189,12 @@ async fn send(
     }
     match mail["template_id"].as_str() {
         Some(id) if !shared.templates.contains(id) => {
-            return refuse(&shared, StatusCode::BAD_REQUEST, Some("template_id"), "The template_id is not a valid template ID.");
+            return refuse(
+                &shared,
+                StatusCode::BAD_REQUEST,
+                Some("template_id"),
+                "The template_id is not a valid template ID.",
+            );
         }
         Some(_) => {}
         None => {
@@ -183,7 +204,12 @@ async fn send(
                 return refuse(&shared, StatusCode::BAD_REQUEST, Some("subject"), "The subject is required.");
             }
             if content.is_empty() || content.iter().any(|c| c["value"].as_str().is_none_or(str::is_empty)) {
-                return refuse(&shared, StatusCode::BAD_REQUEST, Some("content"), "Content value must be a string at least one character in length.");
+                return refuse(
+                    &shared,
+                    StatusCode::BAD_REQUEST,
+                    Some("content"),
+                    "Content value must be a string at least one character in length.",
+                );
             }
         }
     }

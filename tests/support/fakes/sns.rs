@@ -146,8 +146,10 @@ fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
 /// Checks the request's SigV4 signature as SNS does; `Err((code, message))` when it fails.
 fn check_signature(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<(), (&'static str, String)> {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let auth = header("authorization").ok_or(("MissingAuthenticationToken", "Request is missing Authentication Token".into()))?;
-    let rest = auth.strip_prefix("AWS4-HMAC-SHA256 ").ok_or(("IncompleteSignature", "Unsupported algorithm".to_string()))?;
+    let auth = header("authorization")
+        .ok_or(("MissingAuthenticationToken", "Request is missing Authentication Token".into()))?;
+    let rest =
+        auth.strip_prefix("AWS4-HMAC-SHA256 ").ok_or(("IncompleteSignature", "Unsupported algorithm".to_string()))?;
     let mut parts = BTreeMap::new();
     for p in rest.split(", ") {
         let (k, v) = p.split_once('=').ok_or(("IncompleteSignature", format!("malformed {p:?}")))?;
@@ -163,7 +165,10 @@ fn check_signature(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<
         return Err(("InvalidClientTokenId", "The security token included in the request is invalid.".into()));
     }
     if scope[2] != shared.region || scope[3] != "sns" || scope[4] != "aws4_request" {
-        return Err(("SignatureDoesNotMatch", format!("Credential should be scoped to region {} and service sns", shared.region)));
+        return Err((
+            "SignatureDoesNotMatch",
+            format!("Credential should be scoped to region {} and service sns", shared.region),
+        ));
     }
     let amz_date = header("x-amz-date").ok_or(("IncompleteSignature", "X-Amz-Date is required".to_string()))?;
     if !amz_date.starts_with(scope[1]) {
@@ -213,7 +218,8 @@ fn check_signature(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<
 }
 
 fn is_e164(s: &str) -> bool {
-    s.strip_prefix('+').is_some_and(|d| (8..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()) && !d.starts_with('0'))
+    s.strip_prefix('+')
+        .is_some_and(|d| (8..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()) && !d.starts_with('0'))
 }
 
 async fn action(
@@ -223,7 +229,8 @@ async fn action(
     body: Bytes,
 ) -> Response {
     let injected = shared.faults.intercept(&conn, |status, retry_after| {
-        let (code, kind) = if status.is_server_error() { ("ServiceUnavailable", "Receiver") } else { ("Throttling", "Sender") };
+        let (code, kind) =
+            if status.is_server_error() { ("ServiceUnavailable", "Receiver") } else { ("Throttling", "Sender") };
         let body = ([(header::CONTENT_TYPE, "text/xml")], error_xml(kind, code, "injected failure")).into_response();
         with_retry_after(status, retry_after, body)
     });
@@ -262,13 +269,15 @@ async fn action(
             return refuse(&shared, StatusCode::BAD_REQUEST, "Throttling", "Rate exceeded");
         }
     }
-    let bad = |m: &str| refuse(&shared, StatusCode::BAD_REQUEST, "InvalidParameter", &format!("Invalid parameter: {m}"));
+    let bad =
+        |m: &str| refuse(&shared, StatusCode::BAD_REQUEST, "InvalidParameter", &format!("Invalid parameter: {m}"));
     let targets = ["TopicArn", "PhoneNumber", "TargetArn"].iter().filter(|k| get(k).is_some()).count();
     if targets != 1 {
         return bad("exactly one of TopicArn, TargetArn and PhoneNumber");
     }
     let Some(message) = get("Message").filter(|m| !m.is_empty()) else { return bad("Empty message") };
-    let attributes = params.keys().filter(|k| k.starts_with("MessageAttributes.entry.") && k.ends_with(".Name")).count();
+    let attributes =
+        params.keys().filter(|k| k.starts_with("MessageAttributes.entry.") && k.ends_with(".Name")).count();
     if attributes > 10 {
         return bad("MessageAttributes: at most 10");
     }
@@ -284,7 +293,8 @@ async fn action(
         if !shared.topics.lock().unwrap().iter().any(|t| t == topic) {
             return refuse(&shared, StatusCode::NOT_FOUND, "NotFound", "Topic does not exist");
         }
-        let size = message.len() + params.iter().filter(|(k, _)| k.starts_with("MessageAttributes.")).map(|(_, v)| v.len()).sum::<usize>();
+        let size = message.len()
+            + params.iter().filter(|(k, _)| k.starts_with("MessageAttributes.")).map(|(_, v)| v.len()).sum::<usize>();
         if size > 262_144 {
             return bad("Message too long");
         }
