@@ -19,7 +19,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-pub use crate::providers::{LimitConfig, ProviderKind, ProvidersConfig, TlsConfig};
+pub use crate::providers::template::TemplateId;
+pub use crate::providers::{LimitConfig, ProviderKind, ProvidersConfig, Reach, TlsConfig};
 pub use crate::secret::{read_file_value, read_secret_file, redact_url, Secret};
 
 use crate::change::Operation;
@@ -228,10 +229,13 @@ pub struct ChannelConfig {
     /// user wants this event on this channel. False (or no row): `skipped: preference`.
     #[serde(default)]
     pub preferences_query: Option<String>,
-    /// Brevo: event → template id. An event without one gets a subject and body
-    /// from the payload, unless `require_template`.
+    /// E-mail providers: event → template (Brevo: a number, SendGrid: `d-...`,
+    /// Mailgun: a name), or per provider (`{ brevo = 14, sendgrid = "d-..." }`)
+    /// when the fallback is another service. An event without one for the
+    /// provider sending it gets a subject and body from the payload, unless
+    /// `require_template`.
     #[serde(default)]
-    pub templates: BTreeMap<String, i64>,
+    pub templates: BTreeMap<String, TemplateChoice>,
     #[serde(default)]
     pub require_template: bool,
     /// Text of SMS/WhatsApp messages and e-mails without a template: `{key}` is a
@@ -254,6 +258,29 @@ pub struct ChannelConfig {
     pub bus: Option<crate::providers::bus::BusRoute>,
 }
 
+/// One event's entry in a channel's `templates`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum TemplateChoice {
+    /// For the channel's `provider` (not its fallback): the form every
+    /// single-provider config has used since Brevo's `templates = { x = 12 }`.
+    One(TemplateId),
+    /// Per provider, so that a fallback to another service sends its own
+    /// template rather than the primary's id, which it would not know.
+    PerProvider(BTreeMap<ProviderKind, TemplateId>),
+}
+
+impl TemplateChoice {
+    /// The template `target` sends for this event, on a channel whose
+    /// provider is `primary`.
+    pub fn for_provider(&self, primary: ProviderKind, target: ProviderKind) -> Option<&TemplateId> {
+        match self {
+            TemplateChoice::One(t) => (target == primary).then_some(t),
+            TemplateChoice::PerProvider(m) => m.get(&target),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EventText {
@@ -266,6 +293,46 @@ pub struct EventText {
 impl ChannelConfig {
     pub fn is_whatsapp(&self, name: &str) -> bool {
         self.whatsapp.unwrap_or(name == "whatsapp")
+    }
+
+    /// How `kind` reaches someone on this channel: SNS sends SMS, or publishes
+    /// to a topic when the channel has a `bus` route.
+    pub fn reach_of(&self, kind: ProviderKind) -> Reach {
+        kind.reach_with(self.bus.is_some())
+    }
+
+    /// Config checks of `templates`: every value fits the provider that would
+    /// send it, a per-provider table names only this channel's providers, and
+    /// with `require_template` the fallback has its template too.
+    fn validate_templates(&self, name: &str) -> Result<(), String> {
+        let kinds: Vec<ProviderKind> = std::iter::once(self.provider).chain(self.fallback).collect();
+        for (event, choice) in &self.templates {
+            let at = format!("channels.{name}.templates.{event}");
+            if let TemplateChoice::PerProvider(m) = choice {
+                if let Some(other) = m.keys().find(|k| !kinds.contains(k)) {
+                    return Err(format!(
+                        "{at} names provider {:?}, which is neither this channel's provider nor its fallback",
+                        other.as_str()
+                    ));
+                }
+            }
+            for &kind in &kinds {
+                match choice.for_provider(self.provider, kind) {
+                    Some(t) => kind.takes_template(t).map_err(|e| format!("{at} = {t:?}: {e}"))?,
+                    None if self.require_template => {
+                        return Err(format!(
+                            "{at}: require_template is set but {:?} has no template for this event: \
+                             write {{ {} = ..., {} = ... }}",
+                            kind.as_str(),
+                            self.provider.as_str(),
+                            kind.as_str()
+                        ))
+                    }
+                    None => {}
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -552,13 +619,19 @@ impl Config {
                     return bad(format!("channels.{name}: provider {p:?} needs a [providers.{p}] section"));
                 }
             }
-            if ch.provider.needs_address() && ch.address_query.is_none() {
+            let reach = ch.reach_of(ch.provider);
+            if reach == Reach::Address && ch.address_query.is_none() {
+                let topic = if ch.provider.can_bus() {
+                    format!(" (or [channels.{name}.bus] with destination = \"<topic ARN>\" to publish to a topic)")
+                } else {
+                    String::new()
+                };
                 return bad(format!(
-                    "channels.{name}: provider {:?} sends to an address: set address_query (e.g. \"SELECT email FROM auth_user WHERE id = $1\")",
+                    "channels.{name}: provider {:?} sends to an address: set address_query (e.g. \"SELECT email FROM auth_user WHERE id = $1\"){topic}",
                     ch.provider.as_str()
                 ));
             }
-            if ch.fallback.is_some_and(|f| f.needs_address() != ch.provider.needs_address()) {
+            if ch.fallback.is_some_and(|f| (ch.reach_of(f) == Reach::Address) != (reach == Reach::Address)) {
                 return bad(format!(
                     "channels.{name}.fallback must reach people the same way as the provider (address or app channel)"
                 ));
@@ -573,17 +646,30 @@ impl Config {
                         "channels.{name}: a bus provider needs [channels.{name}.bus] with destination = \"...\""
                     ))
                 }
-                (Some(_), false) => {
-                    return bad(format!("channels.{name}.bus is only for bus providers (kafka, rabbitmq, redis, nats)"))
+                (Some(_), _) if !ch.provider.can_bus() => {
+                    return bad(format!(
+                        "channels.{name}.bus is only for bus providers (kafka, rabbitmq, redis, nats) and sns topics"
+                    ))
                 }
-                (Some(route), true) => route.validate(&format!("channels.{name}")).map_err(ConfigError::Invalid)?,
+                (Some(route), _) => route.validate(&format!("channels.{name}")).map_err(ConfigError::Invalid)?,
                 (None, false) => {}
             }
-            if ch.fallback.is_some_and(|f| f.is_bus() != ch.provider.is_bus()) {
+            if ch.fallback.is_some_and(|f| (ch.reach_of(f) == Reach::Bus) != (reach == Reach::Bus)) {
                 return bad(format!(
                     "channels.{name}.fallback must be a bus too when the provider is one, and not otherwise"
                 ));
             }
+            let sns_topic = std::iter::once(ch.provider).chain(ch.fallback).any(|k| k == ProviderKind::Sns);
+            if sns_topic && ch.bus.is_some() && ch.address_query.is_some() {
+                return bad(format!(
+                    "channels.{name}: set address_query (SMS to a number) or bus (publish to a topic), not both"
+                ));
+            }
+            if let (Some(route), true) = (&ch.bus, sns_topic) {
+                crate::providers::sns::validate_route(route, &format!("channels.{name}"))
+                    .map_err(ConfigError::Invalid)?;
+            }
+            ch.validate_templates(name).map_err(ConfigError::Invalid)?;
             if ch.max_attempts == 0 {
                 return bad(format!("channels.{name}.max_attempts must be at least 1"));
             }
@@ -677,7 +763,7 @@ mod tests {
         assert_eq!(cfg.source.slot, "outbox_relay");
         assert_eq!(cfg.providers.pusher.as_ref().unwrap().endpoint(), "https://api-eu.pusher.com");
         assert_eq!(cfg.routes[1].channels_column.as_deref(), Some("channels"));
-        assert_eq!(cfg.channels["email"].templates["order_shipped"], 14);
+        assert_eq!(cfg.channels["email"].templates["order_shipped"], TemplateChoice::One(TemplateId::Number(14)));
         assert!(cfg.channels["whatsapp"].is_whatsapp("whatsapp") && !cfg.channels["sms"].is_whatsapp("sms"));
         assert_eq!(cfg.providers.twilio.as_ref().unwrap().from.as_deref(), Some("+33700000000"));
     }
@@ -785,6 +871,86 @@ mod tests {
     fn redacts_passwords_in_urls() {
         assert_eq!(redact_url("postgres://relay:hunter2@db:5432/app"), "postgres://relay:***@db:5432/app");
         assert_eq!(redact_url("postgres://relay@db/app"), "postgres://relay@db/app");
+    }
+
+    const EMAIL_SNS: &str = include_str!("../docs/email-sns.example.toml");
+
+    #[test]
+    fn the_email_and_sns_example_parses_with_a_template_per_provider() {
+        assert!(include_str!("../README.md").contains(EMAIL_SNS), "README shows docs/email-sns.example.toml verbatim");
+        let cfg = Config::from_toml(EMAIL_SNS).unwrap();
+        let email = &cfg.channels["email"];
+        let choice = &email.templates["order_shipped"];
+        assert_eq!(choice.for_provider(ProviderKind::Brevo, ProviderKind::Brevo), Some(&TemplateId::Number(14)));
+        assert_eq!(
+            choice.for_provider(ProviderKind::Brevo, ProviderKind::Sendgrid),
+            Some(&TemplateId::Name("d-4ad23ad40a0e47d0a0232b85f24ca5c2".into()))
+        );
+        let digest = &cfg.channels["newsletter"].templates["digest"];
+        assert_eq!(
+            digest.for_provider(ProviderKind::Mailgun, ProviderKind::Mailgun),
+            Some(&TemplateId::Name("weekly-digest".into()))
+        );
+        assert_eq!(cfg.channels["sms"].reach_of(ProviderKind::Sns), Reach::Address);
+        assert_eq!(cfg.channels["orders"].reach_of(ProviderKind::Sns), Reach::Bus);
+        assert_eq!(cfg.providers.mailgun.as_ref().unwrap().endpoint(), "https://api.eu.mailgun.net");
+        assert_eq!(cfg.providers.sns.as_ref().unwrap().endpoint(), "https://sns.eu-west-3.amazonaws.com");
+    }
+
+    #[test]
+    fn plain_template_values_stay_the_primarys_and_brevo_configs_keep_working() {
+        // The README's Brevo channel, integers and all, is unchanged.
+        let cfg = Config::from_toml(README_EXAMPLE).unwrap();
+        let choice = &cfg.channels["email"].templates["notification_created"];
+        assert_eq!(choice.for_provider(ProviderKind::Brevo, ProviderKind::Brevo), Some(&TemplateId::Number(12)));
+        // A plain value is the primary's: a fallback sends plain text instead of an id it does not know.
+        assert_eq!(choice.for_provider(ProviderKind::Brevo, ProviderKind::Sendgrid), None);
+    }
+
+    #[test]
+    fn templates_and_sns_channels_are_checked_at_start() {
+        let err = |from: &str, to: &str| {
+            let text = EMAIL_SNS.replace(from, to);
+            assert_ne!(text, EMAIL_SNS, "{from:?} is in the example");
+            Config::from_toml(&text).unwrap_err().to_string()
+        };
+        let e = err("sendgrid = \"d-4ad23ad40a0e47d0a0232b85f24ca5c2\"", "sendgrid = 15");
+        assert!(e.contains("channels.email.templates.order_shipped") && e.contains("d-"), "{e}");
+        let e = err("brevo = 14", "brevo = \"fourteen\"");
+        assert!(e.contains("Brevo template ids are numbers"), "{e}");
+        let e = err("{ brevo = 14, sendgrid", "{ brevo = 14, mailgun = \"x\", sendgrid");
+        assert!(e.contains("neither this channel's provider nor its fallback"), "{e}");
+        // The e-mail providers are each other's fallback.
+        for (primary, fallback) in [("mailgun", "brevo"), ("mailgun", "sendgrid"), ("sendgrid", "smtp")] {
+            let text = EMAIL_SNS
+                .replace("provider = \"mailgun\"", &format!("provider = \"{primary}\"\nfallback = \"{fallback}\""))
+                .replace("templates = { digest = \"weekly-digest\" }", "")
+                .replace(
+                    "[providers.brevo]",
+                    "[providers.smtp]\nurl = \"smtp://127.0.0.1:1025\"\nfrom = \"a@example.com\"\n[providers.brevo]",
+                );
+            assert!(Config::from_toml(&text).is_ok(), "{primary} -> {fallback}: {:?}", Config::from_toml(&text).err());
+        }
+        let both = EMAIL_SNS.replace("fallback = \"sendgrid\"", "fallback = \"sendgrid\"\nrequire_template = true");
+        assert!(Config::from_toml(&both).is_ok(), "each provider has its template");
+        let need = EMAIL_SNS.replace("{ brevo = 14, sendgrid = \"d-4ad23ad40a0e47d0a0232b85f24ca5c2\" }", "14");
+        let need = need.replace("fallback = \"sendgrid\"", "fallback = \"sendgrid\"\nrequire_template = true");
+        let e = Config::from_toml(&need).unwrap_err().to_string();
+        assert!(e.contains("require_template is set but \"sendgrid\" has no template"), "{e}");
+        let e = err("body = \"{title}\"", "body = \"{title}\"\ntemplates = { x = 1 }");
+        assert!(e.contains("provider \"sns\" has no templates"), "{e}");
+        // SNS: SMS needs an address query, a topic an SNS ARN in structured mode.
+        let e = err("address_query = \"SELECT phone", "# address_query = \"SELECT phone");
+        assert!(e.contains("channels.sms") && e.contains("address_query") && e.contains("topic ARN"), "{e}");
+        let e = err("arn:aws:sns:eu-west-3:123456789012:orders.fifo", "orders");
+        assert!(e.contains("an SNS topic ARN"), "{e}");
+        let e = err("orders.fifo\" }", "orders.fifo\", mode = \"binary\" }");
+        assert!(e.contains("structured"), "{e}");
+        let e = err("bus = { destination", "address_query = \"SELECT 1\"\nbus = { destination");
+        assert!(e.contains("not both"), "{e}");
+        // A bus route on an e-mail provider is still refused.
+        let e = err("templates = { digest = \"weekly-digest\" }", "bus = { destination = \"x\" }");
+        assert!(e.contains("only for bus providers"), "{e}");
     }
 
     #[test]

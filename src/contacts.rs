@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
 
-use crate::config::{ChannelConfig, EventText};
+use crate::config::{ChannelConfig, EventText, ProviderKind, TemplateChoice};
 use crate::providers::template::{default_text, render};
 use crate::providers::Contact;
 
@@ -20,7 +20,9 @@ use crate::providers::Contact;
 pub struct ContactPlan {
     pub address_query: String,
     pub preferences_query: Option<String>,
-    pub templates: BTreeMap<String, i64>,
+    pub templates: BTreeMap<String, TemplateChoice>,
+    /// The channel's provider: a plain `templates` value is its template.
+    pub provider: ProviderKind,
     pub require_template: bool,
     pub body: Option<String>,
     pub subject: Option<String>,
@@ -35,6 +37,7 @@ impl ContactPlan {
             address_query: ch.address_query.clone()?,
             preferences_query: ch.preferences_query.clone(),
             templates: ch.templates.clone(),
+            provider: ch.provider,
             require_template: ch.require_template,
             body: ch.body.clone(),
             subject: ch.subject.clone(),
@@ -56,9 +59,12 @@ pub enum Prepared {
     Retry(String),
 }
 
+/// `target`: the provider this delivery goes to (the channel's, or its
+/// fallback's), whose template is picked.
 pub async fn prepare(
     db: &Client,
     plan: &ContactPlan,
+    target: ProviderKind,
     recipient: Option<&str>,
     event: &str,
     payload: &Value,
@@ -74,9 +80,12 @@ pub async fn prepare(
         Ok(_) => return Prepared::Skip("no address or no consent".into()),
         Err(e) => return e,
     };
-    let template_id = plan.templates.get(event).copied();
-    if template_id.is_none() && plan.require_template {
-        return Prepared::Fail(format!("no template for event {event:?} in this channel's templates"));
+    let template = plan.templates.get(event).and_then(|c| c.for_provider(plan.provider, target)).cloned();
+    if template.is_none() && plan.require_template {
+        return Prepared::Fail(format!(
+            "no {} template for event {event:?} in this channel's templates",
+            target.as_str()
+        ));
     }
     let fill = |template: Option<&String>| match template {
         Some(t) => render(t, payload).map_err(|e| Prepared::Fail(e.to_string())),
@@ -91,7 +100,7 @@ pub async fn prepare(
         Ok(s) => s,
         Err(p) => return p,
     };
-    Prepared::Ready(Contact { address, subject, body, template_id, whatsapp: plan.whatsapp })
+    Prepared::Ready(Contact { address, subject, body, template, whatsapp: plan.whatsapp })
 }
 
 enum Lookup {

@@ -698,7 +698,10 @@ impl Dispatcher {
         for c in chunk {
             // Looked up now, not stored: consent and preferences are those at send time.
             let prepared = match (&plan.contact, &plan.preferences_query, c.recipient.as_deref()) {
-                (Some(cp), _, _) => Some(contacts::prepare(db, cp, c.recipient.as_deref(), &c.event, &c.payload).await),
+                (Some(cp), _, _) => {
+                    let (recipient, kind) = (c.recipient.as_deref(), target.kind());
+                    Some(contacts::prepare(db, cp, kind, recipient, &c.event, &c.payload).await)
+                }
                 (None, Some(sql), Some(recipient)) => contacts::preference_refuses(db, sql, recipient, &c.event).await,
                 _ => None,
             };

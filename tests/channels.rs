@@ -9,6 +9,7 @@ use outbox_relay::config::Secret;
 use outbox_relay::demo::smtp_sink::SmtpSink;
 use outbox_relay::providers::brevo::{Brevo, BrevoConfig};
 use outbox_relay::providers::smtp::{Smtp, SmtpConfig};
+use outbox_relay::providers::template::TemplateId;
 use outbox_relay::providers::twilio::{Twilio, TwilioConfig};
 use outbox_relay::providers::{http_client, Contact, OutboundMessage, ProviderError};
 use serde_json::json;
@@ -16,6 +17,7 @@ use support::fakes::brevo::FakeBrevo;
 use support::fakes::twilio::FakeTwilio;
 
 fn message(address: &str, template_id: Option<i64>, whatsapp: bool) -> OutboundMessage {
+    let template = template_id.map(TemplateId::Number);
     OutboundMessage {
         delivery_id: 1,
         idempotency_key: "or1-0123456789abcdef".into(),
@@ -26,7 +28,7 @@ fn message(address: &str, template_id: Option<i64>, whatsapp: bool) -> OutboundM
             address: address.into(),
             subject: "Commande expédiée 📦".into(),
             body: "Votre commande 1042 est partie.\n.ligne qui commence par un point".into(),
-            template_id,
+            template,
             whatsapp,
         }),
         bus: None,

@@ -320,6 +320,7 @@ async fn address_lookups_that_cannot_be_right_fail_with_the_reason() {
         address_query: sql.to_string(),
         preferences_query: None,
         templates: Default::default(),
+        provider: outbox_relay::config::ProviderKind::Twilio,
         require_template: false,
         body: Some("{title}".into()),
         subject: None,
@@ -327,20 +328,21 @@ async fn address_lookups_that_cannot_be_right_fail_with_the_reason() {
         whatsapp: false,
     };
     let payload = serde_json::json!({"title": "hi"});
+    let twilio = outbox_relay::config::ProviderKind::Twilio;
     // Two addresses for one person: retrying would give the same answer until the delivery died.
     let two = plan("SELECT p FROM (VALUES ('+33600000001'), ('+33600000002')) v(p) WHERE $1::int > 0");
-    match prepare(&client, &two, Some("1"), "e", &payload).await {
+    match prepare(&client, &two, twilio, Some("1"), "e", &payload).await {
         Prepared::Fail(reason) => assert!(reason.contains("returned 2 rows"), "{reason}"),
         other => panic!("two rows must fail for good: {other:?}"),
     }
     // A phone number stored as a number is a query to fix, not "no consent".
     let number = plan("SELECT 33600000001::bigint WHERE $1::int > 0");
-    match prepare(&client, &number, Some("1"), "e", &payload).await {
+    match prepare(&client, &number, twilio, Some("1"), "e", &payload).await {
         Prepared::Fail(reason) => assert!(reason.contains("int8") && reason.contains("::text"), "{reason}"),
         other => panic!("a non-text address must fail with its type: {other:?}"),
     }
     let none = plan("SELECT 'x'::text WHERE $1::int < 0");
-    assert!(matches!(prepare(&client, &none, Some("1"), "e", &payload).await, Prepared::Skip(_)));
+    assert!(matches!(prepare(&client, &none, twilio, Some("1"), "e", &payload).await, Prepared::Skip(_)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,7 +27,7 @@ fn mail() -> OutboundMessage {
             address: "jane@example.com".into(),
             subject: "Shipped".into(),
             body: "Your order left.".into(),
-            template_id: None,
+            template: None,
             whatsapp: false,
         }),
         bus: None,

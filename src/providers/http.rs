@@ -27,6 +27,19 @@ pub(crate) fn brevo_reset(headers: &HeaderMap) -> Option<Duration> {
     (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
 }
 
+/// SendGrid answers 429 with `X-RateLimit-Reset`, the Unix time (seconds) at
+/// which its window resets
+/// (https://www.twilio.com/docs/sendgrid/api-reference/how-to-use-the-sendgrid-v3-api/rate-limits):
+/// the wait until then, capped at an hour.
+pub(crate) fn reset_at_epoch(headers: &HeaderMap, name: &str) -> Option<Duration> {
+    let at = headers.get(name)?.to_str().ok()?.trim().parse::<i64>().ok()?;
+    Some(wait_until_epoch(at, Utc::now().timestamp()))
+}
+
+pub(crate) fn wait_until_epoch(at: i64, now: i64) -> Duration {
+    Duration::from_secs(at.saturating_sub(now).clamp(0, 3600) as u64)
+}
+
 pub(crate) fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
     let value = value.trim();
     if let Ok(secs) = value.parse::<u64>() {
@@ -96,6 +109,13 @@ mod tests {
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:27:00 GMT", now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-3", now), None);
+    }
+
+    #[test]
+    fn epoch_resets_are_waits_from_now() {
+        assert_eq!(wait_until_epoch(1_700_000_030, 1_700_000_000), Duration::from_secs(30));
+        assert_eq!(wait_until_epoch(1_699_999_000, 1_700_000_000), Duration::ZERO, "already past");
+        assert_eq!(wait_until_epoch(1_800_000_000, 1_700_000_000), Duration::from_secs(3600), "capped");
     }
 
     #[test]

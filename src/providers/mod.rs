@@ -17,8 +17,11 @@ pub mod brevo;
 pub mod bus;
 mod http;
 pub mod log;
+pub mod mailgun;
 pub mod pusher;
+pub mod sendgrid;
 pub mod smtp;
+pub mod sns;
 pub mod template;
 pub mod twilio;
 
@@ -53,8 +56,10 @@ pub struct Contact {
     pub address: String,
     pub subject: String,
     pub body: String,
-    /// Brevo template for the event, if the channel maps one.
-    pub template_id: Option<i64>,
+    /// The provider's template for the event, if the channel maps one for the
+    /// provider this message goes to (Brevo: a number; SendGrid: `d-...`;
+    /// Mailgun: a name). The payload fills it.
+    pub template: Option<template::TemplateId>,
     /// Twilio: over WhatsApp rather than SMS.
     pub whatsapp: bool,
 }
@@ -63,7 +68,7 @@ impl std::fmt::Debug for Contact {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Contact")
             .field("address", &template::mask_address(&self.address))
-            .field("template_id", &self.template_id)
+            .field("template", &self.template)
             .field("whatsapp", &self.whatsapp)
             .finish_non_exhaustive()
     }
@@ -197,6 +202,9 @@ pub enum Reach {
     Address,
     /// A topic, queue or stream, set by the channel's `[channels.<name>.bus]`.
     Bus,
+    /// Either, per channel (Amazon SNS: SMS to an address, or a topic when
+    /// the channel has a `[channels.<name>.bus]` route).
+    AddressOrBus,
 }
 
 /// What dispatch needs to know of a provider before calling it; each
@@ -344,6 +352,9 @@ provider_table! {
     Brevo "brevo" brevo: brevo => Brevo(BrevoConfig);
     Smtp "smtp" smtp: smtp => Smtp(SmtpConfig);
     Twilio "twilio" twilio: twilio => Twilio(TwilioConfig);
+    Sendgrid "sendgrid" sendgrid: sendgrid => Sendgrid(SendgridConfig);
+    Mailgun "mailgun" mailgun: mailgun => Mailgun(MailgunConfig);
+    Sns "sns" sns: sns => Sns(SnsConfig);
     Log "log" log: log => Log(LogConfig);
     Kafka "kafka" kafka: bus::kafka => Kafka(KafkaConfig);
     Rabbitmq "rabbitmq" rabbitmq: bus::rabbitmq => Rabbitmq(RabbitmqConfig);
@@ -352,15 +363,41 @@ provider_table! {
 }
 
 impl ProviderKind {
-    /// Providers that reach a person at an address (e-mail, phone): they need
-    /// the channel's `address_query`.
-    pub fn needs_address(self) -> bool {
-        self.profile().reach == Reach::Address
+    /// How this provider reaches someone on a channel that has (`bus`) or has
+    /// not a `[channels.<name>.bus]` route: never [`Reach::AddressOrBus`].
+    pub fn reach_with(self, bus: bool) -> Reach {
+        match self.profile().reach {
+            Reach::AddressOrBus if bus => Reach::Bus,
+            Reach::AddressOrBus => Reach::Address,
+            reach => reach,
+        }
     }
 
-    /// Event-bus sinks: they need the channel's `[channels.<name>.bus]` route.
+    /// Event-bus sinks: they always need the channel's `[channels.<name>.bus]` route.
     pub fn is_bus(self) -> bool {
         self.profile().reach == Reach::Bus
+    }
+
+    /// Whether `[channels.<name>.bus]` may be set for this provider.
+    pub fn can_bus(self) -> bool {
+        matches!(self.profile().reach, Reach::Bus | Reach::AddressOrBus)
+    }
+
+    /// Whether this provider sends `template` (a channel's `templates` value),
+    /// or why not: each service names its templates its own way.
+    pub fn takes_template(self, template: &template::TemplateId) -> Result<(), String> {
+        use template::TemplateId::{Name, Number};
+        match (self, template) {
+            (ProviderKind::Brevo, Number(_)) => Ok(()),
+            (ProviderKind::Brevo, Name(_)) => Err("Brevo template ids are numbers".into()),
+            // Dynamic templates are the ones that take `dynamic_template_data`:
+            // https://www.twilio.com/docs/sendgrid/ui/sending-email/how-to-send-an-email-with-dynamic-templates
+            (ProviderKind::Sendgrid, Name(n)) if n.starts_with("d-") => Ok(()),
+            (ProviderKind::Sendgrid, _) => Err("SendGrid dynamic template ids are strings starting with \"d-\"".into()),
+            (ProviderKind::Mailgun, Name(n)) if !n.trim().is_empty() => Ok(()),
+            (ProviderKind::Mailgun, _) => Err("Mailgun templates are named by a non-empty string".into()),
+            (kind, _) => Err(format!("provider {:?} has no templates", kind.as_str())),
+        }
     }
 }
 

@@ -2,7 +2,27 @@
 //! bodies and e-mail subjects and bodies. A placeholder the payload lacks is an
 //! error naming it: a message with a hole in it is worse than none.
 
+use serde::Deserialize;
 use serde_json::Value;
+
+/// A provider-side template, as a channel's `templates` names it: Brevo's
+/// are numbers, SendGrid's (`d-...`) and Mailgun's are strings. Which
+/// provider takes which is [`crate::providers::ProviderKind::takes_template`].
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum TemplateId {
+    Number(i64),
+    Name(String),
+}
+
+impl std::fmt::Display for TemplateId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TemplateId::Number(n) => write!(f, "{n}"),
+            TemplateId::Name(s) => f.write_str(s),
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum TemplateError {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::http::{brevo_reset, retry_after, transport_error, truncate, MAX_REASON_BODY};
+use super::template::TemplateId;
 use super::{Accepted, OutboundMessage, ProviderError};
 pub mod config;
 
@@ -58,10 +59,16 @@ impl Brevo {
             // wants a UUID: https://developers.brevo.com/docs/heterogenous-versions-batch-emails
             "headers": {"idempotencyKey": idempotency_uuid(&m.idempotency_key)},
         });
-        match contact.template_id {
-            Some(id) => {
+        match &contact.template {
+            Some(TemplateId::Number(id)) => {
                 body["templateId"] = json!(id);
                 body["params"] = m.payload.clone();
+            }
+            // Config validation keeps names away from Brevo; say so if one slips through.
+            Some(TemplateId::Name(name)) => {
+                return Err(ProviderError::Permanent {
+                    reason: format!("brevo: template {name:?} is not a Brevo template id (a number)"),
+                })
             }
             None => {
                 body["subject"] = json!(contact.subject);

@@ -81,6 +81,11 @@ impl FakeBrevo {
     pub fn fail_next(&self, n: usize, status: u16, retry_after: Option<&str>) {
         self.shared.faults.fail_next(n, status, retry_after);
     }
+
+    /// Back to healthy: queued failures dropped.
+    pub fn recover(&self) {
+        self.shared.faults.clear();
+    }
 }
 
 fn refuse(shared: &Shared, status: StatusCode, code: &str, message: &str) -> Response {

@@ -5,5 +5,8 @@
 pub mod ably;
 pub mod brevo;
 pub mod http;
+pub mod mailgun;
 pub mod pusher;
+pub mod sendgrid;
+pub mod sns;
 pub mod twilio;
