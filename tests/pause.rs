@@ -132,6 +132,17 @@ async fn a_paused_channel_waits_across_a_restart_and_goes_out_once_on_resume(mod
     assert_eq!(json["paused"][0]["channel"], "in_app", "{json}");
     assert_eq!(json["paused"][0]["paused_by"], "oncall-test", "{json}");
     assert_eq!(json["backlog"], 0, "paused rows are not backlog: {json}");
+    assert!(json["oldest_pending_seconds"].is_null(), "nor the oldest pending: {json}");
+    let in_app_pending = json["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["channel"] == "in_app" && c["status"] == "pending")
+        .map(|c| c["count"].clone());
+    assert_eq!(in_app_pending, Some(serde_json::json!(10)), "but listed by channel: {json}");
+    // The gauges the alerts watch leave it out too (OutboxRelayChannelPaused watches it).
+    wait_gauge(port, "outbox_relay_backlog_deliveries ", 0.0).await;
+    wait_gauge(port, "outbox_relay_oldest_pending_age_seconds ", 0.0).await;
     let status = text(&cli(&env, &["status"]));
     assert!(status.contains("channel in_app PAUSED since"), "{status}");
 
