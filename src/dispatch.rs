@@ -157,10 +157,7 @@ const PAUSED_REFRESH: Duration = Duration::from_secs(1);
 
 /// Rows of a paused channel in a handed-over batch go back to the queue,
 /// untried (their attempt given back); the rest is sent.
-fn hold_back_paused(
-    batch: Vec<Claimed>,
-    paused: &std::collections::HashSet<String>,
-) -> (Outcomes, Vec<Claimed>) {
+fn hold_back_paused(batch: Vec<Claimed>, paused: &std::collections::HashSet<String>) -> (Outcomes, Vec<Claimed>) {
     if paused.is_empty() {
         return (Vec::new(), batch);
     }

@@ -532,10 +532,7 @@ impl Ledger {
                 &[],
             )
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| PausedChannel { channel: r.get(0), paused_at: r.get(1), paused_by: r.get(2) })
-            .collect())
+        Ok(rows.iter().map(|r| PausedChannel { channel: r.get(0), paused_at: r.get(1), paused_by: r.get(2) }).collect())
     }
 
     /// Pauses `channel`: `Ok(None)` if it was not paused, else how it already

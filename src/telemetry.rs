@@ -96,7 +96,11 @@ fn describe() {
     describe_gauge!(metric::REPLICATION_LAG, Unit::Bytes, "Server WAL end minus the offset confirmed to the slot.");
     describe_gauge!(metric::CONFIRMED_LSN, "Offset last confirmed to PostgreSQL, as a number.");
     describe_gauge!(metric::ACTIVE, "1 while this relay holds the slot's lock and works, 0 while it stands by.");
-    describe_gauge!(metric::OLDEST_PENDING, Unit::Seconds, "Age of the oldest delivery not yet settled, paused channels left out (0 when none).");
+    describe_gauge!(
+        metric::OLDEST_PENDING,
+        Unit::Seconds,
+        "Age of the oldest delivery not yet settled, paused channels left out (0 when none)."
+    );
     describe_gauge!(metric::CIRCUIT_OPEN, "1 while a provider's circuit is open or half-open, by provider.");
     describe_gauge!(
         metric::CHANNEL_PAUSED,

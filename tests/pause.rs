@@ -86,10 +86,7 @@ async fn assert_waiting(env: &Env, held: &[i64]) {
     assert!(sent.is_empty(), "sent while paused: {sent:?}");
     let client = env.db.client().await;
     let pending: i64 = client
-        .query_one(
-            "SELECT count(*) FROM outbox_relay.deliveries WHERE channel = 'in_app' AND status = 'pending'",
-            &[],
-        )
+        .query_one("SELECT count(*) FROM outbox_relay.deliveries WHERE channel = 'in_app' AND status = 'pending'", &[])
         .await
         .unwrap()
         .get(0);
