@@ -173,3 +173,41 @@ async fn a_paused_channel_waits_across_a_restart_and_goes_out_once_on_resume(mod
     }
     assert_eq!(env.statuses().await.get("skipped"), None, "nothing skipped");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_removed_from_the_config_can_still_be_resumed_and_a_typo_cannot() {
+    let env = Env::with_mode(Mode::Logical, "pausenames", "", OTHER).await;
+    // A ledger of the version before pausing existed: `pause` migrates it first.
+    let mut admin = env.db.client().await;
+    outbox_relay::ledger::migrate(&mut admin, "outbox_relay").await.unwrap();
+    admin
+        .batch_execute(
+            "DROP TABLE outbox_relay.paused_channels; DELETE FROM outbox_relay.schema_migrations WHERE version = 9",
+        )
+        .await
+        .unwrap();
+    let paused = cli(&env, &["pause", "other"]);
+    assert_eq!(paused.status.code(), Some(0), "{}", text(&paused));
+    // The channel leaves the config while paused: its row must not stay for ever.
+    let without = env.dir.path().join("without-other.toml");
+    std::fs::write(&without, env.config_toml("127.0.0.1:0").replace(OTHER, "")).unwrap();
+    let resume = |channel: &str| {
+        tokio::task::block_in_place(|| {
+            Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+                .arg("--config")
+                .arg(&without)
+                .args(["resume", channel])
+                .env_remove("DATABASE_URL")
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        })
+    };
+    let resumed = resume("other");
+    assert_eq!(resumed.status.code(), Some(0), "{}", text(&resumed));
+    assert!(text(&resumed).contains("channel other resumed"), "{}", text(&resumed));
+    // Now neither paused nor configured: a typo, named.
+    let typo = resume("other");
+    assert_eq!(typo.status.code(), Some(2), "{}", text(&typo));
+    assert!(text(&typo).contains("\"other\" is not in the relay config"), "{}", text(&typo));
+}
