@@ -279,7 +279,7 @@ fn register_zeros(cfg: &Config) {
     }
 }
 
-/// Every few seconds: backlog and dead-letter gauges, retained WAL (with a
+/// Every few seconds: backlog, dead-letter and paused-channel gauges, retained WAL (with a
 /// warning past `relay.max_retained_wal_mb`), the ledger half of readiness, and
 /// the heartbeat. The heartbeat writes a tiny WAL record in this database so
 /// that, when the routed tables are quiet, the walsender still has something
@@ -336,6 +336,13 @@ async fn observe(l: &Ledger, cfg: &Config, max_wal: i64) -> Result<(), LedgerErr
     }
     for (channel, n) in dead {
         metrics::gauge!(metric::DEAD_LETTERS, "channel" => channel).set(n as f64);
+    }
+    // Every configured channel has the gauge, 0 or 1 (a paused channel since
+    // removed from the config is no label: it has no deliveries to hold).
+    let paused: Vec<String> = l.paused_channels().await?.into_iter().map(|p| p.channel).collect();
+    for channel in cfg.channels.keys() {
+        let on = paused.contains(channel);
+        metrics::gauge!(metric::CHANNEL_PAUSED, "channel" => channel.clone()).set(if on { 1.0 } else { 0.0 });
     }
     if cfg.source.mode == crate::config::SourceMode::Logical {
         let row = l

@@ -1,4 +1,5 @@
-//! The operator's door: `run`, `migrate`, `setup`, `teardown`, `status`, `demo`.
+//! The operator's door: `run`, `migrate`, `setup`, `teardown`, `status`,
+//! `pause`/`resume`, `demo` and the ledger chores.
 //!
 //! Exit codes: 0 done; 2 something the user must fix (config, privileges,
 //! missing slot), printed as one line naming the fix; 1 anything else.
@@ -60,6 +61,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Hold a channel's deliveries in the ledger (pending, none skipped) until
+    /// `resume`. Holds across restarts; a call already under way may finish.
+    Pause {
+        /// A channel of the config, e.g. `email`.
+        channel: String,
+    },
+    /// Let a paused channel's deliveries go, oldest first.
+    Resume { channel: String },
     /// Run the whole thing on a throwaway PostgreSQL with the `log` provider.
     Demo,
     /// Deliveries that need an operator: list, retry or discard them.
@@ -220,6 +229,31 @@ pub async fn main(cli: Cli) -> Result<(), Failure> {
                 println!("{}", serde_json::to_string_pretty(&status).map_err(Failure::other)?);
             } else {
                 print!("{}", crate::status::render(&status));
+            }
+            Ok(())
+        }
+        Command::Pause { channel } => {
+            let cfg = load()?;
+            let ledger = migrated_ledger(&cfg).await?;
+            let by = crate::pause::operator();
+            match crate::pause::pause(&ledger, &cfg, &channel, by.as_deref()).await.map_err(pause_failure)? {
+                crate::pause::Paused::Now => {
+                    println!("channel {channel} paused: its deliveries wait in the ledger until `resume {channel}`")
+                }
+                crate::pause::Paused::Already(was) => println!(
+                    "channel {channel} already paused (since {}, by {}): nothing changed",
+                    was.paused_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    was.paused_by
+                ),
+            }
+            Ok(())
+        }
+        Command::Resume { channel } => {
+            let cfg = load()?;
+            let ledger = migrated_ledger(&cfg).await?;
+            match crate::pause::resume(&ledger, &cfg, &channel).await.map_err(pause_failure)? {
+                crate::pause::Resumed::Now => println!("channel {channel} resumed: its waiting deliveries go out"),
+                crate::pause::Resumed::NotPaused => println!("channel {channel} was not paused: nothing changed"),
             }
             Ok(())
         }
@@ -390,6 +424,22 @@ pub fn parse_since(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
     Ok(chrono::Utc::now() - chrono::Duration::seconds(secs))
 }
 
+/// The ledger, its schema brought up to this build's first (`pause` may run
+/// before any `run` of a build that knows the paused-channels table).
+async fn migrated_ledger(cfg: &Config) -> Result<crate::ledger::Ledger, Failure> {
+    let mut client = connect(cfg).await?;
+    crate::ledger::migrate(&mut client, &cfg.relay.schema).await.map_err(Failure::user)?;
+    Ok(crate::ledger::Ledger::new(client, &cfg.relay.schema))
+}
+
+fn pause_failure(e: crate::pause::PauseError) -> Failure {
+    if e.is_retryable() {
+        Failure::other(e)
+    } else {
+        Failure::user(e)
+    }
+}
+
 async fn connect(cfg: &Config) -> Result<tokio_postgres::Client, Failure> {
     crate::ledger::connect(&cfg.source.database_url).await.map_err(|e| {
         Failure::user(format!(
@@ -436,6 +486,9 @@ mod tests {
         assert!(Cli::try_parse_from(["outbox-relay", "dead-letters", "retry"]).is_err());
         let cli = Cli::try_parse_from(["outbox-relay", "--config", "x.toml", "setup", "--print-sql"]).unwrap();
         assert!(matches!(cli.command, Command::Setup { print_sql: true }));
+        let cli = Cli::try_parse_from(["outbox-relay", "pause", "email"]).unwrap();
+        assert!(matches!(cli.command, Command::Pause { channel } if channel == "email"));
+        assert!(Cli::try_parse_from(["outbox-relay", "resume"]).is_err(), "resume names its channel");
         let cli = Cli::try_parse_from(["outbox-relay", "teardown", "--print-sql", "--ledger"]).unwrap();
         assert!(matches!(cli.command, Command::Teardown { print_sql: true, ledger: true }));
     }

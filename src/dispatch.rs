@@ -150,6 +150,39 @@ impl QueueFloor {
     }
 }
 
+/// Channels paused (migration 009) as a worker last read them, for batches
+/// ingestion handed over in memory: those were claimed at insert, before a
+/// pause that may have landed since. Claims from the ledger need no such
+/// check (the claim statement itself leaves paused channels alone), and a
+/// stale "paused" here only sends a row back to the queue, never loses one.
+#[derive(Default)]
+struct PausedCache {
+    channels: std::collections::HashSet<String>,
+    read_at: Option<Instant>,
+}
+
+/// How stale [`PausedCache`] may get: after a pause, a batch handed over
+/// before it may still be sent for this long. Rows inserted after the pause
+/// are never handed over (the insert reads the table).
+const PAUSED_REFRESH: Duration = Duration::from_secs(1);
+
+/// Rows of a paused channel in a handed-over batch go back to the queue,
+/// untried (their attempt given back); the rest is sent.
+fn hold_back_paused(batch: Vec<Claimed>, paused: &std::collections::HashSet<String>) -> (Outcomes, Vec<Claimed>) {
+    if paused.is_empty() {
+        return (Vec::new(), batch);
+    }
+    let (held, send): (Vec<Claimed>, Vec<Claimed>) = batch.into_iter().partition(|c| paused.contains(&c.channel));
+    let outcomes = held
+        .iter()
+        .map(|c| {
+            let error = format!("channel {} paused; back to the queue", c.channel);
+            (c.claim_ref(), Outcome::Defer { error, delay: Duration::ZERO })
+        })
+        .collect();
+    (outcomes, send)
+}
+
 /// Batches ingestion may hand over in memory at once. Small: rows waiting here
 /// are `sending` in the ledger, so a crash counts them as possible re-sends.
 const FRESH_BATCHES: usize = 2;
@@ -289,6 +322,8 @@ pub struct Dispatcher {
     /// `standby` set: this relay does not hold its lock (see `instance`), so
     /// it starts no provider call.
     health: Arc<Health>,
+    /// Paused channels, re-read at most every [`PAUSED_REFRESH`], for handed-over batches.
+    paused: std::sync::Mutex<PausedCache>,
 }
 
 /// Builds every provider client named by a channel. Config validation
@@ -354,6 +389,7 @@ impl Dispatcher {
         let (fresh_tx, fresh_rx) = mpsc::channel(FRESH_BATCHES);
         Ok(Dispatcher {
             health,
+            paused: Default::default(),
             held: Arc::default(),
             floor: Default::default(),
             finished: Arc::default(),
@@ -503,7 +539,10 @@ impl Dispatcher {
             let batch = match self.take_fresh() {
                 Some(fresh) => {
                     handed_over = true;
-                    fresh
+                    // Claimed at insert: a pause may have landed since.
+                    let (held_back, send) = hold_back_paused(fresh, &self.paused_channels(ledger).await);
+                    unrecorded.extend(held_back);
+                    send
                 }
                 None => {
                     let _registered_before_release = self.held.gate.read().await;
@@ -517,6 +556,11 @@ impl Dispatcher {
                 }
             };
             if batch.is_empty() {
+                if !unrecorded.is_empty() {
+                    ledger.finish(unrecorded).await?;
+                    self.held.remove(unrecorded);
+                    unrecorded.clear();
+                }
                 tokio::select! {
                     _ = &mut notified => {}
                     _ = tokio::time::sleep(self.poll) => {}
@@ -571,6 +615,32 @@ impl Dispatcher {
             if full {
                 // More is probably waiting: let the other workers know.
                 self.wake.notify_one();
+            }
+        }
+    }
+
+    /// The paused channels, re-read from the ledger when the copy is older
+    /// than [`PAUSED_REFRESH`]. If the read fails the last copy stands: the
+    /// claim and the insert enforce a pause on their own; this only narrows
+    /// the window for batches already handed over.
+    async fn paused_channels(&self, ledger: &Ledger) -> std::collections::HashSet<String> {
+        let fresh = |c: &PausedCache| c.read_at.is_some_and(|t| t.elapsed() < PAUSED_REFRESH);
+        {
+            let cache = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+            if fresh(&cache) {
+                return cache.channels.clone();
+            }
+        }
+        match ledger.paused_channels().await {
+            Ok(list) => {
+                let channels: std::collections::HashSet<String> = list.into_iter().map(|p| p.channel).collect();
+                let mut cache = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+                *cache = PausedCache { channels: channels.clone(), read_at: Some(Instant::now()) };
+                channels
+            }
+            Err(e) => {
+                debug!(error = %e, "could not re-read the paused channels; using the last list");
+                self.paused.lock().unwrap_or_else(|p| p.into_inner()).channels.clone()
             }
         }
     }
@@ -959,6 +1029,43 @@ mod tests {
         });
         assert!(intake.room_soon().await.is_some(), "room once the worker took its batch");
         drop(worker.await.unwrap());
+    }
+
+    fn claimed(id: i64, channel: &str) -> Claimed {
+        Claimed {
+            id,
+            idempotency_key: format!("k{id}"),
+            source_table: "public.t".into(),
+            source_pk: id.to_string(),
+            channel: channel.into(),
+            event: "e".into(),
+            recipient: None,
+            payload: serde_json::json!({}),
+            attempts: 1,
+            committed_at: Utc::now(),
+            provider: None,
+            lease_expired: false,
+            send_by: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_handed_over_batch_sends_nothing_of_a_paused_channel() {
+        let batch = vec![claimed(1, "email"), claimed(2, "in_app"), claimed(3, "email")];
+        let none = std::collections::HashSet::new();
+        let (held, send) = hold_back_paused(batch.clone(), &none);
+        assert!(held.is_empty());
+        assert_eq!(send.len(), 3);
+        let paused: std::collections::HashSet<String> = ["email".to_string()].into();
+        let (held, send) = hold_back_paused(batch, &paused);
+        assert_eq!(send.iter().map(|c| c.id).collect::<Vec<_>>(), [2]);
+        assert_eq!(held.iter().map(|(r, _)| *r).collect::<Vec<_>>(), [(1, 1), (3, 1)], "by claim, attempt given back");
+        for (_, outcome) in &held {
+            assert!(
+                matches!(outcome, Outcome::Defer { delay, error } if delay.is_zero() && error.contains("paused")),
+                "back to the queue, untried: {outcome:?}"
+            );
+        }
     }
 
     #[test]

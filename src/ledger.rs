@@ -48,7 +48,16 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (6, include_str!("../sql/migrations/006_change_keys.sql")),
     (7, include_str!("../sql/migrations/007_capture_rows.sql")),
     (8, include_str!("../sql/migrations/008_claims_and_vacuum.sql")),
+    (9, include_str!("../sql/migrations/009_paused_channels.sql")),
 ];
+
+/// SQL for "this channel is not paused" (migration 009): evaluated once per
+/// statement (an uncorrelated subquery, an InitPlan), read in the statement's
+/// own snapshot, so a pause holds for every claim and claimed insert that
+/// starts after its commit.
+fn not_paused(schema: &str, column: &str) -> String {
+    format!("{column} <> ALL(ARRAY(SELECT channel FROM {schema}.paused_channels))")
+}
 
 /// The migrations' SQL with the schema name filled in (it is a validated identifier).
 pub fn migration_sql(schema: &str) -> Vec<(i32, String)> {
@@ -329,7 +338,7 @@ impl Ledger {
             .await?)
     }
 
-    /// Claims up to `limit` due deliveries, oldest first, for `lease`. SKIP
+    /// Claims up to `limit` due deliveries of channels not paused, oldest first, for `lease`. SKIP
     /// LOCKED lets several workers claim side by side without waiting on each
     /// other. A row still `sending` after its lease (its worker lost the
     /// database mid-batch) is claimed again and flagged as a possible re-send.
@@ -471,12 +480,19 @@ impl Ledger {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    /// Deliveries not yet settled (pending or in flight).
+    /// Deliveries not yet settled (pending or in flight), paused channels'
+    /// left out: the work the relay is expected to be doing, what the backlog
+    /// alert watches. A paused channel's rows wait on purpose; `status` lists
+    /// them by channel, `outbox_relay_channel_paused` says why.
     pub async fn backlog(&self) -> Result<i64, LedgerError> {
         let row = self
             .client
             .query_one(
-                &format!("SELECT count(*) FROM {}.deliveries WHERE status IN ('pending', 'sending')", self.schema),
+                &format!(
+                    "SELECT count(*) FROM {s}.deliveries WHERE status IN ('pending', 'sending') AND {paused}",
+                    s = self.schema,
+                    paused = not_paused(&self.schema, "channel")
+                ),
                 &[],
             )
             .await?;
@@ -484,19 +500,72 @@ impl Ledger {
     }
 
     /// Age of the oldest due delivery: the number an on-call wants first.
+    /// Paused channels left out, as in [`Ledger::backlog`]: a pause is not an outage.
     pub async fn oldest_pending_age(&self) -> Result<Option<Duration>, LedgerError> {
         let row = self
             .client
             .query_one(
                 &format!(
-                    "SELECT extract(epoch FROM now() - min(created_at))::float8 FROM {}.deliveries
-                     WHERE status IN ('pending', 'sending')",
-                    self.schema
+                    "SELECT extract(epoch FROM now() - min(created_at))::float8 FROM {s}.deliveries
+                     WHERE status IN ('pending', 'sending') AND {paused}",
+                    s = self.schema,
+                    paused = not_paused(&self.schema, "channel")
                 ),
                 &[],
             )
             .await?;
         Ok(row.get::<_, Option<f64>>(0).map(|s| Duration::from_secs_f64(s.max(0.0))))
+    }
+}
+
+/// A channel an operator paused (migration 009).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct PausedChannel {
+    pub channel: String,
+    pub paused_at: DateTime<Utc>,
+    pub paused_by: String,
+}
+
+impl Ledger {
+    /// Every paused channel, by name.
+    pub async fn paused_channels(&self) -> Result<Vec<PausedChannel>, LedgerError> {
+        let rows = self
+            .client
+            .query(
+                &format!("SELECT channel, paused_at, paused_by FROM {}.paused_channels ORDER BY channel", self.schema),
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| PausedChannel { channel: r.get(0), paused_at: r.get(1), paused_by: r.get(2) }).collect())
+    }
+
+    /// Pauses `channel`: `Ok(None)` if it was not paused, else how it already
+    /// was (nothing changes). `by`: who, when known (else the database role).
+    pub async fn pause(&self, channel: &str, by: Option<&str>) -> Result<Option<PausedChannel>, LedgerError> {
+        let s = &self.schema;
+        let inserted = self
+            .client
+            .execute(
+                &format!(
+                    "INSERT INTO {s}.paused_channels (channel, paused_by) VALUES ($1, coalesce($2, session_user::text))
+                     ON CONFLICT (channel) DO NOTHING"
+                ),
+                &[&channel, &by],
+            )
+            .await?;
+        if inserted == 1 {
+            return Ok(None);
+        }
+        Ok(self.paused_channels().await?.into_iter().find(|p| p.channel == channel))
+    }
+
+    /// Resumes `channel`; `false` if it was not paused.
+    pub async fn resume(&self, channel: &str) -> Result<bool, LedgerError> {
+        let n = self
+            .client
+            .execute(&format!("DELETE FROM {}.paused_channels WHERE channel = $1", self.schema), &[&channel])
+            .await?;
+        Ok(n > 0)
     }
 }
 
@@ -532,6 +601,7 @@ fn claim_sql(s: &str) -> String {
             WHERE status IN ('pending', 'sending') AND next_attempt_at <= now()
               AND next_attempt_at >= coalesce($3::timestamptz, '-infinity')
               AND id <> ALL($5::int8[])
+              AND {paused}
             ORDER BY next_attempt_at, id
             LIMIT $1
             FOR UPDATE SKIP LOCKED)
@@ -541,7 +611,8 @@ fn claim_sql(s: &str) -> String {
          FROM due WHERE d.id = due.id
          RETURNING d.id, d.idempotency_key, d.source_table, d.source_pk, d.channel, d.event,
                    d.recipient, d.payload, d.attempts, d.committed_at, due.was = 'sending',
-                   d.provider, due.due_at"
+                   d.provider, due.due_at",
+        paused = not_paused(s, "channel")
     )
 }
 
@@ -776,7 +847,8 @@ async fn insert_with(
 }
 
 /// The one INSERT of deliveries: replays (same key) ignored, sendable rows
-/// written already claimed when `$12` (the lease) is given.
+/// written already claimed when `$12` (the lease) is given — except rows of a
+/// paused channel, written `pending` so that they wait in the ledger.
 pub fn insert_sql(schema: &str) -> String {
     format!(
         "INSERT INTO {schema}.deliveries
@@ -791,9 +863,10 @@ pub fn insert_sql(schema: &str) -> String {
                      $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[],
                      $13::text[], $14::text[])
               AS u(t, pk, ch, k, ev, st, r, e, p, l, c, op, cr),
-              LATERAL (SELECT u.st = 'pending' AND $12::float8 IS NOT NULL AS claim) x
+              LATERAL (SELECT u.st = 'pending' AND $12::float8 IS NOT NULL AND {paused} AS claim) x
          ON CONFLICT (idempotency_key) DO NOTHING
-         RETURNING id, idempotency_key, status = 'sending'"
+         RETURNING id, idempotency_key, status = 'sending'",
+        paused = not_paused(schema, "u.ch")
     )
 }
 

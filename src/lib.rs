@@ -22,6 +22,7 @@ pub mod ingest;
 pub mod instance;
 pub mod ledger;
 pub mod limits;
+pub mod pause;
 pub mod preflight;
 pub mod providers;
 pub mod retention;

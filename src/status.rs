@@ -4,7 +4,7 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::config::Config;
-use crate::ledger::{Ledger, LedgerError};
+use crate::ledger::{Ledger, LedgerError, PausedChannel};
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -15,8 +15,12 @@ pub struct Status {
     /// Listen mode: change-log rows not yet read.
     pub change_log_unread: Option<i64>,
     pub stored_offset: Option<String>,
+    /// Pending or in flight, paused channels left out (as the gauge).
     pub backlog: i64,
+    /// Paused channels left out, likewise.
     pub oldest_pending_seconds: Option<f64>,
+    /// Channels an operator paused: their rows wait (counted in `deliveries`).
+    pub paused: Vec<PausedChannel>,
     pub deliveries: Vec<ChannelCount>,
 }
 
@@ -77,6 +81,7 @@ pub async fn gather(client: Client, cfg: &Config) -> Result<Status, LedgerError>
         stored_offset: ledger.load_offset(&cfg.source.slot).await?.map(|l| l.to_string()),
         backlog: ledger.backlog().await?,
         oldest_pending_seconds: ledger.oldest_pending_age().await?.map(|d| d.as_secs_f64()),
+        paused: ledger.paused_channels().await?,
         deliveries: ledger
             .counts()
             .await?
@@ -111,7 +116,19 @@ pub fn render(s: &Status) -> String {
     if let Some(age) = s.oldest_pending_seconds {
         out.push_str(&format!(", oldest waiting {age:.1} s"));
     }
+    if !s.paused.is_empty() {
+        out.push_str(" (paused channels left out)");
+    }
     out.push('\n');
+    for p in &s.paused {
+        out.push_str(&format!(
+            "channel {} PAUSED since {} by {}: its deliveries wait (`outbox-relay resume {}`)\n",
+            p.channel,
+            p.paused_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            p.paused_by,
+            p.channel
+        ));
+    }
     if !s.deliveries.is_empty() {
         out.push_str(&format!("{:<16} {:<10} {:>10}\n", "channel", "status", "count"));
         for c in &s.deliveries {

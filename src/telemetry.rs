@@ -37,6 +37,8 @@ pub mod metric {
     pub const ACTIVE: &str = "outbox_relay_active";
     pub const OLDEST_PENDING: &str = "outbox_relay_oldest_pending_age_seconds";
     pub const CIRCUIT_OPEN: &str = "outbox_relay_circuit_open";
+    /// 1 while an operator has a channel paused (`outbox-relay pause`), by channel.
+    pub const CHANNEL_PAUSED: &str = "outbox_relay_channel_paused";
     pub const BUILD_INFO: &str = "outbox_relay_build_info";
 }
 
@@ -94,8 +96,16 @@ fn describe() {
     describe_gauge!(metric::REPLICATION_LAG, Unit::Bytes, "Server WAL end minus the offset confirmed to the slot.");
     describe_gauge!(metric::CONFIRMED_LSN, "Offset last confirmed to PostgreSQL, as a number.");
     describe_gauge!(metric::ACTIVE, "1 while this relay holds the slot's lock and works, 0 while it stands by.");
-    describe_gauge!(metric::OLDEST_PENDING, Unit::Seconds, "Age of the oldest delivery not yet settled (0 when none).");
+    describe_gauge!(
+        metric::OLDEST_PENDING,
+        Unit::Seconds,
+        "Age of the oldest delivery not yet settled, paused channels left out (0 when none)."
+    );
     describe_gauge!(metric::CIRCUIT_OPEN, "1 while a provider's circuit is open or half-open, by provider.");
+    describe_gauge!(
+        metric::CHANNEL_PAUSED,
+        "1 while a channel is paused (its deliveries wait in the ledger, left out of backlog and oldest pending), by channel."
+    );
     describe_gauge!(metric::BUILD_INFO, "Always 1; the labels say which build runs.");
     metrics::gauge!(metric::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     describe_counter!(
@@ -117,7 +127,7 @@ fn describe() {
         "E-mails sent unencrypted because an SMTP server (tls=opportunistic) offered no STARTTLS."
     );
     describe_counter!(metric::SOURCE_RECONNECTS, "Times the source connection was lost and re-established.");
-    describe_gauge!(metric::BACKLOG, "Deliveries pending or in flight in the ledger.");
+    describe_gauge!(metric::BACKLOG, "Deliveries pending or in flight in the ledger, paused channels left out.");
     describe_gauge!(metric::DEAD_LETTERS, "Dead deliveries waiting for an operator, by channel.");
     describe_gauge!(
         metric::RETAINED_WAL,
