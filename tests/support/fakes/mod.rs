@@ -7,3 +7,5 @@ pub mod brevo;
 pub mod http;
 pub mod pusher;
 pub mod twilio;
+pub mod otlp;
+pub mod sentry;
