@@ -786,19 +786,10 @@ impl Dispatcher {
             .collect()
     }
 
-    /// What the provider is given as correlation: the row's value, except
-    /// that with tracing on a `traceparent` names this attempt's span as the
-    /// parent (as W3C Trace Context wants of each hop), so a consumer of the
-    /// message continues the delivery's trace.
+    /// What the provider is given as correlation (see `otlp::propagated`).
     fn propagated_correlation(&self, c: &Claimed) -> Option<String> {
-        let value = c.correlation.as_ref()?;
-        if self.telemetry.tracer.is_some() {
-            let trace = DeliveryTrace::new(&c.idempotency_key, Some(value));
-            if trace.remote_parent.is_some() {
-                return Some(trace.traceparent(trace.send_span(c.attempts)));
-            }
-        }
-        Some(value.clone())
+        let tracing = self.telemetry.tracer.is_some();
+        crate::telemetry::otlp::propagated(c.correlation.as_deref(), &c.idempotency_key, c.attempts, tracing)
     }
 
     /// The `provider.send` span of this attempt, a child of the delivery's `ingest` span.

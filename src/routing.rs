@@ -752,6 +752,49 @@ mod tests {
     }
 
     #[test]
+    fn the_correlation_column_is_read_and_a_missing_or_empty_one_fails_nothing() {
+        let text = crate::config::README_EXAMPLE.replace(
+            "payload_column = \"payload\"",
+            "payload_column = \"payload\"\ncorrelation_column = \"request_id\"",
+        );
+        let cfg = Config::from_toml(&text).unwrap();
+        assert_eq!(cfg.routes[1].correlation_column.as_deref(), Some("request_id"));
+        let router = Router::new(&cfg);
+        let mut cols: Vec<_> = outbox_table().columns.iter().map(|c| (c.name.clone(), c.type_oid, c.is_key)).collect();
+        cols.push(("request_id".into(), 25, false));
+        let cols: Vec<(&str, u32, bool)> = cols.iter().map(|(n, t, k)| (n.as_str(), *t, *k)).collect();
+        let with = table("operators_outboxevent", &cols);
+        let route_one = |request_id: Value| {
+            let values = vec![t("1"), t("e"), t("5"), t("{in_app}"), t("{}"), request_id];
+            let change = RowChange {
+                id: ChangeId::Wal { commit_lsn: Lsn(42), seq: 0 },
+                table: with.clone(),
+                op: Operation::Insert,
+                values,
+            };
+            let mut out = vec![];
+            router.route_change(&change, Lsn(42), DateTime::UNIX_EPOCH, &mut out);
+            assert_eq!(out.len(), 1);
+            assert_eq!(out[0].disposition, Disposition::Pending, "correlation never fails a delivery");
+            out.remove(0).correlation
+        };
+        assert_eq!(route_one(t(" req-42 ")).as_deref(), Some("req-42"));
+        assert_eq!(route_one(Value::Null), None);
+        assert_eq!(route_one(t("")), None);
+        assert_eq!(route_one(t(&"x".repeat(300))).map(|c| c.len()), Some(128));
+        // A row without the column at all (not captured): no correlation, still sent.
+        let change = RowChange {
+            id: ChangeId::Wal { commit_lsn: Lsn(42), seq: 0 },
+            table: outbox_table(),
+            op: Operation::Insert,
+            values: vec![t("1"), t("e"), t("5"), t("{in_app}"), t("{}")],
+        };
+        let mut out = vec![];
+        router.route_change(&change, Lsn(42), DateTime::UNIX_EPOCH, &mut out);
+        assert_eq!((out[0].correlation.as_deref(), out[0].disposition.status()), (None, "pending"));
+    }
+
+    #[test]
     fn empty_channel_array_falls_back_to_route_defaults_or_fails_clearly() {
         let out = route(vec![t("1"), t("e"), t("5"), t("{}"), t("{}")], outbox_table(), Operation::Insert);
         assert_eq!(out.len(), 1);

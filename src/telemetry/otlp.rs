@@ -110,6 +110,21 @@ impl DeliveryTrace {
     }
 }
 
+/// The correlation value to hand a provider for attempt `attempt`: the row's
+/// value, except that with tracing on a `traceparent` names this attempt's
+/// `provider.send` span as the parent (as W3C Trace Context wants of each
+/// hop), so a consumer of the message continues the delivery's trace.
+pub fn propagated(correlation: Option<&str>, idempotency_key: &str, attempt: i32, tracing: bool) -> Option<String> {
+    let value = correlation?;
+    if tracing {
+        let trace = DeliveryTrace::new(idempotency_key, Some(value));
+        if trace.remote_parent.is_some() {
+            return Some(trace.traceparent(trace.send_span(attempt)));
+        }
+    }
+    Some(value.to_string())
+}
+
 /// A finished span, queued for export.
 #[derive(Clone, Debug)]
 pub struct Span {
@@ -341,6 +356,28 @@ mod tests {
         assert_eq!(own.remote_parent, None, "a request id is no trace context");
         assert_eq!(own, DeliveryTrace::new("or2-abc", None));
         assert_ne!(own.trace_id, DeliveryTrace::new("or2-abd", None).trace_id, "one trace per delivery");
+    }
+
+    #[test]
+    fn a_traceparent_passed_on_names_the_attempts_span_when_tracing() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(propagated(Some(tp), "or2-abc", 1, false).as_deref(), Some(tp), "tracing off: as written");
+        let t = DeliveryTrace::new("or2-abc", Some(tp));
+        let passed = propagated(Some(tp), "or2-abc", 2, true).unwrap();
+        assert_eq!(passed, format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{}-01", hex::encode(t.send_span(2))));
+        assert_eq!(propagated(Some("req-1"), "or2-abc", 2, true).as_deref(), Some("req-1"));
+        assert_eq!(propagated(None, "or2-abc", 2, true), None);
+    }
+
+    #[test]
+    fn recording_never_waits_for_the_exporter() {
+        // No exporter reads this queue: a full one drops, it does not block.
+        let (queue, _rx) = mpsc::channel(1);
+        let tracer = Tracer { queue };
+        let t = DeliveryTrace::new("or2-abc", None);
+        for _ in 0..3 {
+            tracer.record(Span::internal(&t, t.ingest_span, None, "ingest"));
+        }
     }
 
     #[test]

@@ -258,10 +258,40 @@ async fn send_once(client: &Client, report: &Report) {
     }
 }
 
+/// How many reports may go out now: [`PER_MINUTE`] per minute, none while
+/// Sentry asked to wait (429 with `Retry-After`).
+#[derive(Debug)]
+struct Budget {
+    window: tokio::time::Instant,
+    sent: u32,
+    paused_until: Option<tokio::time::Instant>,
+}
+
+impl Budget {
+    fn new(now: tokio::time::Instant) -> Budget {
+        Budget { window: now, sent: 0, paused_until: None }
+    }
+
+    /// Takes one report's worth, if there is one.
+    fn take(&mut self, now: tokio::time::Instant) -> bool {
+        if now.duration_since(self.window) >= Duration::from_secs(60) {
+            self.window = now;
+            self.sent = 0;
+        }
+        if self.paused_until.is_some_and(|t| now < t) || self.sent >= PER_MINUTE {
+            return false;
+        }
+        self.sent += 1;
+        true
+    }
+
+    fn pause(&mut self, now: tokio::time::Instant, wait: Duration) {
+        self.paused_until = Some(now + wait);
+    }
+}
+
 async fn send_loop(client: Client, mut rx: mpsc::Receiver<Report>, mut stop: watch::Receiver<bool>) {
-    let mut window = tokio::time::Instant::now();
-    let mut sent_in_window = 0u32;
-    let mut paused_until: Option<tokio::time::Instant> = None;
+    let mut budget = Budget::new(tokio::time::Instant::now());
     let mut failing = false;
     loop {
         let report = tokio::select! {
@@ -270,21 +300,16 @@ async fn send_loop(client: Client, mut rx: mpsc::Receiver<Report>, mut stop: wat
         };
         let Some(report) = report else { return };
         let now = tokio::time::Instant::now();
-        if now.duration_since(window) >= Duration::from_secs(60) {
-            window = now;
-            sent_in_window = 0;
-        }
-        if paused_until.is_some_and(|t| now < t) || sent_in_window >= PER_MINUTE {
+        if !budget.take(now) {
             metrics::counter!(super::metric::SENTRY_DROPPED).increment(1);
             continue;
         }
-        sent_in_window += 1;
         match client.send(&report).await {
             Ok(()) => failing = false,
             Err(e) => {
                 metrics::counter!(super::metric::SENTRY_DROPPED).increment(1);
                 if let SendError::RateLimited(d) = &e {
-                    paused_until = Some(now + *d);
+                    budget.pause(now, *d);
                 }
                 if !failing {
                     warn!(error = %e, "could not report to Sentry; reports are dropped until it answers");
@@ -372,6 +397,18 @@ mod tests {
         assert_eq!(e["tags"]["correlation"], "req-9");
         assert_eq!(e["environment"], "prod");
         assert_eq!(e["level"], "error");
+    }
+
+    #[test]
+    fn at_most_sixty_reports_a_minute_and_none_while_sentry_asks_to_wait() {
+        let t0 = tokio::time::Instant::now();
+        let mut b = Budget::new(t0);
+        assert_eq!((0..100).filter(|_| b.take(t0)).count(), 60);
+        assert!(!b.take(t0 + Duration::from_secs(59)));
+        assert!(b.take(t0 + Duration::from_secs(60)), "a new minute");
+        b.pause(t0 + Duration::from_secs(60), Duration::from_secs(120));
+        assert!(!b.take(t0 + Duration::from_secs(150)), "Retry-After honoured");
+        assert!(b.take(t0 + Duration::from_secs(181)));
     }
 
     #[test]
