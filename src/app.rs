@@ -108,7 +108,11 @@ pub async fn run_dispatch_only(cfg: Config, shutdown: watch::Receiver<bool>) -> 
 /// A failure that ends `run` (at startup, typically: unreachable database,
 /// a provider that cannot be built, a configuration the database refuses)
 /// goes to Sentry when `telemetry.sentry_dsn` is set, before the process exits.
-async fn report_failure(cfg: &telemetry::TelemetryConfig, tls: &crate::config::TlsConfig, result: &Result<(), RunError>) {
+async fn report_failure(
+    cfg: &telemetry::TelemetryConfig,
+    tls: &crate::config::TlsConfig,
+    result: &Result<(), RunError>,
+) {
     let Err(e) = result else { return };
     if cfg.sentry_dsn.is_none() {
         return;

@@ -254,7 +254,12 @@ impl Ingest {
             metrics::histogram!(metric::LEDGER_FLUSH).record(started.elapsed().as_secs_f64());
             crate::routing::count_recorded(inserted.fresh.iter().map(|&i| &h.deliveries[i]), &self.cfg);
             let fresh = inserted.fresh.iter().map(|&i| &h.deliveries[i]);
-            crate::routing::trace_recorded(self.telemetry.tracer.as_ref(), fresh, write_start, std::time::SystemTime::now());
+            crate::routing::trace_recorded(
+                self.telemetry.tracer.as_ref(),
+                fresh,
+                write_start,
+                std::time::SystemTime::now(),
+            );
             let (count, handed) = (inserted.count, inserted.claimed.len());
             debug!(deliveries = h.deliveries.len(), inserted = count, handed, offset = %h.end, "ledger batch committed");
             self.intake.committed(room, inserted);

@@ -70,14 +70,8 @@ async fn the_request_id_is_in_the_delivery_log_line(mode: Mode) {
     let _ = child.wait();
     let line = found.expect("a JSON `delivered` log line");
     assert_eq!(line["correlation"], request_id.as_str(), "{line}");
-    let stored: Option<String> = env
-        .db
-        .client()
-        .await
-        .query_one("SELECT correlation FROM outbox_relay.deliveries", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let stored: Option<String> =
+        env.db.client().await.query_one("SELECT correlation FROM outbox_relay.deliveries", &[]).await.unwrap().get(0);
     assert_eq!(stored.as_deref(), Some(request_id.as_str()));
 }
 
@@ -104,7 +98,8 @@ async fn the_request_id_is_in_the_delivery_log_line_listen() {
 #[tokio::test]
 async fn the_delivery_trace_is_a_child_of_the_django_request() {
     let collector = FakeCollector::start();
-    let telemetry = format!("\n[telemetry]\notlp_endpoint = \"{}\"\nservice_name = \"relay-test\"\n", collector.endpoint());
+    let telemetry =
+        format!("\n[telemetry]\notlp_endpoint = \"{}\"\nservice_name = \"relay-test\"\n", collector.endpoint());
     let env = Env::prepared_route(Mode::Logical, "corr_otlp", ADD_COLUMN, ROUTE, &telemetry).await;
     let relay = env.start_in_process();
     env.wait_streaming().await;

@@ -357,7 +357,12 @@ impl ListenSource {
         }
         tx.commit().await?;
         let fresh = inserted.fresh.iter().map(|&i| &deliveries[i]);
-        crate::routing::trace_recorded(self.telemetry.tracer.as_ref(), fresh, write_start, std::time::SystemTime::now());
+        crate::routing::trace_recorded(
+            self.telemetry.tracer.as_ref(),
+            fresh,
+            write_start,
+            std::time::SystemTime::now(),
+        );
         let read = changes.len();
         if read > 0 {
             metrics::counter!(metric::ROWS_INGESTED).increment(read as u64);

@@ -44,8 +44,14 @@ impl TraceParent {
         let mut parts = s.split('-');
         let version = parts.next()?;
         let (trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?);
-        let lower_hex = |p: &str, len: usize| p.len() == len && p.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        if !lower_hex(version, 2) || version == "ff" || !lower_hex(trace, 32) || !lower_hex(parent, 16) || !lower_hex(flags, 2) {
+        let lower_hex =
+            |p: &str, len: usize| p.len() == len && p.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !lower_hex(version, 2)
+            || version == "ff"
+            || !lower_hex(trace, 32)
+            || !lower_hex(parent, 16)
+            || !lower_hex(flags, 2)
+        {
             return None;
         }
         if version == "00" && parts.next().is_some() {

@@ -175,7 +175,9 @@ impl TelemetryConfig {
         if let Some(e) = &self.otlp_endpoint {
             let ok = (e.starts_with("http://") || e.starts_with("https://")) && reqwest::Url::parse(e).is_ok();
             if !ok {
-                return Err(format!("telemetry.otlp_endpoint {e:?}: use the collector's base URL, e.g. http://otel-collector:4318"));
+                return Err(format!(
+                    "telemetry.otlp_endpoint {e:?}: use the collector's base URL, e.g. http://otel-collector:4318"
+                ));
             }
         }
         for (name, value) in &self.otlp_headers {
@@ -218,7 +220,11 @@ impl TelemetryTasks {
 impl Telemetry {
     /// Starts what `cfg` turns on; the tasks end when `stop` turns true.
     /// `http`: the relay's client (its TLS settings apply to collectors too).
-    pub fn start(cfg: &TelemetryConfig, http: &reqwest::Client, stop: &watch::Receiver<bool>) -> (Telemetry, TelemetryTasks) {
+    pub fn start(
+        cfg: &TelemetryConfig,
+        http: &reqwest::Client,
+        stop: &watch::Receiver<bool>,
+    ) -> (Telemetry, TelemetryTasks) {
         let mut tasks = TelemetryTasks::default();
         let mut t = Telemetry::default();
         if let Some(endpoint) = &cfg.otlp_endpoint {
@@ -233,7 +239,8 @@ impl Telemetry {
         }
         // Validated with the config: a DSN that does not parse never gets here.
         if let Some(dsn) = cfg.sentry_dsn.as_ref().and_then(|d| sentry::Dsn::parse(d.expose()).ok()) {
-            let (reporter, task) = sentry::Reporter::start(dsn, cfg.sentry_environment.clone(), http.clone(), stop.clone());
+            let (reporter, task) =
+                sentry::Reporter::start(dsn, cfg.sentry_environment.clone(), http.clone(), stop.clone());
             t.sentry = Some(reporter);
             tasks.0.push(task);
         }

@@ -266,7 +266,12 @@ pub fn start(
     (Tracer { queue }, handle)
 }
 
-async fn export_loop(cfg: ExportConfig, http: reqwest::Client, mut rx: mpsc::Receiver<Span>, mut stop: watch::Receiver<bool>) {
+async fn export_loop(
+    cfg: ExportConfig,
+    http: reqwest::Client,
+    mut rx: mpsc::Receiver<Span>,
+    mut stop: watch::Receiver<bool>,
+) {
     let url = format!("{}/v1/traces", cfg.endpoint.trim_end_matches('/'));
     let mut batch: Vec<Span> = Vec::with_capacity(BATCH);
     // When the oldest span in `batch` has waited long enough.
@@ -324,7 +329,8 @@ async fn export(http: &reqwest::Client, url: &str, cfg: &ExportConfig, spans: &[
     let body = export_request(&cfg.service_name, spans);
     let mut request = http.post(url).timeout(EXPORT_TIMEOUT).json(&body);
     for (name, value) in &cfg.headers {
-        let mut v = reqwest::header::HeaderValue::from_str(value.expose()).map_err(|_| format!("header {name}: not a valid value"))?;
+        let mut v = reqwest::header::HeaderValue::from_str(value.expose())
+            .map_err(|_| format!("header {name}: not a valid value"))?;
         v.set_sensitive(true);
         request = request.header(name.as_str(), v);
     }

@@ -53,7 +53,9 @@ impl std::fmt::Debug for Dsn {
 impl Dsn {
     /// The error never repeats the DSN (its key is a credential).
     pub fn parse(dsn: &str) -> Result<Dsn, String> {
-        let bad = |why: &str| Err(format!("telemetry.sentry_dsn is not a Sentry DSN ({why}); expected https://KEY@HOST/PROJECT"));
+        let bad = |why: &str| {
+            Err(format!("telemetry.sentry_dsn is not a Sentry DSN ({why}); expected https://KEY@HOST/PROJECT"))
+        };
         let Some((scheme, rest)) = dsn.trim().split_once("://") else { return bad("no scheme") };
         if scheme != "https" && scheme != "http" {
             return bad("scheme is not http or https");
@@ -64,7 +66,11 @@ impl Dsn {
         let Some((host_and_path, project)) = location.trim_end_matches('/').rsplit_once('/') else {
             return bad("no project id");
         };
-        if key.is_empty() || host_and_path.is_empty() || project.is_empty() || !project.bytes().all(|b| b.is_ascii_digit()) {
+        if key.is_empty()
+            || host_and_path.is_empty()
+            || project.is_empty()
+            || !project.bytes().all(|b| b.is_ascii_digit())
+        {
             return bad("empty key or host, or a project id that is not a number");
         }
         Ok(Dsn { envelope_url: format!("{scheme}://{host_and_path}/api/{project}/envelope/"), key: Secret::new(key) })
@@ -105,7 +111,8 @@ impl Report {
     pub fn event(&self, event_id: &str, environment: Option<&str>) -> Json {
         let (level, message, tags, fingerprint) = match self {
             Report::Delivery { status, tags, error } => {
-                let what = if *status == "dead" { "dead letter: retries exhausted" } else { "delivery refused for good" };
+                let what =
+                    if *status == "dead" { "dead letter: retries exhausted" } else { "delivery refused for good" };
                 let mut t = BTreeMap::from([
                     ("channel", tags.channel.clone()),
                     ("provider", tags.provider.clone()),

@@ -110,8 +110,9 @@ impl Ably {
         }
         let extras = extras(m);
         let extras_len = extras.as_ref().map_or(0, |e| e.to_string().len());
-        let body = serde_json::to_vec(&PublishBody { id: &m.idempotency_key, name: &m.event, data: &m.payload, extras })
-            .map_err(|e| permanent(format!("ably: cannot encode payload: {e}")))?;
+        let body =
+            serde_json::to_vec(&PublishBody { id: &m.idempotency_key, name: &m.event, data: &m.payload, extras })
+                .map_err(|e| permanent(format!("ably: cannot encode payload: {e}")))?;
         let size = message_size(&m.event, &m.payload) + extras_len;
         if size > MAX_MESSAGE_BYTES {
             return Err(permanent(format!("payload of {size} bytes exceeds Ably's 64 KiB message limit")));

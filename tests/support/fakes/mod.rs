@@ -5,7 +5,7 @@
 pub mod ably;
 pub mod brevo;
 pub mod http;
-pub mod pusher;
-pub mod twilio;
 pub mod otlp;
+pub mod pusher;
 pub mod sentry;
+pub mod twilio;
