@@ -100,8 +100,9 @@ async fn serve_metrics(
 /// backlog is.
 pub async fn run_dispatch_only(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
     let (telemetry_cfg, tls) = (cfg.telemetry.clone(), cfg.tls.clone());
-    let result = dispatch_only(cfg, shutdown).await;
-    report_failure(&telemetry_cfg, &tls, &result).await;
+    let started = std::sync::atomic::AtomicBool::new(false);
+    let result = dispatch_only(cfg, shutdown, &started).await;
+    report_failure(&telemetry_cfg, &tls, &result, started.load(Ordering::Relaxed)).await;
     result
 }
 
@@ -112,13 +113,14 @@ async fn report_failure(
     cfg: &telemetry::TelemetryConfig,
     tls: &crate::config::TlsConfig,
     result: &Result<(), RunError>,
+    started: bool,
 ) {
     let Err(e) = result else { return };
     if cfg.sentry_dsn.is_none() {
         return;
     }
     match crate::providers::http_client_with(tls) {
-        Ok(http) => telemetry::report_fatal(cfg, &http, &e.to_string()).await,
+        Ok(http) => telemetry::report_fatal(cfg, &http, &e.to_string(), started).await,
         Err(why) => warn!(error = %why, "cannot report the failure to Sentry"),
     }
 }
@@ -134,7 +136,12 @@ fn start_telemetry(cfg: &Config, stop: &watch::Receiver<bool>) -> Result<(Teleme
     Ok(Telemetry::start(&cfg.telemetry, &http, stop))
 }
 
-async fn dispatch_only(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
+/// `started` turns true once the workers run (for [`report_failure`]).
+async fn dispatch_only(
+    cfg: Config,
+    shutdown: watch::Receiver<bool>,
+    started: &std::sync::atomic::AtomicBool,
+) -> Result<(), RunError> {
     let cfg = Arc::new(cfg);
     let metrics = telemetry::install_metrics();
     let health = Arc::new(Health::default());
@@ -159,6 +166,7 @@ async fn dispatch_only(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(
         let (d, url, schema, stop) = (dispatcher.clone(), url.clone(), schema.clone(), stop.clone());
         tasks.spawn(async move { d.run_worker(&url, &schema, stop).await });
     }
+    started.store(true, Ordering::Relaxed);
     let mut outside = shutdown;
     crate::stopped(&mut outside).await;
     info!("shutting down");
@@ -178,12 +186,18 @@ async fn dispatch_only(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(
 /// Sentry when configured).
 pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
     let (telemetry_cfg, tls) = (cfg.telemetry.clone(), cfg.tls.clone());
-    let result = relay(cfg, shutdown).await;
-    report_failure(&telemetry_cfg, &tls, &result).await;
+    let started = std::sync::atomic::AtomicBool::new(false);
+    let result = relay(cfg, shutdown, &started).await;
+    report_failure(&telemetry_cfg, &tls, &result, started.load(Ordering::Relaxed)).await;
     result
 }
 
-async fn relay(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
+/// `started` turns true once the source and dispatch run (for [`report_failure`]).
+async fn relay(
+    cfg: Config,
+    shutdown: watch::Receiver<bool>,
+    started: &std::sync::atomic::AtomicBool,
+) -> Result<(), RunError> {
     let cfg = Arc::new(cfg);
     let metrics = telemetry::install_metrics();
     let health = Arc::new(Health::default());
@@ -256,6 +270,7 @@ async fn relay(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), RunEr
         }
     };
     tokio::pin!(ingest_task);
+    started.store(true, Ordering::Relaxed);
     let keeper = lock.hold(health.clone(), stop.clone());
     tokio::pin!(keeper);
 

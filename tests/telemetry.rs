@@ -204,7 +204,7 @@ sentry_dsn = "{}"
     assert_eq!(events.len(), 1, "{:?}", sentry.rejections());
     let e = &events[0].event;
     assert_eq!(e["level"], "fatal");
-    assert_eq!(e["tags"]["phase"], "startup");
+    assert_eq!(e["tags"]["phase"], "startup", "it never got to work");
     let message = e["message"]["formatted"].as_str().unwrap();
     assert!(message.contains(&err.to_string()), "{message} / {err}");
 }

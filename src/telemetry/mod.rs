@@ -256,10 +256,12 @@ impl Telemetry {
 }
 
 /// Reports a failure that ends `run` to Sentry, if `cfg` names a DSN, and
-/// waits for the answer (bounded): the process exits right after.
-pub async fn report_fatal(cfg: &TelemetryConfig, http: &reqwest::Client, error: &str) {
+/// waits for the answer (bounded): the process exits right after. `started`:
+/// the relay had got to work (tagged `phase: running`, else `startup`).
+pub async fn report_fatal(cfg: &TelemetryConfig, http: &reqwest::Client, error: &str, started: bool) {
     let Some(dsn) = cfg.sentry_dsn.as_ref().and_then(|d| sentry::Dsn::parse(d.expose()).ok()) else { return };
-    let report = sentry::Report::Startup { error: error.to_string() };
+    let phase = if started { "running" } else { "startup" };
+    let report = sentry::Report::Fatal { error: error.to_string(), phase };
     sentry::send_now(dsn, cfg.sentry_environment.clone(), http.clone(), &report).await;
 }
 

@@ -92,8 +92,9 @@ pub enum Report {
     /// A delivery given up: `status` is `failed` (refused for good) or `dead`
     /// (retries exhausted). `error` is already scrubbed of personal data.
     Delivery { status: &'static str, tags: DeliveryTags, error: String },
-    /// The relay could not start (or stopped on a fatal error).
-    Startup { error: String },
+    /// A failure that stopped the relay: `phase` is `startup` (it never got
+    /// to work: database unreachable, refused configuration) or `running`.
+    Fatal { error: String, phase: &'static str },
 }
 
 /// The tags of a delivery event: ids and names, nothing personal.
@@ -128,9 +129,10 @@ impl Report {
                 let fingerprint = json!(["outbox-relay", status, tags.channel, tags.provider, tags.event]);
                 ("error", message, t, fingerprint)
             }
-            Report::Startup { error } => {
-                let t = BTreeMap::from([("phase", "startup".to_string())]);
-                ("fatal", format!("outbox-relay could not run: {error}"), t, json!(["outbox-relay", "startup"]))
+            Report::Fatal { error, phase } => {
+                let t = BTreeMap::from([("phase", phase.to_string())]);
+                let what = if *phase == "startup" { "could not start" } else { "stopped" };
+                ("fatal", format!("outbox-relay {what}: {error}"), t, json!(["outbox-relay", "fatal", phase]))
             }
         };
         let mut event = json!({
