@@ -26,7 +26,7 @@ use crate::ingest::{Ingest, IngestError};
 use crate::instance::{InstanceError, InstanceLock};
 use crate::ledger::{self, Ledger, LedgerError};
 use crate::source::listen::{ListenError, ListenSource};
-use crate::telemetry::{self, metric, Health};
+use crate::telemetry::{self, metric, Health, Telemetry, TelemetryTasks};
 
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 /// For giving back untried hand-overs after the grace (one short statement).
@@ -99,6 +99,49 @@ async fn serve_metrics(
 /// claims what the ledger holds (`FOR UPDATE SKIP LOCKED`), which is what a
 /// backlog is.
 pub async fn run_dispatch_only(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
+    let (telemetry_cfg, tls) = (cfg.telemetry.clone(), cfg.tls.clone());
+    let started = std::sync::atomic::AtomicBool::new(false);
+    let result = dispatch_only(cfg, shutdown, &started).await;
+    report_failure(&telemetry_cfg, &tls, &result, started.load(Ordering::Relaxed)).await;
+    result
+}
+
+/// A failure that ends `run` (at startup, typically: unreachable database,
+/// a provider that cannot be built, a configuration the database refuses)
+/// goes to Sentry when `telemetry.sentry_dsn` is set, before the process exits.
+async fn report_failure(
+    cfg: &telemetry::TelemetryConfig,
+    tls: &crate::config::TlsConfig,
+    result: &Result<(), RunError>,
+    started: bool,
+) {
+    let Err(e) = result else { return };
+    if cfg.sentry_dsn.is_none() {
+        return;
+    }
+    match crate::providers::http_client_with(tls) {
+        Ok(http) => telemetry::report_fatal(cfg, &http, &e.to_string(), started).await,
+        Err(why) => warn!(error = %why, "cannot report the failure to Sentry"),
+    }
+}
+
+/// Starts `[telemetry]`'s exporters; they stop when `stop` turns true, which
+/// `run` sends after dispatch finished (its last spans and reports included).
+fn start_telemetry(cfg: &Config, stop: &watch::Receiver<bool>) -> Result<(Telemetry, TelemetryTasks), RunError> {
+    let wanted = cfg.telemetry.otlp_endpoint.is_some() || cfg.telemetry.sentry_dsn.is_some();
+    if !wanted {
+        return Ok(Default::default());
+    }
+    let http = crate::providers::http_client_with(&cfg.tls).map_err(RunError::Provider)?;
+    Ok(Telemetry::start(&cfg.telemetry, &http, stop))
+}
+
+/// `started` turns true once the workers run (for [`report_failure`]).
+async fn dispatch_only(
+    cfg: Config,
+    shutdown: watch::Receiver<bool>,
+    started: &std::sync::atomic::AtomicBool,
+) -> Result<(), RunError> {
     let cfg = Arc::new(cfg);
     let metrics = telemetry::install_metrics();
     let health = Arc::new(Health::default());
@@ -111,7 +154,10 @@ pub async fn run_dispatch_only(cfg: Config, shutdown: watch::Receiver<bool>) -> 
     ledger::migrate(&mut ledger::connect(&url).await?, &schema).await?;
     let name = format!("dispatch:{}", uuid::Uuid::new_v4());
     info!(claimer = %name, "dispatch only: claiming from the ledger beside the slot's relay");
-    let dispatcher = Arc::new(Dispatcher::new(&cfg, health.clone()).map_err(RunError::Provider)?.dispatch_only(name));
+    let (telemetry_stop_tx, telemetry_stop) = watch::channel(false);
+    let (telemetry, telemetry_tasks) = start_telemetry(&cfg, &telemetry_stop)?;
+    let dispatcher =
+        Arc::new(Dispatcher::new(&cfg, health.clone(), telemetry).map_err(RunError::Provider)?.dispatch_only(name));
     // Ready when the ledger answers: there is no stream to be connected to.
     health.source_connected.store(true, Ordering::Relaxed);
     health.ledger_connected.store(true, Ordering::Relaxed);
@@ -120,6 +166,7 @@ pub async fn run_dispatch_only(cfg: Config, shutdown: watch::Receiver<bool>) -> 
         let (d, url, schema, stop) = (dispatcher.clone(), url.clone(), schema.clone(), stop.clone());
         tasks.spawn(async move { d.run_worker(&url, &schema, stop).await });
     }
+    started.store(true, Ordering::Relaxed);
     let mut outside = shutdown;
     crate::stopped(&mut outside).await;
     info!("shutting down");
@@ -129,12 +176,28 @@ pub async fn run_dispatch_only(cfg: Config, shutdown: watch::Receiver<bool>) -> 
         warn!("dispatch did not finish in time; its claims are taken over when their lease ends");
         tasks.abort_all();
     }
+    let _ = telemetry_stop_tx.send(true);
+    telemetry_tasks.finish(RELEASE_GRACE).await;
     info!("stopped");
     Ok(())
 }
 
-/// Runs the relay until `shutdown` turns true (or a fatal error).
+/// Runs the relay until `shutdown` turns true (or a fatal error, reported to
+/// Sentry when configured).
 pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
+    let (telemetry_cfg, tls) = (cfg.telemetry.clone(), cfg.tls.clone());
+    let started = std::sync::atomic::AtomicBool::new(false);
+    let result = relay(cfg, shutdown, &started).await;
+    report_failure(&telemetry_cfg, &tls, &result, started.load(Ordering::Relaxed)).await;
+    result
+}
+
+/// `started` turns true once the source and dispatch run (for [`report_failure`]).
+async fn relay(
+    cfg: Config,
+    shutdown: watch::Receiver<bool>,
+    started: &std::sync::atomic::AtomicBool,
+) -> Result<(), RunError> {
     let cfg = Arc::new(cfg);
     let metrics = telemetry::install_metrics();
     let health = Arc::new(Health::default());
@@ -179,7 +242,10 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
 
     let mut tasks = JoinSet::new();
 
-    let dispatcher = Arc::new(Dispatcher::new(&cfg, health.clone()).map_err(RunError::Provider)?);
+    // Stopped after dispatch finished, so its last spans and reports are sent.
+    let (telemetry_stop_tx, telemetry_stop) = watch::channel(false);
+    let (telemetry, telemetry_tasks) = start_telemetry(&cfg, &telemetry_stop)?;
+    let dispatcher = Arc::new(Dispatcher::new(&cfg, health.clone(), telemetry.clone()).map_err(RunError::Provider)?);
     register_zeros(&cfg);
     for _ in 0..cfg.relay.dispatch_workers.max(1) {
         let (d, url, schema, stop) = (dispatcher.clone(), url.clone(), schema.clone(), stop.clone());
@@ -195,15 +261,16 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
     let source_stop = stop.clone();
     let ingest_task = match cfg.source.mode {
         SourceMode::Logical => {
-            let ingest = Ingest::new(cfg.clone(), dispatcher.intake(), health.clone());
+            let ingest = Ingest::new(cfg.clone(), dispatcher.intake(), health.clone(), telemetry.clone());
             tokio::spawn(async move { ingest.run(source_stop).await.map_err(RunError::from) })
         }
         SourceMode::Listen => {
-            let listen = ListenSource::new(cfg.clone(), dispatcher.intake(), health.clone());
+            let listen = ListenSource::new(cfg.clone(), dispatcher.intake(), health.clone(), telemetry.clone());
             tokio::spawn(async move { listen.run(source_stop).await.map_err(RunError::from) })
         }
     };
     tokio::pin!(ingest_task);
+    started.store(true, Ordering::Relaxed);
     let keeper = lock.hold(health.clone(), stop.clone());
     tokio::pin!(keeper);
 
@@ -251,6 +318,8 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Run
         Err(_) => warn!("releasing untried deliveries took too long; the next start re-sends them"),
     }
     health.source_connected.store(false, Ordering::Relaxed);
+    let _ = telemetry_stop_tx.send(true);
+    telemetry_tasks.finish(RELEASE_GRACE).await;
     info!("stopped");
     result
 }

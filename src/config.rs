@@ -58,6 +58,9 @@ pub struct Config {
     pub tls: TlsConfig,
     #[serde(default)]
     pub ledger: LedgerConfig,
+    /// Traces (OTLP) and error reports (Sentry); both off unless set.
+    #[serde(default)]
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 /// How long the ledger keeps what it has settled.
@@ -169,6 +172,11 @@ pub struct RouteConfig {
     /// when every listed key has the listed value, e.g. `only = { sms = { level = "critical" } }`.
     #[serde(default)]
     pub only: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
+    /// A text column with the row's correlation value (a Django request id,
+    /// or a W3C `traceparent`): kept on the ledger row and carried into the
+    /// delivery's log lines, provider metadata and trace.
+    #[serde(default)]
+    pub correlation_column: Option<String>,
 }
 
 fn default_operations() -> Vec<Operation> {
@@ -195,6 +203,7 @@ impl RouteConfig {
         cols.extend(self.event_column.as_deref());
         cols.extend(self.channels_column.as_deref());
         cols.extend(self.payload_column.as_deref());
+        cols.extend(self.correlation_column.as_deref());
         if let Some(p) = &self.payload_columns {
             cols.extend(p.iter().map(String::as_str));
         }
@@ -702,6 +711,7 @@ impl Config {
             );
         }
         self.metrics.socket_addr()?;
+        self.telemetry.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 }

@@ -25,7 +25,8 @@ use crate::ledger::{ClaimRef, Claimed, Inserted, Ledger, LedgerError, Outcome};
 use crate::limits::Pacer;
 use crate::providers::bus::{BusMessage, BusRoute};
 use crate::providers::{BuildContext, OutboundMessage, Provider, ProviderError};
-use crate::telemetry::{metric, Health};
+use crate::telemetry::otlp::{DeliveryTrace, Span};
+use crate::telemetry::{metric, Health, Telemetry};
 
 /// Outcomes by claim (ledger id and the attempt count it was claimed with).
 type Outcomes = Vec<(ClaimRef, Outcome)>;
@@ -324,6 +325,8 @@ pub struct Dispatcher {
     health: Arc<Health>,
     /// Paused channels, re-read at most every [`PAUSED_REFRESH`], for handed-over batches.
     paused: std::sync::Mutex<PausedCache>,
+    /// Provider-call spans and Sentry reports of deliveries given up.
+    telemetry: Telemetry,
 }
 
 /// Builds every provider client named by a channel. Config validation
@@ -352,7 +355,7 @@ fn database_name(dsn: &str) -> String {
 }
 
 impl Dispatcher {
-    pub fn new(cfg: &Config, health: Arc<Health>) -> Result<Dispatcher, ProviderError> {
+    pub fn new(cfg: &Config, health: Arc<Health>, telemetry: Telemetry) -> Result<Dispatcher, ProviderError> {
         let providers = build_providers(cfg)?;
         let database = database_name(&cfg.source.database_url);
         let channels = cfg
@@ -390,6 +393,7 @@ impl Dispatcher {
         Ok(Dispatcher {
             health,
             paused: Default::default(),
+            telemetry,
             held: Arc::default(),
             floor: Default::default(),
             finished: Arc::default(),
@@ -781,6 +785,7 @@ impl Dispatcher {
                 Some(prepared) => {
                     let outcome = self.unprepared(prepared, provider, c, plan);
                     record(c, provider, &outcome, Utc::now(), 0.0);
+                    self.report(c, plan, provider, &outcome);
                     settled.push((c.claim_ref(), outcome));
                     continue;
                 }
@@ -798,6 +803,7 @@ impl Dispatcher {
                     recipient: c.recipient.clone(),
                     time: c.committed_at,
                 }),
+                correlation: self.propagated_correlation(c),
             });
             sending.push(c);
         }
@@ -824,7 +830,9 @@ impl Dispatcher {
                 .collect();
         };
         let started = Instant::now();
+        let started_at = std::time::SystemTime::now();
         let results = target.send_batch(&messages).await;
+        let ended_at = std::time::SystemTime::now();
         drop(permit);
         let call_ms = started.elapsed().as_secs_f64() * 1000.0;
         let circuit = &self.circuits[provider];
@@ -855,10 +863,75 @@ impl Dispatcher {
                     }
                 };
                 record(c, provider, &outcome, now, call_ms);
+                self.report(c, plan, provider, &outcome);
+                self.trace_call(c, provider, &outcome, started_at, ended_at);
                 (c.claim_ref(), outcome)
             })
             .chain(settled)
             .collect()
+    }
+
+    /// What the provider is given as correlation (see `otlp::propagated`).
+    fn propagated_correlation(&self, c: &Claimed) -> Option<String> {
+        let tracing = self.telemetry.tracer.is_some();
+        crate::telemetry::otlp::propagated(c.correlation.as_deref(), &c.idempotency_key, c.attempts, tracing)
+    }
+
+    /// The `provider.send` span of this attempt, a child of the delivery's `ingest` span.
+    fn trace_call(
+        &self,
+        c: &Claimed,
+        provider: &'static str,
+        outcome: &Outcome,
+        start: std::time::SystemTime,
+        end: std::time::SystemTime,
+    ) {
+        let Some(tracer) = &self.telemetry.tracer else { return };
+        let trace = DeliveryTrace::new(&c.idempotency_key, c.correlation.as_deref());
+        let mut span = Span::client(&trace, trace.send_span(c.attempts), Some(trace.ingest_span), "provider.send")
+            .between(start, end)
+            .attr("outbox_relay.delivery_key", c.idempotency_key.clone())
+            .attr("outbox_relay.channel", c.channel.clone())
+            .attr("outbox_relay.provider", provider)
+            .attr("outbox_relay.event", c.event.clone())
+            .attr("outbox_relay.attempt", c.attempts as i64)
+            .attr("outbox_relay.outcome", outcome.label());
+        if let Some(v) = c.correlation.as_deref().filter(|_| trace.remote_parent.is_none()) {
+            span = span.attr("outbox_relay.correlation", v.to_string());
+        }
+        span.error = match outcome {
+            Outcome::Sent { .. } | Outcome::Skipped { .. } => None,
+            Outcome::Retry { .. } => Some("failed, will retry".into()),
+            Outcome::Failed { .. } => Some("refused for good".into()),
+            Outcome::Dead { .. } => Some("retries exhausted".into()),
+            Outcome::Defer { .. } => Some("deferred".into()),
+        };
+        tracer.record(span);
+    }
+
+    /// Deliveries given up (`failed`) and dead letters go to Sentry, with ids
+    /// and names only: the error text is scrubbed of the recipient and the
+    /// provider channel name (which holds it).
+    fn report(&self, c: &Claimed, plan: &ChannelPlan, provider: &'static str, outcome: &Outcome) {
+        let (status, error) = match outcome {
+            Outcome::Failed { error, .. } => ("failed", error),
+            Outcome::Dead { error, .. } => ("dead", error),
+            _ => return,
+        };
+        if self.telemetry.sentry.is_none() {
+            return;
+        }
+        let recipient = c.recipient.as_deref().unwrap_or("");
+        let channel_name = plan.channel_name.replace("{recipient}", recipient);
+        let error = crate::telemetry::sentry::scrub(error, &[&channel_name, recipient]);
+        let tags = crate::telemetry::sentry::DeliveryTags {
+            channel: c.channel.clone(),
+            provider: provider.to_string(),
+            event: c.event.clone(),
+            delivery_key: c.idempotency_key.clone(),
+            correlation: c.correlation.clone(),
+        };
+        self.telemetry.given_up(status, tags, error);
     }
 }
 
@@ -910,22 +983,24 @@ fn record(c: &Claimed, provider: &'static str, outcome: &Outcome, now: chrono::D
             metrics::histogram!(metric::COMMIT_TO_ACCEPTED, "channel" => c.channel.clone(), "provider" => provider)
                 .record(latency.as_secs_f64());
             debug!(delivery_id = c.id, key = %c.idempotency_key, table = %c.source_table, pk = %c.source_pk,
-                channel = %c.channel, provider, latency_ms = latency.as_millis() as u64, call_ms,
+                channel = %c.channel, correlation = c.correlation.as_deref(), provider, latency_ms = latency.as_millis() as u64, call_ms,
                 provider_message_id = message_id.as_deref(), "delivered");
         }
         Outcome::Retry { error, delay, .. } => {
             warn!(delivery_id = c.id, key = %c.idempotency_key, table = %c.source_table, pk = %c.source_pk,
-                channel = %c.channel, provider, attempts = c.attempts, retry_in_ms = delay.as_millis() as u64,
+                channel = %c.channel, correlation = c.correlation.as_deref(), provider, attempts = c.attempts, retry_in_ms = delay.as_millis() as u64,
                 error = %error, "delivery failed, will retry");
         }
         Outcome::Defer { .. } => {}
         Outcome::Skipped { reason, .. } => {
             info!(delivery_id = c.id, key = %c.idempotency_key, table = %c.source_table, pk = %c.source_pk,
-                channel = %c.channel, provider, reason = %reason, "delivery skipped");
+                channel = %c.channel, correlation = c.correlation.as_deref(), provider, reason = %reason,
+                "delivery skipped");
         }
         Outcome::Failed { error, .. } | Outcome::Dead { error, .. } => {
             warn!(delivery_id = c.id, key = %c.idempotency_key, table = %c.source_table, pk = %c.source_pk,
-                channel = %c.channel, provider, attempts = c.attempts, status = outcome.label(),
+                channel = %c.channel, correlation = c.correlation.as_deref(), provider, attempts = c.attempts,
+                status = outcome.label(),
                 error = %error, "delivery given up");
         }
     }
@@ -1046,6 +1121,7 @@ mod tests {
             provider: None,
             lease_expired: false,
             send_by: Instant::now(),
+            correlation: None,
         }
     }
 

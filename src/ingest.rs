@@ -24,7 +24,7 @@ use crate::dispatch::Intake;
 use crate::ledger::{self, Ledger, LedgerError};
 use crate::routing::{NewDelivery, Router};
 use crate::source::replication::{ReplicationError, ReplicationEvent, ReplicationStream};
-use crate::telemetry::{metric, Health};
+use crate::telemetry::{metric, Health, Telemetry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -73,12 +73,14 @@ pub struct Ingest {
     router: Router,
     intake: Intake,
     health: Arc<Health>,
+    /// `ingest` and `ledger.write` spans of what each batch recorded.
+    telemetry: Telemetry,
 }
 
 impl Ingest {
-    pub fn new(cfg: Arc<Config>, intake: Intake, health: Arc<Health>) -> Ingest {
+    pub fn new(cfg: Arc<Config>, intake: Intake, health: Arc<Health>, telemetry: Telemetry) -> Ingest {
         let router = Router::new(&cfg);
-        Ingest { cfg, router, intake, health }
+        Ingest { cfg, router, intake, health, telemetry }
     }
 
     /// Streams until `shutdown` turns true. Connection losses (PostgreSQL
@@ -247,9 +249,17 @@ impl Ingest {
             let room = self.intake.room_soon().await;
             let claim = self.intake.claim(&room);
             let started = std::time::Instant::now();
+            let write_start = std::time::SystemTime::now();
             let inserted = ledger.record(&h.deliveries, &self.cfg.source.slot, h.end, claim).await?;
             metrics::histogram!(metric::LEDGER_FLUSH).record(started.elapsed().as_secs_f64());
             crate::routing::count_recorded(inserted.fresh.iter().map(|&i| &h.deliveries[i]), &self.cfg);
+            let fresh = inserted.fresh.iter().map(|&i| &h.deliveries[i]);
+            crate::routing::trace_recorded(
+                self.telemetry.tracer.as_ref(),
+                fresh,
+                write_start,
+                std::time::SystemTime::now(),
+            );
             let (count, handed) = (inserted.count, inserted.claimed.len());
             debug!(deliveries = h.deliveries.len(), inserted = count, handed, offset = %h.end, "ledger batch committed");
             self.intake.committed(room, inserted);

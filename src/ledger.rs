@@ -49,6 +49,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (7, include_str!("../sql/migrations/007_capture_rows.sql")),
     (8, include_str!("../sql/migrations/008_claims_and_vacuum.sql")),
     (9, include_str!("../sql/migrations/009_paused_channels.sql")),
+    (10, include_str!("../sql/migrations/010_correlation.sql")),
 ];
 
 /// SQL for "this channel is not paused" (migration 009): evaluated once per
@@ -175,6 +176,9 @@ pub struct Claimed {
     /// No provider call may start after this: the lease ends a fifth later, and
     /// past it another worker may take the row over and send it too.
     pub send_by: std::time::Instant,
+    /// The row's correlation value (migration 010), for logs, provider
+    /// metadata and the delivery's trace.
+    pub correlation: Option<String>,
 }
 
 /// A claim as the ledger knows it: the row and its attempt count when claimed.
@@ -392,6 +396,7 @@ impl Ledger {
                     lease_expired: r.get(10),
                     provider: r.get(11),
                     send_by,
+                    correlation: r.get(13),
                 }
             })
             .collect();
@@ -611,7 +616,7 @@ fn claim_sql(s: &str) -> String {
          FROM due WHERE d.id = due.id
          RETURNING d.id, d.idempotency_key, d.source_table, d.source_pk, d.channel, d.event,
                    d.recipient, d.payload, d.attempts, d.committed_at, due.was = 'sending',
-                   d.provider, due.due_at",
+                   d.provider, due.due_at, d.correlation",
         paused = not_paused(s, "channel")
     )
 }
@@ -766,6 +771,7 @@ async fn insert_with(
         let mut payloads: Vec<String> = Vec::with_capacity(chunk.len());
         let mut lsns: Vec<String> = Vec::with_capacity(chunk.len());
         let mut times: Vec<DateTime<Utc>> = Vec::with_capacity(chunk.len());
+        let mut correlations: Vec<Option<&str>> = Vec::with_capacity(chunk.len());
         for d in chunk {
             let payload = d.payload.to_string();
             // Routing already fails payloads jsonb cannot hold; this is the last
@@ -787,6 +793,7 @@ async fn insert_with(
             payloads.push(payload);
             lsns.push(d.commit_lsn.to_string());
             times.push(d.committed_at);
+            correlations.push(d.correlation.as_deref());
         }
 
         for (i, d) in chunk.iter().enumerate() {
@@ -796,7 +803,7 @@ async fn insert_with(
                 payloads[i] = "{}".into();
             }
         }
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 14] = [
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 15] = [
             &cols[0],
             &cols[1],
             &cols[2],
@@ -811,6 +818,7 @@ async fn insert_with(
             &lease,
             &cols[6],
             &changes,
+            &correlations,
         ];
         let rows = client.query(insert, &params).await?;
         out.count += rows.len() as u64;
@@ -839,6 +847,7 @@ async fn insert_with(
                 provider: None,
                 lease_expired: false,
                 send_by,
+                correlation: d.correlation.clone(),
             });
         }
     }
@@ -854,15 +863,15 @@ pub fn insert_sql(schema: &str) -> String {
         "INSERT INTO {schema}.deliveries
            (source_table, source_pk, channel, idempotency_key, event, status,
             recipient, last_error, payload, commit_lsn, committed_at, attempts, next_attempt_at,
-            operation, change_ref)
+            operation, change_ref, correlation)
          SELECT t, pk, ch, k, ev, CASE WHEN x.claim THEN 'sending' ELSE st END,
                 r, e, p::jsonb, l::pg_lsn, c, CASE WHEN x.claim THEN 1 ELSE 0 END,
                 CASE WHEN x.claim THEN now() + $12::float8 * interval '1 second' ELSE now() END,
-                op, cr
+                op, cr, co
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                      $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[],
-                     $13::text[], $14::text[])
-              AS u(t, pk, ch, k, ev, st, r, e, p, l, c, op, cr),
+                     $13::text[], $14::text[], $15::text[])
+              AS u(t, pk, ch, k, ev, st, r, e, p, l, c, op, cr, co),
               LATERAL (SELECT u.st = 'pending' AND $12::float8 IS NOT NULL AND {paused} AS claim) x
          ON CONFLICT (idempotency_key) DO NOTHING
          RETURNING id, idempotency_key, status = 'sending'",

@@ -63,6 +63,9 @@ pub struct NewDelivery {
     pub disposition: Disposition,
     pub commit_lsn: Lsn,
     pub committed_at: DateTime<Utc>,
+    /// The route's `correlation_column` value, normalised (see
+    /// `telemetry::correlation`); `None` without one or when the row's is empty.
+    pub correlation: Option<String>,
 }
 
 /// The key of a (change, channel): the same change always yields the same key,
@@ -92,15 +95,52 @@ pub fn count_recorded<'a>(deliveries: impl Iterator<Item = &'a NewDelivery>, cfg
         // A bad row is worth a warning; a channel switched off on purpose is not.
         match &d.disposition {
             Disposition::Failed(reason) => warn!(key = %d.idempotency_key, table = %d.source_table,
-                pk = %d.source_pk, channel = %d.channel, status = "failed", reason, "delivery recorded without sending"),
+                pk = %d.source_pk, channel = %d.channel, correlation = d.correlation.as_deref(), status = "failed",
+                reason, "delivery recorded without sending"),
             Disposition::Skipped(reason) => info!(key = %d.idempotency_key, table = %d.source_table,
-                pk = %d.source_pk, channel = %d.channel, status = "skipped", reason, "delivery recorded without sending"),
+                pk = %d.source_pk, channel = %d.channel, correlation = d.correlation.as_deref(), status = "skipped",
+                reason, "delivery recorded without sending"),
             Disposition::Pending => {}
         }
     }
     for ((channel, status), n) in counts {
         metrics::counter!(metric::DELIVERIES_RECORDED, "channel" => channel.to_string(), "status" => status)
             .increment(n);
+    }
+}
+
+/// The `ingest` span (source commit → ledger commit) and its `ledger.write`
+/// child of each delivery a batch recorded, when tracing is on. Failed and
+/// skipped deliveries get theirs too: a trace shows why nothing was sent.
+pub fn trace_recorded<'a>(
+    tracer: Option<&crate::telemetry::otlp::Tracer>,
+    deliveries: impl Iterator<Item = &'a NewDelivery>,
+    write_start: std::time::SystemTime,
+    write_end: std::time::SystemTime,
+) {
+    use crate::telemetry::otlp::{DeliveryTrace, Span};
+    let Some(tracer) = tracer else { return };
+    for d in deliveries {
+        let trace = DeliveryTrace::new(&d.idempotency_key, d.correlation.as_deref());
+        let committed = std::time::SystemTime::from(d.committed_at).min(write_start);
+        let mut ingest = Span::internal(&trace, trace.ingest_span, trace.remote_parent, "ingest")
+            .between(committed, write_end)
+            .attr("outbox_relay.delivery_key", d.idempotency_key.clone())
+            .attr("outbox_relay.channel", d.channel.clone())
+            .attr("outbox_relay.event", d.event.clone())
+            .attr("outbox_relay.table", d.source_table.clone())
+            .attr("outbox_relay.status", d.disposition.status());
+        if let Some(v) = d.correlation.as_deref().filter(|_| trace.remote_parent.is_none()) {
+            ingest = ingest.attr("outbox_relay.correlation", v.to_string());
+        }
+        if let Disposition::Failed(reason) = &d.disposition {
+            ingest.error = Some(reason.clone());
+        }
+        tracer.record(ingest);
+        tracer.record(
+            Span::internal(&trace, trace.ledger_span(), Some(trace.ingest_span), "ledger.write")
+                .between(write_start, write_end),
+        );
     }
 }
 
@@ -178,6 +218,7 @@ impl Router {
             disposition: Disposition::Pending,
             commit_lsn,
             committed_at,
+            correlation: None,
         };
         // Several routes on one table each get their own channels; two routes
         // naming one channel for one change make one delivery (the first
@@ -189,6 +230,12 @@ impl Router {
             }
         };
         for route in routes.iter().filter(|r| r.operations.contains(&change.op)) {
+            // Best effort: a missing or NULL correlation never fails a delivery.
+            let correlation = route.correlation_column.as_deref().and_then(|col| match row.get(col) {
+                Ok(Value::Text(t)) => crate::telemetry::correlation::normalise(t),
+                _ => None,
+            });
+            let base = NewDelivery { correlation, ..base.clone() };
             match self.decide(route, &row, change.op) {
                 Ok(d) => {
                     for (channel, disposition) in d.channels {
@@ -702,6 +749,49 @@ mod tests {
         assert!(out[3].disposition.reason().unwrap().contains("unknown channel \"pager\""));
         let keys: std::collections::HashSet<_> = out.iter().map(|d| &d.idempotency_key).collect();
         assert_eq!(keys.len(), 4, "one key per channel");
+    }
+
+    #[test]
+    fn the_correlation_column_is_read_and_a_missing_or_empty_one_fails_nothing() {
+        let text = crate::config::README_EXAMPLE.replace(
+            "payload_column = \"payload\"",
+            "payload_column = \"payload\"\ncorrelation_column = \"request_id\"",
+        );
+        let cfg = Config::from_toml(&text).unwrap();
+        assert_eq!(cfg.routes[1].correlation_column.as_deref(), Some("request_id"));
+        let router = Router::new(&cfg);
+        let mut cols: Vec<_> = outbox_table().columns.iter().map(|c| (c.name.clone(), c.type_oid, c.is_key)).collect();
+        cols.push(("request_id".into(), 25, false));
+        let cols: Vec<(&str, u32, bool)> = cols.iter().map(|(n, t, k)| (n.as_str(), *t, *k)).collect();
+        let with = table("operators_outboxevent", &cols);
+        let route_one = |request_id: Value| {
+            let values = vec![t("1"), t("e"), t("5"), t("{in_app}"), t("{}"), request_id];
+            let change = RowChange {
+                id: ChangeId::Wal { commit_lsn: Lsn(42), seq: 0 },
+                table: with.clone(),
+                op: Operation::Insert,
+                values,
+            };
+            let mut out = vec![];
+            router.route_change(&change, Lsn(42), DateTime::UNIX_EPOCH, &mut out);
+            assert_eq!(out.len(), 1);
+            assert_eq!(out[0].disposition, Disposition::Pending, "correlation never fails a delivery");
+            out.remove(0).correlation
+        };
+        assert_eq!(route_one(t(" req-42 ")).as_deref(), Some("req-42"));
+        assert_eq!(route_one(Value::Null), None);
+        assert_eq!(route_one(t("")), None);
+        assert_eq!(route_one(t(&"x".repeat(300))).map(|c| c.len()), Some(128));
+        // A row without the column at all (not captured): no correlation, still sent.
+        let change = RowChange {
+            id: ChangeId::Wal { commit_lsn: Lsn(42), seq: 0 },
+            table: outbox_table(),
+            op: Operation::Insert,
+            values: vec![t("1"), t("e"), t("5"), t("{in_app}"), t("{}")],
+        };
+        let mut out = vec![];
+        router.route_change(&change, Lsn(42), DateTime::UNIX_EPOCH, &mut out);
+        assert_eq!((out[0].correlation.as_deref(), out[0].disposition.status()), (None, "pending"));
     }
 
     #[test]

@@ -32,6 +32,7 @@ fn message(address: &str, template_id: Option<i64>, whatsapp: bool) -> OutboundM
             whatsapp,
         }),
         bus: None,
+        correlation: None,
     }
 }
 
@@ -67,6 +68,17 @@ async fn brevo_sends_templates_with_params_and_plain_mails_with_subject() {
     assert_eq!(sent[0]["sender"], json!({"email": "alerts@example.com", "name": "Alerts"}));
     assert_eq!(sent[1]["subject"], "Commande expédiée 📦");
     assert!(sent[1]["textContent"].as_str().unwrap().contains("1042"));
+}
+
+#[tokio::test]
+async fn brevo_carries_the_correlation_value_as_a_custom_header() {
+    let fake = FakeBrevo::start("xkeysib-test", &[12]);
+    let mut m = message("jane@example.com", Some(12), false);
+    m.correlation = Some("req-7f3a".into());
+    brevo(&fake, "xkeysib-test").send(&m).await.unwrap();
+    let sent = fake.accepted();
+    assert_eq!(sent[0]["headers"]["X-Correlation-Id"], "req-7f3a");
+    assert!(sent[0]["headers"]["idempotencyKey"].is_string(), "the idempotency key stays");
 }
 
 #[tokio::test]

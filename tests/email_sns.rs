@@ -39,6 +39,7 @@ fn mail(key: &str, address: &str, template: Option<TemplateId>) -> OutboundMessa
             whatsapp: false,
         }),
         bus: None,
+        correlation: None,
     }
 }
 
@@ -272,6 +273,7 @@ fn topic_message(key: &str, topic: &str, recipient: &str) -> OutboundMessage {
             recipient: Some(recipient.into()),
             time: chrono::Utc::now(),
         }),
+        correlation: None,
     }
 }
 

@@ -25,6 +25,7 @@ fn msg(seq: i64, channel: &str) -> OutboundMessage {
         payload: json!({"seq": seq, "text": format!("hello {seq}")}),
         contact: None,
         bus: None,
+        correlation: None,
     }
 }
 
@@ -226,6 +227,26 @@ async fn ably_publishes_each_message_with_its_idempotency_key() {
         .collect();
     assert_eq!(got, want);
     assert_eq!(fake.rejections(), vec![]);
+}
+
+#[tokio::test]
+async fn ably_carries_the_correlation_value_in_extras_headers() {
+    let fake = FakeAbly::start(ABLY_KEY);
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut traced = msg(1, "private:user-1");
+    traced.correlation = Some(tp.into());
+    let mut request = msg(2, "private:user-1");
+    request.correlation = Some("req-7f3a".into());
+
+    let results = ably_for(&fake).send_batch(&[traced, request, msg(3, "private:user-1")]).await;
+
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(fake.rejections(), vec![]);
+    let mut got = fake.messages();
+    got.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(got[0].extras, Some(json!({"headers": {"traceparent": tp}})));
+    assert_eq!(got[1].extras, Some(json!({"headers": {"x-correlation-id": "req-7f3a"}})));
+    assert_eq!(got[2].extras, None, "no correlation, no extras");
 }
 
 #[tokio::test]

@@ -47,6 +47,11 @@ pub struct OutboundMessage {
     pub contact: Option<Contact>,
     /// Event-bus channels: the route and what the CloudEvents envelope says of the change.
     pub bus: Option<bus::BusMessage>,
+    /// The row's correlation value, for providers with a metadata field for it
+    /// (docs/providers.md, "Correlation"): a request id as is, or a W3C
+    /// `traceparent` — with tracing on, naming this attempt's span as parent.
+    /// Printable ASCII, at most 128 characters (`telemetry::correlation`).
+    pub correlation: Option<String>,
 }
 
 /// A message to a person's address, prepared by dispatch just before sending.

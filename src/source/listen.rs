@@ -51,7 +51,7 @@ use crate::dispatch::Intake;
 use crate::ledger::{self, LedgerError};
 use crate::routing::{Disposition, NewDelivery, Router};
 use crate::source::{ChangeId, Column, Lsn, Operation, RowChange, Table, Value};
-use crate::telemetry::{metric, Health};
+use crate::telemetry::{metric, Health, Telemetry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -94,6 +94,8 @@ pub struct ListenSource {
     router: Router,
     intake: Intake,
     health: Arc<Health>,
+    /// `ingest` and `ledger.write` spans of what each page recorded.
+    telemetry: Telemetry,
 }
 
 /// One change-log row.
@@ -133,9 +135,9 @@ pub fn prune_sql(schema: &str) -> String {
 }
 
 impl ListenSource {
-    pub fn new(cfg: Arc<Config>, intake: Intake, health: Arc<Health>) -> ListenSource {
+    pub fn new(cfg: Arc<Config>, intake: Intake, health: Arc<Health>, telemetry: Telemetry) -> ListenSource {
         let router = Router::new(&cfg);
-        ListenSource { cfg, router, intake, health }
+        ListenSource { cfg, router, intake, health, telemetry }
     }
 
     /// Change-log rows read per poll, at most (a backlog, or one large
@@ -338,6 +340,7 @@ impl ListenSource {
         self.route(&tx, &changes, &mut deliveries).await?;
         // As in logical mode: fresh rows go to dispatch in memory when it has room.
         let room = self.intake.room_soon().await;
+        let write_start = std::time::SystemTime::now();
         let inserted = ledger::insert_deliveries(&tx, schema, &deliveries, self.intake.claim(&room)).await?;
         crate::routing::count_recorded(inserted.fresh.iter().map(|&i| &deliveries[i]), &self.cfg);
         if !changes.is_empty() || watermark > from || next_cursor != cursor {
@@ -353,6 +356,13 @@ impl ListenSource {
             .await?;
         }
         tx.commit().await?;
+        let fresh = inserted.fresh.iter().map(|&i| &deliveries[i]);
+        crate::routing::trace_recorded(
+            self.telemetry.tracer.as_ref(),
+            fresh,
+            write_start,
+            std::time::SystemTime::now(),
+        );
         let read = changes.len();
         if read > 0 {
             metrics::counter!(metric::ROWS_INGESTED).increment(read as u64);

@@ -98,6 +98,11 @@ impl Env {
         Env::build_on(mode, prefix, prepare, "", "", extra).await
     }
 
+    /// [`Env::prepared`] with keys inside the outbox route too.
+    pub async fn prepared_route(mode: Mode, prefix: &str, prepare: &str, route_extra: &str, extra: &str) -> Env {
+        Env::build_on(mode, prefix, prepare, route_extra, "", extra).await
+    }
+
     async fn build(mode: Mode, prefix: &str, route_extra: &str, channel_extra: &str, extra: &str) -> Env {
         Env::build_on(mode, prefix, "", route_extra, channel_extra, extra).await
     }
@@ -226,6 +231,11 @@ circuit_open_ms = 500
     pub fn start_in_process_on(&self, port: u16) -> InProcess {
         let toml = self.config_toml(&format!("127.0.0.1:{port}"));
         self.run_in_process(Config::from_toml(&toml).expect("test config is valid"))
+    }
+
+    /// In-process with a config the test built (from [`Env::config_toml`], edited).
+    pub fn start_config(&self, cfg: Config) -> InProcess {
+        self.run_in_process(cfg)
     }
 
     fn run_in_process(&self, cfg: Config) -> InProcess {

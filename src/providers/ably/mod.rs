@@ -48,6 +48,22 @@ struct PublishBody<'a> {
     id: &'a str,
     name: &'a str,
     data: &'a serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    extras: Option<serde_json::Value>,
+}
+
+/// The correlation value as Ably message metadata: `extras.headers`, Ably's
+/// "map of strings to strings for arbitrary customer-supplied metadata"
+/// (https://ably.com/docs/api/rest-sdk/messages#extras). A W3C traceparent
+/// under `traceparent`, anything else under `x-correlation-id`.
+fn extras(m: &OutboundMessage) -> Option<serde_json::Value> {
+    let value = m.correlation.as_deref()?;
+    let name = if crate::telemetry::correlation::TraceParent::parse(value).is_some() {
+        "traceparent"
+    } else {
+        "x-correlation-id"
+    };
+    Some(serde_json::json!({"headers": {name: value}}))
 }
 
 /// Ably's error body: `{"error": {"message", "code", "statusCode", "href"}}`.
@@ -92,9 +108,12 @@ impl Ably {
         if let Some(why) = invalid_channel(&m.channel_name) {
             return Err(permanent(format!("ably: channel {:?} {why}", m.channel_name)));
         }
-        let body = serde_json::to_vec(&PublishBody { id: &m.idempotency_key, name: &m.event, data: &m.payload })
-            .map_err(|e| permanent(format!("ably: cannot encode payload: {e}")))?;
-        let size = message_size(&m.event, &m.payload);
+        let extras = extras(m);
+        let extras_len = extras.as_ref().map_or(0, |e| e.to_string().len());
+        let body =
+            serde_json::to_vec(&PublishBody { id: &m.idempotency_key, name: &m.event, data: &m.payload, extras })
+                .map_err(|e| permanent(format!("ably: cannot encode payload: {e}")))?;
+        let size = message_size(&m.event, &m.payload) + extras_len;
         if size > MAX_MESSAGE_BYTES {
             return Err(permanent(format!("payload of {size} bytes exceeds Ably's 64 KiB message limit")));
         }
@@ -137,8 +156,8 @@ fn basic_auth(api_key: &Secret) -> Result<Secret, String> {
     }
 }
 
-/// Ably's message size: name + data (+ clientId and extras, which we never
-/// send); JSON data counts as its encoded string.
+/// Ably's message size: name + data (+ clientId, which we never send, and
+/// extras, added by the caller); JSON data counts as its encoded string.
 fn message_size(name: &str, data: &serde_json::Value) -> usize {
     let data_len = match data {
         serde_json::Value::String(s) => s.len(),

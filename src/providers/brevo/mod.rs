@@ -59,6 +59,13 @@ impl Brevo {
             // wants a UUID: https://developers.brevo.com/docs/heterogenous-versions-batch-emails
             "headers": {"idempotencyKey": idempotency_uuid(&m.idempotency_key)},
         });
+        // Brevo's `headers` are custom headers sent along with the e-mail
+        // (https://developers.brevo.com/reference/sendtransacemail): the
+        // correlation value rides in one, so a bounce or a reply quoting the
+        // headers leads back to the request that wrote the row.
+        if let Some(value) = m.correlation.as_deref() {
+            body["headers"]["X-Correlation-Id"] = json!(value);
+        }
         match &contact.template {
             Some(TemplateId::Number(id)) => {
                 body["templateId"] = json!(id);

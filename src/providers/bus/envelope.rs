@@ -45,6 +45,12 @@ struct Structured<'a> {
     datacontenttype: &'static str,
     #[serde(skip_serializing_if = "str::is_empty")]
     partitionkey: &'a str,
+    /// Distributed Tracing extension, when the correlation is a traceparent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traceparent: Option<&'a str>,
+    /// Any other correlation value (a request id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    correlationid: Option<&'a str>,
     data: &'a serde_json::Value,
 }
 
@@ -70,6 +76,15 @@ pub fn build(m: &OutboundMessage, ce_prefix: &str) -> Result<Outgoing, ProviderE
     // RFC 3339 with a `Z`, as CloudEvents `time` requires.
     let time = bus.time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     let subject = bus.recipient.as_deref();
+    // The correlation value as a CloudEvents extension attribute: a W3C
+    // traceparent as the Distributed Tracing extension's `traceparent`
+    // (https://github.com/cloudevents/spec/blob/main/cloudevents/extensions/distributed-tracing.md),
+    // anything else as `correlationid` (an extension name: lowercase
+    // letters and digits, https://github.com/cloudevents/spec/blob/main/cloudevents/spec.md#naming-conventions).
+    let (traceparent, correlationid) = match m.correlation.as_deref() {
+        Some(v) if crate::telemetry::correlation::TraceParent::parse(v).is_some() => (Some(v), None),
+        other => (None, other),
+    };
     let encode = |e: serde_json::Error| ProviderError::Permanent { reason: format!("cannot encode the event: {e}") };
     let (content_type, body) = match route.mode {
         EnvelopeMode::Structured => {
@@ -82,6 +97,8 @@ pub fn build(m: &OutboundMessage, ce_prefix: &str) -> Result<Outgoing, ProviderE
                 time,
                 datacontenttype: DATA_CONTENT_TYPE,
                 partitionkey: &key,
+                traceparent,
+                correlationid,
                 data: &m.payload,
             };
             (STRUCTURED_CONTENT_TYPE, serde_json::to_vec(&event).map_err(encode)?)
@@ -98,6 +115,8 @@ pub fn build(m: &OutboundMessage, ce_prefix: &str) -> Result<Outgoing, ProviderE
             if !key.is_empty() {
                 attrs.push(("partitionkey", key.clone()));
             }
+            attrs.extend(traceparent.map(|v| ("traceparent", v.to_string())));
+            attrs.extend(correlationid.map(|v| ("correlationid", v.to_string())));
             headers.extend(attrs.into_iter().map(|(k, v)| (format!("{ce_prefix}{k}"), v)));
             (DATA_CONTENT_TYPE, serde_json::to_vec(&m.payload).map_err(encode)?)
         }
@@ -151,6 +170,7 @@ mod tests {
                 recipient: Some("42".into()),
                 time: Utc.with_ymd_and_hms(2026, 11, 26, 23, 36, 0).unwrap(),
             }),
+            correlation: None,
         }
     }
 
@@ -181,5 +201,22 @@ mod tests {
         assert_eq!(h["ce_subject"], "42");
         assert_eq!(h["ce_specversion"], "1.0");
         assert_eq!(h["ce_time"], "2026-11-26T23:36:00.000000Z");
+        assert!(!h.contains_key("ce_traceparent") && !h.contains_key("ce_correlationid"));
+    }
+
+    #[test]
+    fn the_correlation_value_is_a_cloudevents_extension() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut m = message(EnvelopeMode::Binary);
+        m.correlation = Some(tp.into());
+        let h: std::collections::BTreeMap<_, _> = build(&m, "ce-").unwrap().headers.into_iter().collect();
+        assert_eq!(h["ce-traceparent"], tp);
+        assert!(!h.contains_key("ce-correlationid"));
+
+        let mut m = message(EnvelopeMode::Structured);
+        m.correlation = Some("req-7f3a".into());
+        let v: serde_json::Value = serde_json::from_slice(&build(&m, "ce_").unwrap().body).unwrap();
+        assert_eq!(v["correlationid"], "req-7f3a");
+        assert!(v.get("traceparent").is_none());
     }
 }

@@ -24,6 +24,9 @@ struct Line<'a> {
     delivery_id: i64,
     channel: &'a str,
     event: &'a str,
+    /// The row's correlation value, when its route names a column for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    correlation: Option<&'a str>,
     data: &'a serde_json::Value,
 }
 
@@ -51,6 +54,7 @@ fn write_lines(out: &mut impl Write, messages: &[OutboundMessage]) {
             delivery_id: m.delivery_id,
             channel: &m.channel_name,
             event: &m.event,
+            correlation: m.correlation.as_deref(),
             data: &m.payload,
         };
         // Errors ignored on purpose: see the module comment.
@@ -75,6 +79,7 @@ mod tests {
             payload: json!({"id": id, "text": "line\nbreak"}),
             contact: None,
             bus: None,
+            correlation: None,
         }
     }
 

@@ -188,6 +188,7 @@ mod tests {
                 whatsapp: false,
             }),
             bus: None,
+            correlation: None,
         }
     }
 

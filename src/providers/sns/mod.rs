@@ -310,6 +310,7 @@ mod tests {
                 recipient: Some("42".into()),
                 time: Utc.with_ymd_and_hms(2026, 11, 27, 3, 0, 0).unwrap(),
             }),
+            correlation: None,
         }
     }
 

@@ -29,6 +29,8 @@ pub struct AblyMessage {
     pub id: Option<String>,
     pub name: Option<String>,
     pub data: Value,
+    /// `extras`, as sent (checked as Ably checks it, error 40032).
+    pub extras: Option<Value>,
 }
 
 /// A request the fake refused: HTTP status, Ably error code, message.
@@ -275,7 +277,11 @@ fn check(
             other => other.to_string().len(),
         };
         size += obj.get("extras").map_or(0, |e| e.to_string().len());
-        messages.push(AblyMessage { channel: channel.to_string(), id, name, data });
+        let extras = obj.get("extras").cloned();
+        if let Some(e) = &extras {
+            check_extras(i, e)?;
+        }
+        messages.push(AblyMessage { channel: channel.to_string(), id, name, data, extras });
     }
     if size > 64 * 1024 {
         return Err((StatusCode::PAYLOAD_TOO_LARGE, 40009, format!("Maximum message size exceeded ({size} > 65536)")));
@@ -312,4 +318,26 @@ fn check(
         base.map(str::to_string)
     };
     Ok((key, messages))
+}
+
+/// Ably accepts only its own keys in `extras`, and `extras.headers` must be
+/// a flat map of string keys to string, number, boolean or null values.
+/// https://ably.com/docs/platform/errors/codes/40032-invalid-message-extras-field
+fn check_extras(i: usize, extras: &Value) -> Result<(), (StatusCode, u32, String)> {
+    let bad = |m: String| Err((StatusCode::BAD_REQUEST, 40032, format!("message {i}: {m}")));
+    let Some(obj) = extras.as_object() else { return bad("extras must be an object".into()) };
+    for key in obj.keys() {
+        if !["headers", "push", "ephemeral", "privileged", "ref"].contains(&key.as_str()) {
+            return bad(format!("Message has impermissible extras fields: {key}"));
+        }
+    }
+    if let Some(h) = obj.get("headers") {
+        let flat = h.as_object().is_some_and(|m| {
+            m.values().all(|v| matches!(v, Value::String(_) | Value::Number(_) | Value::Bool(_) | Value::Null))
+        });
+        if !flat {
+            return bad("extras.headers if present must be a map<string, string|number|boolean|null>".into());
+        }
+    }
+    Ok(())
 }

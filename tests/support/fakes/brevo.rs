@@ -160,6 +160,16 @@ async fn send(
             }
         }
     }
+    // `headers`: custom headers sent along with the mail, names to string
+    // values (https://developers.brevo.com/reference/sendtransacemail).
+    let headers_ok = match &mail["headers"] {
+        Value::Null => true,
+        Value::Object(h) => h.values().all(Value::is_string),
+        _ => false,
+    };
+    if !headers_ok {
+        return refuse(&shared, StatusCode::BAD_REQUEST, "invalid_parameter", "headers must map names to strings");
+    }
     let key = mail["headers"]["idempotencyKey"].as_str().map(str::to_string);
     if key.as_deref().is_some_and(|k| uuid::Uuid::parse_str(k).is_err()) {
         return refuse(&shared, StatusCode::BAD_REQUEST, "invalid_parameter", "idempotencyKey must be a UUID");

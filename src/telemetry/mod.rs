@@ -1,4 +1,6 @@
-//! What the relay shows: JSON (or text) logs, Prometheus metrics, health.
+//! What the relay shows: JSON (or text) logs, Prometheus metrics, health,
+//! and, when `[telemetry]` asks for them, traces ([`otlp`]) and Sentry reports
+//! ([`sentry`]) of deliveries, linked by a row's correlation value ([`correlation`]).
 //!
 //! Metric names live in [`metric`] so that code, README and dashboards agree.
 //! `/livez` fails when a loop (source, dispatch) has made no turn for two
@@ -16,6 +18,10 @@ use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
+
+pub mod correlation;
+pub mod otlp;
+pub mod sentry;
 
 pub mod metric {
     pub const ROWS_INGESTED: &str = "outbox_relay_rows_ingested_total";
@@ -40,6 +46,8 @@ pub mod metric {
     /// 1 while an operator has a channel paused (`outbox-relay pause`), by channel.
     pub const CHANNEL_PAUSED: &str = "outbox_relay_channel_paused";
     pub const BUILD_INFO: &str = "outbox_relay_build_info";
+    pub const SPANS_DROPPED: &str = "outbox_relay_spans_dropped_total";
+    pub const SENTRY_DROPPED: &str = "outbox_relay_sentry_reports_dropped_total";
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -126,6 +134,14 @@ fn describe() {
         metric::SMTP_STARTTLS_MISSING,
         "E-mails sent unencrypted because an SMTP server (tls=opportunistic) offered no STARTTLS."
     );
+    describe_counter!(
+        metric::SPANS_DROPPED,
+        "Trace spans not exported: queue full, or the OTLP collector refused or did not answer."
+    );
+    describe_counter!(
+        metric::SENTRY_DROPPED,
+        "Sentry reports not sent: over 60 a minute, rate limited, queue full, or Sentry did not answer."
+    );
     describe_counter!(metric::SOURCE_RECONNECTS, "Times the source connection was lost and re-established.");
     describe_gauge!(metric::BACKLOG, "Deliveries pending or in flight in the ledger, paused channels left out.");
     describe_gauge!(metric::DEAD_LETTERS, "Dead deliveries waiting for an operator, by channel.");
@@ -134,6 +150,129 @@ fn describe() {
         Unit::Bytes,
         "WAL the slot keeps on the server (current WAL minus restart_lsn)."
     );
+}
+
+/// `[telemetry]`: where traces and error reports go. Both off by default.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP collector base URL (`http://otel-collector:4318`): delivery
+    /// traces are POSTed to `{otlp_endpoint}/v1/traces` as OTLP/JSON.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// Headers sent with every export (a hosted collector's API key). Secrets.
+    #[serde(default)]
+    pub otlp_headers: std::collections::BTreeMap<String, crate::secret::Secret>,
+    /// `service.name` of the exported spans.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// `https://KEY@HOST/PROJECT`: deliveries given up, dead letters and
+    /// startup failures are reported there. A secret: never printed.
+    #[serde(default)]
+    pub sentry_dsn: Option<crate::secret::Secret>,
+    /// Sentry's `environment` of the events (`production`, `staging`).
+    #[serde(default)]
+    pub sentry_environment: Option<String>,
+}
+
+fn default_service_name() -> String {
+    "outbox-relay".into()
+}
+
+impl TelemetryConfig {
+    /// Checks what can be checked before start; messages name the key, never a secret.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(e) = &self.otlp_endpoint {
+            let ok = (e.starts_with("http://") || e.starts_with("https://")) && reqwest::Url::parse(e).is_ok();
+            if !ok {
+                return Err(format!(
+                    "telemetry.otlp_endpoint {e:?}: use the collector's base URL, e.g. http://otel-collector:4318"
+                ));
+            }
+        }
+        for (name, value) in &self.otlp_headers {
+            let valid = reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_ok()
+                && reqwest::header::HeaderValue::from_str(value.expose()).is_ok();
+            if !valid {
+                return Err(format!("telemetry.otlp_headers.{name}: not a valid HTTP header name and value"));
+            }
+        }
+        if let Some(dsn) = &self.sentry_dsn {
+            sentry::Dsn::parse(dsn.expose())?;
+        }
+        Ok(())
+    }
+}
+
+/// The running telemetry sinks, handed to ingestion and dispatch. `None`
+/// parts are off. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Telemetry {
+    pub tracer: Option<otlp::Tracer>,
+    pub sentry: Option<sentry::Reporter>,
+}
+
+/// The background tasks behind a [`Telemetry`], to await (bounded) at shutdown
+/// so that what is queued is sent.
+#[derive(Debug, Default)]
+pub struct TelemetryTasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl TelemetryTasks {
+    /// Waits for the exporters to send what they hold, at most `grace`.
+    pub async fn finish(self, grace: std::time::Duration) {
+        let all = futures_util::future::join_all(self.0);
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!("telemetry export did not finish in time; the last spans or reports are lost");
+        }
+    }
+}
+
+impl Telemetry {
+    /// Starts what `cfg` turns on; the tasks end when `stop` turns true.
+    /// `http`: the relay's client (its TLS settings apply to collectors too).
+    pub fn start(
+        cfg: &TelemetryConfig,
+        http: &reqwest::Client,
+        stop: &watch::Receiver<bool>,
+    ) -> (Telemetry, TelemetryTasks) {
+        let mut tasks = TelemetryTasks::default();
+        let mut t = Telemetry::default();
+        if let Some(endpoint) = &cfg.otlp_endpoint {
+            let export = otlp::ExportConfig {
+                endpoint: endpoint.clone(),
+                headers: cfg.otlp_headers.clone(),
+                service_name: cfg.service_name.clone(),
+            };
+            let (tracer, task) = otlp::start(export, http.clone(), stop.clone());
+            t.tracer = Some(tracer);
+            tasks.0.push(task);
+        }
+        // Validated with the config: a DSN that does not parse never gets here.
+        if let Some(dsn) = cfg.sentry_dsn.as_ref().and_then(|d| sentry::Dsn::parse(d.expose()).ok()) {
+            let (reporter, task) =
+                sentry::Reporter::start(dsn, cfg.sentry_environment.clone(), http.clone(), stop.clone());
+            t.sentry = Some(reporter);
+            tasks.0.push(task);
+        }
+        (t, tasks)
+    }
+
+    /// A delivery was given up (`failed`) or went `dead`.
+    pub fn given_up(&self, status: &'static str, tags: sentry::DeliveryTags, error: String) {
+        if let Some(s) = &self.sentry {
+            s.report(sentry::Report::Delivery { status, tags, error });
+        }
+    }
+}
+
+/// Reports a failure that ends `run` to Sentry, if `cfg` names a DSN, and
+/// waits for the answer (bounded): the process exits right after. `started`:
+/// the relay had got to work (tagged `phase: running`, else `startup`).
+pub async fn report_fatal(cfg: &TelemetryConfig, http: &reqwest::Client, error: &str, started: bool) {
+    let Some(dsn) = cfg.sentry_dsn.as_ref().and_then(|d| sentry::Dsn::parse(d.expose()).ok()) else { return };
+    let phase = if started { "running" } else { "startup" };
+    let report = sentry::Report::Fatal { error: error.to_string(), phase };
+    sentry::send_now(dsn, cfg.sentry_environment.clone(), http.clone(), &report).await;
 }
 
 /// Readiness, set by the parts that can lose their connection.
