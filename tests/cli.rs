@@ -265,4 +265,10 @@ fn demo_runs_end_to_end_on_a_fresh_machine() {
             && out.contains("| Votre commande 1042 est partie avec Colissimo."),
         "{out}"
     );
+    // Browser push: decrypted by the local push service with each browser's key.
+    assert!(out.contains("the local push service received 2 push message(s)"), "{out}");
+    assert!(out.contains("→ browser-1 (TTL 86400 s, Urgency high, from mailto:alerts@example.com)"), "{out}");
+    assert!(out.contains("\"title\":\"Nouvelle session ouverte 🔐\"") && out.contains("→ browser-3"), "{out}");
+    assert!(out.contains("✗ old-browser-3: 410 (unsubscribed) → on_invalid_token deleted its subscription"), "{out}");
+    assert!(out.contains("push_subscription now holds 2 row(s)"), "{out}");
 }

@@ -22,6 +22,7 @@ pub mod pusher;
 pub mod smtp;
 pub mod template;
 pub mod twilio;
+pub mod webpush;
 
 use std::time::Duration;
 
@@ -359,6 +360,7 @@ provider_table! {
     Rabbitmq "rabbitmq" rabbitmq: bus::rabbitmq => Rabbitmq(RabbitmqConfig);
     Redis "redis" redis: bus::redis => RedisStreams(RedisConfig);
     Nats "nats" nats: bus::nats => Nats(NatsConfig);
+    Webpush "webpush" webpush: webpush => Webpush(WebpushConfig);
 }
 
 impl ProviderKind {
@@ -395,8 +397,8 @@ impl Provider {
     /// `send_devices`); for any other provider each message counts as one
     /// device, its `send_batch` result as that device's.
     pub async fn send_devices(&self, messages: &[OutboundMessage]) -> Vec<Vec<devices::DeviceResult>> {
-        #[allow(clippy::match_single_binding)]
         match self {
+            Provider::Webpush(p) => p.send_devices(messages).await,
             other => other
                 .send_batch(messages)
                 .await

@@ -7,3 +7,4 @@ pub mod brevo;
 pub mod http;
 pub mod pusher;
 pub mod twilio;
+pub mod webpush;
