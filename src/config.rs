@@ -825,6 +825,23 @@ mod tests {
     }
 
     #[test]
+    fn push_channels_need_tokens_query_and_a_push_fallback() {
+        let push = |channel: &str| {
+            let text = README_EXAMPLE.replace(
+                "[providers.pusher]",
+                &format!("{channel}\n[providers.webpush]\nprivate_key = \"k\"\nsubject = \"mailto:a@b.c\"\n\n[providers.pusher]"),
+            );
+            Config::from_toml(&text).map(|_| ()).map_err(|e| e.to_string())
+        };
+        let err = push("[channels.push]\nprovider = \"webpush\"").unwrap_err();
+        assert!(err.contains("pushes to devices: set tokens_query"), "{err}");
+        let ok = "[channels.push]\nprovider = \"webpush\"\ntokens_query = \"SELECT endpoint, p256dh, auth FROM s WHERE user_id = $1\"";
+        assert_eq!(push(ok), Ok(()));
+        let err = push(&format!("{ok}\nfallback = \"pusher\"")).unwrap_err();
+        assert!(err.contains("fallback must push to devices too"), "{err}");
+    }
+
+    #[test]
     fn route_naming_a_missing_channel_is_rejected() {
         let text = README_EXAMPLE.replace("channels = [\"in_app\"]", "channels = [\"pager\"]");
         let err = Config::from_toml(&text).unwrap_err().to_string();

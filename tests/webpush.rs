@@ -179,6 +179,31 @@ async fn push_reaches_each_live_device_once(mode: Mode) {
         .map(|r| r.get(0))
         .collect();
     assert!(errors.iter().flatten().all(|e| !e.contains("/push/")), "{errors:?}");
+
+    // Erasure takes a person's device trail with it; retention the rest.
+    let device_rows = |id: i64| {
+        let client = &client;
+        async move {
+            client
+                .query_one(
+                    "SELECT count(*) FROM outbox_relay.device_sends s JOIN outbox_relay.deliveries d
+                     ON d.id = s.delivery_id WHERE d.source_pk = $1::bigint::text",
+                    &[&id],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(device_rows(to_7).await, 2);
+    outbox_relay::gdpr::erase(&mut env.db.client().await, "outbox_relay", "7").await.unwrap();
+    assert_eq!(device_rows(to_7).await, 0, "erase deletes the recipient's device_sends");
+    assert_eq!(device_rows(to_8).await, 2, "and only theirs");
+    client.execute("UPDATE outbox_relay.deliveries SET updated_at = now() - interval '400 days'", &[]).await.unwrap();
+    let pruned = outbox_relay::retention::prune(&client, &env.config(), false).await.unwrap();
+    assert_eq!(pruned, 5, "every settled delivery is past retention");
+    let left: i64 = client.query_one("SELECT count(*) FROM outbox_relay.device_sends", &[]).await.unwrap().get(0);
+    assert_eq!(left, 0, "device_sends pruned with their deliveries");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
