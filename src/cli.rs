@@ -115,6 +115,15 @@ pub enum Command {
         #[arg(long)]
         recipient: String,
     },
+    /// Generate a VAPID key pair for Web Push: the private key (PEM PKCS#8,
+    /// for providers.webpush.private_key) and the public key the browser
+    /// passes as applicationServerKey to pushManager.subscribe().
+    VapidKeys {
+        /// Write the private key to this file (mode 0600, never overwritten)
+        /// instead of printing it.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
 }
 
 /// One part of `run`.
@@ -188,6 +197,7 @@ pub async fn main(cli: Cli) -> Result<(), Failure> {
     let load = || Config::load(&cli.config, explicit);
     match cli.command {
         Command::Demo => crate::demo::run().await.map_err(Failure::other),
+        Command::VapidKeys { out } => vapid_keys(out.as_deref()),
         Command::Setup { print_sql: true } => {
             print!("{}", crate::setup::script(&load()?));
             Ok(())
@@ -492,4 +502,30 @@ mod tests {
         let cli = Cli::try_parse_from(["outbox-relay", "teardown", "--print-sql", "--ledger"]).unwrap();
         assert!(matches!(cli.command, Command::Teardown { print_sql: true, ledger: true }));
     }
+}
+
+/// `vapid-keys`: a new pair; the private key to a new file or stdout.
+fn vapid_keys(out: Option<&std::path::Path>) -> Result<(), Failure> {
+    let (pem, public) = crate::providers::webpush::vapid::generate().map_err(Failure::other)?;
+    match out {
+        Some(path) => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| Failure::user(format!("{}: {e} (an existing key is never overwritten)", path.display())))?;
+            file.write_all(pem.as_bytes()).map_err(Failure::other)?;
+            println!("# private key written to {} (mode 0600): private_key = \"file:{}\"", path.display(), path.display());
+        }
+        None => {
+            println!("# [providers.webpush] private_key (keep it secret; a file and private_key = \"file:/path\" is best):");
+            print!("{pem}");
+        }
+    }
+    println!("# public key: the browser's applicationServerKey for pushManager.subscribe()");
+    println!("{public}");
+    Ok(())
 }

@@ -265,6 +265,18 @@ pub struct ChannelConfig {
     /// Event-bus channels: destination, key, headers, envelope mode.
     #[serde(default)]
     pub bus: Option<crate::providers::bus::BusRoute>,
+    /// Push channels (webpush, fcm): SQL run at send time, `$1` = the
+    /// recipient, one row per device. First column: the FCM token or the Web
+    /// Push subscription's endpoint URL; Web Push also needs columns named
+    /// `p256dh` and `auth` (the subscription's keys, base64url). No row: the
+    /// delivery is `skipped` ("no device").
+    #[serde(default)]
+    pub tokens_query: Option<String>,
+    /// Push channels: SQL run when the provider says a device is gone (Web
+    /// Push 404/410, FCM UNREGISTERED), `$1` = its token or endpoint, so the
+    /// application stops sending to it (typically a DELETE).
+    #[serde(default)]
+    pub on_invalid_token: Option<String>,
 }
 
 /// One event's entry in a channel's `templates`.
@@ -640,6 +652,21 @@ impl Config {
                     ch.provider.as_str()
                 ));
             }
+            let devices = ch.provider.needs_devices() || ch.fallback.is_some_and(ProviderKind::needs_devices);
+            if devices && ch.tokens_query.is_none() {
+                return bad(format!(
+                    "channels.{name}: provider {:?} pushes to devices: set tokens_query (e.g. \"SELECT endpoint, p256dh, auth FROM push_subscription WHERE user_id = $1\")",
+                    ch.provider.as_str()
+                ));
+            }
+            for (key, set) in [("tokens_query", ch.tokens_query.is_some()), ("on_invalid_token", ch.on_invalid_token.is_some())] {
+                if set && !devices {
+                    return bad(format!("channels.{name}.{key} is only for push providers (webpush, fcm)"));
+                }
+            }
+            if ch.fallback.is_some_and(|f| f.needs_devices() != ch.provider.needs_devices()) {
+                return bad(format!("channels.{name}.fallback must push to devices too when the provider does, and not otherwise"));
+            }
             if ch.fallback.is_some_and(|f| (ch.reach_of(f) == Reach::Address) != (reach == Reach::Address)) {
                 return bad(format!(
                     "channels.{name}.fallback must reach people the same way as the provider (address or app channel)"
@@ -961,6 +988,33 @@ mod tests {
         // A bus route on an e-mail provider is still refused.
         let e = err("templates = { digest = \"weekly-digest\" }", "bus = { destination = \"x\" }");
         assert!(e.contains("only for bus providers"), "{e}");
+    }
+
+    #[test]
+    fn device_keys_are_only_for_push_channels() {
+        for key in ["tokens_query = \"SELECT 1\"", "on_invalid_token = \"DELETE FROM t WHERE x = $1\""] {
+            let text = README_EXAMPLE
+                .replace("channel_name = \"private-user-{recipient}\"", &format!("channel_name = \"private-user-{{recipient}}\"\n{key}"));
+            let err = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(err.contains("only for push providers"), "{err}");
+        }
+    }
+
+    #[test]
+    fn push_channels_need_tokens_query_and_a_push_fallback() {
+        let push = |channel: &str| {
+            let text = README_EXAMPLE.replace(
+                "[providers.pusher]",
+                &format!("{channel}\n[providers.webpush]\nprivate_key = \"k\"\nsubject = \"mailto:a@b.c\"\n\n[providers.pusher]"),
+            );
+            Config::from_toml(&text).map(|_| ()).map_err(|e| e.to_string())
+        };
+        let err = push("[channels.push]\nprovider = \"webpush\"").unwrap_err();
+        assert!(err.contains("pushes to devices: set tokens_query"), "{err}");
+        let ok = "[channels.push]\nprovider = \"webpush\"\ntokens_query = \"SELECT endpoint, p256dh, auth FROM s WHERE user_id = $1\"";
+        assert_eq!(push(ok), Ok(()));
+        let err = push(&format!("{ok}\nfallback = \"pusher\"")).unwrap_err();
+        assert!(err.contains("fallback must push to devices too"), "{err}");
     }
 
     #[test]

@@ -50,6 +50,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (8, include_str!("../sql/migrations/008_claims_and_vacuum.sql")),
     (9, include_str!("../sql/migrations/009_paused_channels.sql")),
     (10, include_str!("../sql/migrations/010_correlation.sql")),
+    (11, include_str!("../sql/migrations/011_device_sends.sql")),
 ];
 
 /// SQL for "this channel is not paused" (migration 009): evaluated once per

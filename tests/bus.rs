@@ -137,6 +137,7 @@ fn message(key: &str, destination: &str, exchange: &str, payload: serde_json::Va
             time: Utc::now(),
         }),
         correlation: None,
+        devices: Vec::new(),
     }
 }
 

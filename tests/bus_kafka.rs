@@ -169,6 +169,7 @@ fn message(key: &str, topic: &str, payload: serde_json::Value) -> OutboundMessag
             time: Utc::now(),
         }),
         correlation: None,
+        devices: Vec::new(),
     }
 }
 

@@ -33,6 +33,7 @@ fn message(address: &str, template_id: Option<i64>, whatsapp: bool) -> OutboundM
         }),
         bus: None,
         correlation: None,
+        devices: Vec::new(),
     }
 }
 

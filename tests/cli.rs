@@ -265,4 +265,45 @@ fn demo_runs_end_to_end_on_a_fresh_machine() {
             && out.contains("| Votre commande 1042 est partie avec Colissimo."),
         "{out}"
     );
+    // Browser push: decrypted by the local push service with each browser's key.
+    assert!(out.contains("the local push service received 2 push message(s)"), "{out}");
+    assert!(out.contains("→ browser-1 (TTL 86400 s, Urgency high, from mailto:alerts@example.com)"), "{out}");
+    assert!(out.contains("\"title\":\"Nouvelle session ouverte 🔐\"") && out.contains("→ browser-3"), "{out}");
+    assert!(out.contains("✗ old-browser-3: 410 (unsubscribed) → on_invalid_token deleted its subscription"), "{out}");
+    assert!(out.contains("push_subscription now holds 2 row(s)"), "{out}");
+}
+
+/// `vapid-keys --out FILE`: a PKCS#8 key only its owner can read, never
+/// overwritten, and the public key the provider derives from it printed.
+#[test]
+fn vapid_keys_writes_a_private_key_file_and_prints_the_public_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vapid.pem");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+            .args(["vapid-keys", "--out", path.to_str().unwrap()])
+            .output()
+            .expect("running vapid-keys")
+    };
+    let o = run();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let public = out.lines().last().unwrap().trim().to_string();
+    assert_eq!(public.len(), 87, "65 bytes base64url: {out}");
+    assert!(!out.contains("PRIVATE KEY"), "the private key goes to the file only: {out}");
+    let pem = std::fs::read_to_string(&path).unwrap();
+    assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"));
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    let vapid = outbox_relay::providers::webpush::vapid::Vapid::new(
+        &pem,
+        Some(&public),
+        "mailto:ops@example.com",
+        &ring::rand::SystemRandom::new(),
+    )
+    .unwrap();
+    assert_eq!(vapid.public_key(), public);
+    let again = run();
+    assert_eq!(again.status.code(), Some(2), "an existing key is never overwritten");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), pem);
 }

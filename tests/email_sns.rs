@@ -40,6 +40,7 @@ fn mail(key: &str, address: &str, template: Option<TemplateId>) -> OutboundMessa
         }),
         bus: None,
         correlation: None,
+        devices: Vec::new(),
     }
 }
 
@@ -274,6 +275,7 @@ fn topic_message(key: &str, topic: &str, recipient: &str) -> OutboundMessage {
             time: chrono::Utc::now(),
         }),
         correlation: None,
+        devices: Vec::new(),
     }
 }
 

@@ -32,6 +32,7 @@ fn mail() -> OutboundMessage {
         }),
         bus: None,
         correlation: None,
+        devices: Vec::new(),
     }
 }
 
@@ -144,6 +145,7 @@ async fn http_providers_trust_tls_ca_file() {
         contact: None,
         bus: None,
         correlation: None,
+        devices: Vec::new(),
     };
 
     let refused = Pusher::new(&cfg, http_client()).send_batch(std::slice::from_ref(&msg)).await;

@@ -26,6 +26,7 @@ fn msg(seq: i64, channel: &str) -> OutboundMessage {
         contact: None,
         bus: None,
         correlation: None,
+        devices: Vec::new(),
     }
 }
 

@@ -1,11 +1,14 @@
 //! `outbox-relay demo`: the whole relay on a fresh machine, no accounts.
 //!
 //! A throwaway PostgreSQL with wal_level=logical, the Django tables of the
-//! fixture, `setup`, the relay with the `log` provider for in-app and a local
-//! SMTP sink for e-mail, a few notifications inserted (and one rolled back),
-//! each delivery shown as it arrives and each e-mail as the sink received it.
+//! fixture, `setup`, the relay with the `log` provider for in-app, a local
+//! SMTP sink for e-mail and a local Web Push service for browser push, a few
+//! notifications inserted (and one rolled back), each delivery shown as it
+//! arrives, each e-mail as the sink received it, and each push as the
+//! browser would read it: decrypted with the subscription's private key.
 
 pub mod embedded_pg;
+pub mod push_service;
 pub mod smtp_sink;
 
 use std::time::Duration;
@@ -15,7 +18,19 @@ use tokio::sync::watch;
 use crate::config::Config;
 
 use self::embedded_pg::{EmbeddedPg, DJANGO_FIXTURE};
+use self::push_service::PushService;
 use self::smtp_sink::SmtpSink;
+
+/// The demo application's table of browser subscriptions (what its
+/// `pushManager.subscribe()` endpoint would store): not part of the shared
+/// Django fixture, only the demo pushes.
+const PUSH_SUBSCRIPTIONS: &str = "CREATE TABLE push_subscription (
+    id serial PRIMARY KEY,
+    user_id integer NOT NULL REFERENCES auth_user (id),
+    endpoint text NOT NULL UNIQUE,
+    p256dh text NOT NULL,
+    auth text NOT NULL
+)";
 
 const DEMO_CONFIG: &str = r#"
 [source]
@@ -27,7 +42,7 @@ publication = "outbox_relay"
 table = "public.operators_notificationoperateur"
 recipient_column = "user_id"
 event = "notification_created"
-channels = ["in_app", "email"]
+channels = ["in_app", "email", "push"]
 payload_columns = ["id", "kind", "title", "level", "url", "created_at"]
 only = { email = { level = "critical" } }     # e-mail for critical notifications only
 
@@ -50,9 +65,19 @@ subject = "[{level}] {title}"
 body = "{title}\n\nhttps://app.example.com{url}"
 texts.order_shipped = { subject = "Commande {order} expédiée", body = "Votre commande {order} est partie avec {carrier}." }
 
+[channels.push]
+provider = "webpush"
+tokens_query = "SELECT endpoint, p256dh, auth FROM push_subscription WHERE user_id = $1"
+on_invalid_token = "DELETE FROM push_subscription WHERE endpoint = $1"
+
 [providers.smtp]
 url = "__SMTP__"
 from = "Alerts <alerts@example.com>"
+
+[providers.webpush]
+private_key = """__VAPID__"""
+subject = "mailto:alerts@example.com"
+urgency = "high"
 
 [metrics]
 listen = ""
@@ -89,7 +114,28 @@ pub async fn run() -> Result<(), DemoError> {
 
     let sink = SmtpSink::start().await.map_err(|e| DemoError::Other(format!("starting the SMTP sink: {e}")))?;
     say(&format!("a local SMTP sink stands in for the mail server: {}", sink.url()));
-    let cfg = Config::from_toml(&DEMO_CONFIG.replace("__URL__", &url).replace("__SMTP__", &sink.url()))?;
+    let push = PushService::start().await.map_err(|e| DemoError::Other(format!("starting the push service: {e}")))?;
+    let (vapid_key, vapid_public) =
+        crate::providers::webpush::vapid::generate().map_err(|e| DemoError::Other(e.to_string()))?;
+    say(&format!("a local Web Push service stands in for the browsers' push services: {}", push.origin()));
+    println!("    VAPID public key (the browser's applicationServerKey): {vapid_public}");
+    client.batch_execute(PUSH_SUBSCRIPTIONS).await?;
+    // Operator 1 and operator 3 allowed notifications in their browsers;
+    // operator 3 also has an old browser that has since unsubscribed.
+    for (user, browser) in [(1, "browser-1"), (3, "browser-3"), (3, "old-browser-3")] {
+        let s = push.subscribe(browser, Some(&vapid_public));
+        client
+            .execute(
+                "INSERT INTO push_subscription (user_id, endpoint, p256dh, auth) VALUES ($1, $2, $3, $4)",
+                &[&user, &s.endpoint, &s.p256dh, &s.auth],
+            )
+            .await?;
+    }
+    push.unsubscribe("old-browser-3");
+    println!("    push_subscription: operators 1 and 3 subscribed (3's old browser since unsubscribed)");
+    let cfg = Config::from_toml(
+        &DEMO_CONFIG.replace("__URL__", &url).replace("__SMTP__", &sink.url()).replace("__VAPID__", &vapid_key),
+    )?;
     crate::setup::apply(&mut client, &cfg).await?;
     say("setup: publication and logical slot created; this is the SQL a DBA would run:");
     for line in crate::setup::script(&cfg).lines().filter(|l| !l.starts_with("--") && !l.is_empty()) {
@@ -138,8 +184,9 @@ pub async fn run() -> Result<(), DemoError> {
             .query_one("SELECT count(*) FROM outbox_relay.deliveries WHERE status = 'sent'", &[])
             .await?
             .get(0);
-        // Four in-app, the critical notification's e-mail, the order's e-mail.
-        if sent >= 6 || tokio::time::Instant::now() > deadline {
+        // Four in-app, the critical notification's e-mail, the order's
+        // e-mail, the pushes to operators 1 and 3.
+        if sent >= 8 || tokio::time::Instant::now() > deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -179,6 +226,18 @@ pub async fn run() -> Result<(), DemoError> {
             println!("    | {line}");
         }
     }
+
+    let pushes = push.received();
+    say(&format!("the local push service received {} push message(s); decrypted as the browser reads them:", pushes.len()));
+    for p in &pushes {
+        println!("    → {} (TTL {} s, Urgency {}, from {})", p.subscription, p.ttl, p.urgency.as_deref().unwrap_or("-"), p.sender);
+        println!("    | {}", p.plaintext);
+    }
+    for (browser, status, _) in push.refused() {
+        println!("    ✗ {browser}: {status} (unsubscribed) → on_invalid_token deleted its subscription");
+    }
+    let left: i64 = ledger.client().query_one("SELECT count(*) FROM push_subscription", &[]).await?.get(0);
+    println!("    push_subscription now holds {left} row(s); operator 2 has none: its push is skipped (no device)");
 
     say("stopping the relay (as on SIGTERM) and the throwaway PostgreSQL");
     let _ = stop_tx.send(true);

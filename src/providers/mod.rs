@@ -15,6 +15,7 @@
 pub mod ably;
 pub mod brevo;
 pub mod bus;
+pub mod devices;
 mod http;
 pub mod log;
 pub mod mailgun;
@@ -24,6 +25,7 @@ pub mod smtp;
 pub mod sns;
 pub mod template;
 pub mod twilio;
+pub mod webpush;
 
 use std::time::Duration;
 
@@ -52,6 +54,9 @@ pub struct OutboundMessage {
     /// `traceparent` — with tracing on, naming this attempt's span as parent.
     /// Printable ASCII, at most 128 characters (`telemetry::correlation`).
     pub correlation: Option<String>,
+    /// Push channels ([`Reach::Devices`]): the recipient's devices not yet
+    /// reached by this delivery, looked up at send time. Empty otherwise.
+    pub devices: Vec<devices::Device>,
 }
 
 /// A message to a person's address, prepared by dispatch just before sending.
@@ -120,13 +125,15 @@ impl ProviderError {
         if bare.is_empty() {
             return self;
         }
-        let hide = |r: String| r.replace(bare, &template::mask_address(bare));
+        self.map_reason(|r| r.replace(bare, &template::mask_address(bare)))
+    }
+
+    /// The same error, its reason rewritten by `f` (to hide what it quotes).
+    pub fn map_reason(self, f: impl Fn(String) -> String) -> ProviderError {
         match self {
-            ProviderError::Retryable { reason, retry_after } => {
-                ProviderError::Retryable { reason: hide(reason), retry_after }
-            }
-            ProviderError::Permanent { reason } => ProviderError::Permanent { reason: hide(reason) },
-            ProviderError::Unauthorized { reason } => ProviderError::Unauthorized { reason: hide(reason) },
+            ProviderError::Retryable { reason, retry_after } => ProviderError::Retryable { reason: f(reason), retry_after },
+            ProviderError::Permanent { reason } => ProviderError::Permanent { reason: f(reason) },
+            ProviderError::Unauthorized { reason } => ProviderError::Unauthorized { reason: f(reason) },
         }
     }
 }
@@ -210,6 +217,10 @@ pub enum Reach {
     /// Either, per channel (Amazon SNS: SMS to an address, or a topic when
     /// the channel has a `[channels.<name>.bus]` route).
     AddressOrBus,
+    /// The recipient's devices (push subscriptions, FCM tokens), looked up at
+    /// send time by the channel's `tokens_query`; one call per device, and a
+    /// result per device (see [`devices`]).
+    Devices,
 }
 
 /// What dispatch needs to know of a provider before calling it; each
@@ -365,6 +376,7 @@ provider_table! {
     Rabbitmq "rabbitmq" rabbitmq: bus::rabbitmq => Rabbitmq(RabbitmqConfig);
     Redis "redis" redis: bus::redis => RedisStreams(RedisConfig);
     Nats "nats" nats: bus::nats => Nats(NatsConfig);
+    Webpush "webpush" webpush: webpush => Webpush(WebpushConfig);
 }
 
 impl ProviderKind {
@@ -404,6 +416,11 @@ impl ProviderKind {
             (kind, _) => Err(format!("provider {:?} has no templates", kind.as_str())),
         }
     }
+
+    /// Push to devices: they need the channel's `tokens_query`.
+    pub fn needs_devices(self) -> bool {
+        self.profile().reach == Reach::Devices
+    }
 }
 
 impl Provider {
@@ -414,5 +431,22 @@ impl Provider {
 
     pub fn batch_size(&self) -> usize {
         self.kind().profile().batch_size
+    }
+
+    /// Delivers `messages` to their devices: one vector per message, one
+    /// result per device of `message.devices`, in order. Each
+    /// [`Reach::Devices`] provider has its arm here (its client's
+    /// `send_devices`); for any other provider each message counts as one
+    /// device, its `send_batch` result as that device's.
+    pub async fn send_devices(&self, messages: &[OutboundMessage]) -> Vec<Vec<devices::DeviceResult>> {
+        match self {
+            Provider::Webpush(p) => p.send_devices(messages).await,
+            other => other
+                .send_batch(messages)
+                .await
+                .into_iter()
+                .map(|r| vec![r.map_err(devices::DeviceError::Provider)])
+                .collect(),
+        }
     }
 }

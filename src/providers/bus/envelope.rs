@@ -171,6 +171,7 @@ mod tests {
                 time: Utc.with_ymd_and_hms(2026, 11, 26, 23, 36, 0).unwrap(),
             }),
             correlation: None,
+            devices: Vec::new(),
         }
     }
 

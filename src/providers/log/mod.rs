@@ -80,6 +80,7 @@ mod tests {
             contact: None,
             bus: None,
             correlation: None,
+            devices: Vec::new(),
         }
     }
 

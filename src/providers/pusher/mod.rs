@@ -256,6 +256,7 @@ mod tests {
             contact: None,
             bus: None,
             correlation: None,
+            devices: Vec::new(),
         }
     }
 

@@ -189,6 +189,7 @@ mod tests {
             }),
             bus: None,
             correlation: None,
+            devices: Vec::new(),
         }
     }
 

@@ -311,6 +311,7 @@ mod tests {
                 time: Utc.with_ymd_and_hms(2026, 11, 27, 3, 0, 0).unwrap(),
             }),
             correlation: None,
+            devices: Vec::new(),
         }
     }
 

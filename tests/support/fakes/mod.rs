@@ -12,3 +12,4 @@ pub mod sendgrid;
 pub mod sentry;
 pub mod sns;
 pub mod twilio;
+pub mod webpush;
