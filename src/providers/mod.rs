@@ -14,6 +14,7 @@
 
 pub mod ably;
 pub mod brevo;
+pub mod google_auth;
 pub mod bus;
 mod http;
 pub mod log;
