@@ -574,7 +574,7 @@ impl Config {
                     ))
                 }
                 (Some(_), false) => {
-                    return bad(format!("channels.{name}.bus is only for bus providers (kafka, rabbitmq, redis, nats)"))
+                    return bad(format!("channels.{name}.bus is only for bus providers (kafka, rabbitmq, redis, nats, pubsub)"))
                 }
                 (Some(route), true) => route.validate(&format!("channels.{name}")).map_err(ConfigError::Invalid)?,
                 (None, false) => {}

@@ -350,6 +350,7 @@ provider_table! {
     Rabbitmq "rabbitmq" rabbitmq: bus::rabbitmq => Rabbitmq(RabbitmqConfig);
     Redis "redis" redis: bus::redis => RedisStreams(RedisConfig);
     Nats "nats" nats: bus::nats => Nats(NatsConfig);
+    Pubsub "pubsub" pubsub: bus::pubsub => PubSub(PubSubConfig);
 }
 
 impl ProviderKind {

@@ -4,6 +4,8 @@
 
 pub mod ably;
 pub mod brevo;
+pub mod google_auth;
 pub mod http;
+pub mod pubsub;
 pub mod pusher;
 pub mod twilio;
