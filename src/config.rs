@@ -252,6 +252,18 @@ pub struct ChannelConfig {
     /// Event-bus channels: destination, key, headers, envelope mode.
     #[serde(default)]
     pub bus: Option<crate::providers::bus::BusRoute>,
+    /// Push channels (webpush, fcm): SQL run at send time, `$1` = the
+    /// recipient, one row per device. First column: the FCM token or the Web
+    /// Push subscription's endpoint URL; Web Push also needs columns named
+    /// `p256dh` and `auth` (the subscription's keys, base64url). No row: the
+    /// delivery is `skipped` ("no device").
+    #[serde(default)]
+    pub tokens_query: Option<String>,
+    /// Push channels: SQL run when the provider says a device is gone (Web
+    /// Push 404/410, FCM UNREGISTERED), `$1` = its token or endpoint, so the
+    /// application stops sending to it (typically a DELETE).
+    #[serde(default)]
+    pub on_invalid_token: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -558,6 +570,21 @@ impl Config {
                     ch.provider.as_str()
                 ));
             }
+            let devices = ch.provider.needs_devices() || ch.fallback.is_some_and(ProviderKind::needs_devices);
+            if devices && ch.tokens_query.is_none() {
+                return bad(format!(
+                    "channels.{name}: provider {:?} pushes to devices: set tokens_query (e.g. \"SELECT endpoint, p256dh, auth FROM push_subscription WHERE user_id = $1\")",
+                    ch.provider.as_str()
+                ));
+            }
+            for (key, set) in [("tokens_query", ch.tokens_query.is_some()), ("on_invalid_token", ch.on_invalid_token.is_some())] {
+                if set && !devices {
+                    return bad(format!("channels.{name}.{key} is only for push providers (webpush, fcm)"));
+                }
+            }
+            if ch.fallback.is_some_and(|f| f.needs_devices() != ch.provider.needs_devices()) {
+                return bad(format!("channels.{name}.fallback must push to devices too when the provider does, and not otherwise"));
+            }
             if ch.fallback.is_some_and(|f| f.needs_address() != ch.provider.needs_address()) {
                 return bad(format!(
                     "channels.{name}.fallback must reach people the same way as the provider (address or app channel)"
@@ -785,6 +812,16 @@ mod tests {
     fn redacts_passwords_in_urls() {
         assert_eq!(redact_url("postgres://relay:hunter2@db:5432/app"), "postgres://relay:***@db:5432/app");
         assert_eq!(redact_url("postgres://relay@db/app"), "postgres://relay@db/app");
+    }
+
+    #[test]
+    fn device_keys_are_only_for_push_channels() {
+        for key in ["tokens_query = \"SELECT 1\"", "on_invalid_token = \"DELETE FROM t WHERE x = $1\""] {
+            let text = README_EXAMPLE
+                .replace("channel_name = \"private-user-{recipient}\"", &format!("channel_name = \"private-user-{{recipient}}\"\n{key}"));
+            let err = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(err.contains("only for push providers"), "{err}");
+        }
     }
 
     #[test]

@@ -158,7 +158,7 @@ async fn query_one_value(
     }
 }
 
-fn bind(ty: &Type, text: &str) -> Result<Box<dyn ToSql + Sync + Send>, String> {
+pub(crate) fn bind(ty: &Type, text: &str) -> Result<Box<dyn ToSql + Sync + Send>, String> {
     let bad = || format!("recipient {text:?} does not fit the lookup parameter type {ty}: cast it, e.g. $1::text");
     Ok(match *ty {
         Type::INT2 => Box::new(text.parse::<i16>().map_err(|_| bad())?),
@@ -169,7 +169,7 @@ fn bind(ty: &Type, text: &str) -> Result<Box<dyn ToSql + Sync + Send>, String> {
     })
 }
 
-fn classify(e: tokio_postgres::Error, sql: &str) -> Prepared {
+pub(crate) fn classify(e: tokio_postgres::Error, sql: &str) -> Prepared {
     if crate::db::db_error_is_retryable(&e) {
         Prepared::Retry(format!("contact lookup: {e}"))
     } else {

@@ -21,10 +21,12 @@ use crate::circuit::{Admission, Circuit};
 use crate::config::{Config, ProviderKind};
 use crate::contacts::{self, ContactPlan, Prepared};
 use crate::db::reconnect_delay;
+use crate::devices::{self, DevicePlan, DeviceStatus};
 use crate::ledger::{ClaimRef, Claimed, Inserted, Ledger, LedgerError, Outcome};
 use crate::limits::Pacer;
 use crate::providers::bus::{BusMessage, BusRoute};
-use crate::providers::{BuildContext, OutboundMessage, Provider, ProviderError};
+use crate::providers::devices::{fold, Device, DeviceError};
+use crate::providers::{Accepted, BuildContext, OutboundMessage, Provider, ProviderError};
 use crate::telemetry::{metric, Health};
 
 /// Outcomes by claim (ledger id and the attempt count it was claimed with).
@@ -47,6 +49,8 @@ struct ChannelPlan {
     preferences_query: Option<String>,
     /// Bus channels: the route, and the CloudEvents `source` before the table.
     bus: Option<(Arc<BusRoute>, String)>,
+    /// Push channels: how to find the recipient's devices, and forget dead ones.
+    devices: Option<DevicePlan>,
 }
 
 /// Retry timing; from `[relay]`.
@@ -278,6 +282,8 @@ pub struct Dispatcher {
     /// `standby` set: this relay does not hold its lock (see `instance`), so
     /// it starts no provider call.
     health: Arc<Health>,
+    /// The relay's schema, for per-device outcomes (`device_sends`).
+    schema: String,
 }
 
 /// Builds every provider client named by a channel. Config validation
@@ -322,6 +328,7 @@ impl Dispatcher {
                     contact: ContactPlan::from_config(name, ch),
                     preferences_query: ch.preferences_query.clone().filter(|_| ch.address_query.is_none()),
                     bus: ch.bus.as_ref().map(|route| (Arc::new(route.clone()), route.source_prefix(&database))),
+                    devices: DevicePlan::from_config(ch),
                 };
                 (name.clone(), plan)
             })
@@ -343,6 +350,7 @@ impl Dispatcher {
         let (fresh_tx, fresh_rx) = mpsc::channel(FRESH_BATCHES);
         Ok(Dispatcher {
             health,
+            schema: cfg.relay.schema.clone(),
             held: Arc::default(),
             floor: Default::default(),
             finished: Arc::default(),
@@ -683,6 +691,30 @@ impl Dispatcher {
         let mut settled: Outcomes = Vec::new();
         let mut sending: Vec<&Claimed> = Vec::with_capacity(chunk.len());
         let mut messages: Vec<OutboundMessage> = Vec::with_capacity(chunk.len());
+        // Push channels: what each device did with these deliveries on earlier
+        // attempts, so that a retry goes only to the devices still to reach.
+        let mut earlier = HashMap::new();
+        if plan.devices.is_some() {
+            let ids: Vec<i64> = chunk.iter().map(|c| c.id).collect();
+            match devices::earlier(db, &self.schema, &ids).await {
+                Ok(found) => earlier = found,
+                Err(e) => {
+                    // Without them a retry could reach a device twice: wait for the database.
+                    unused_probe();
+                    let reason = format!("per-device outcomes: {e}");
+                    return chunk
+                        .iter()
+                        .map(|c| {
+                            let outcome = self.unprepared(Prepared::Retry(reason.clone()), provider, c, plan);
+                            record(c, provider, &outcome, Utc::now(), 0.0);
+                            (c.claim_ref(), outcome)
+                        })
+                        .collect();
+                }
+            }
+        }
+        // Per message: devices that took it on an earlier attempt.
+        let mut reached_before: Vec<usize> = Vec::with_capacity(chunk.len());
         for c in chunk {
             // Looked up now, not stored: consent and preferences are those at send time.
             let prepared = match (&plan.contact, &plan.preferences_query, c.recipient.as_deref()) {
@@ -690,16 +722,48 @@ impl Dispatcher {
                 (None, Some(sql), Some(recipient)) => contacts::preference_refuses(db, sql, recipient, &c.event).await,
                 _ => None,
             };
+            let mut settle = |outcome: Outcome| {
+                record(c, provider, &outcome, Utc::now(), 0.0);
+                settled.push((c.claim_ref(), outcome));
+            };
             let contact = match prepared {
                 None => None,
                 Some(Prepared::Ready(contact)) => Some(contact),
                 Some(prepared) => {
-                    let outcome = self.unprepared(prepared, provider, c, plan);
-                    record(c, provider, &outcome, Utc::now(), 0.0);
-                    settled.push((c.claim_ref(), outcome));
+                    settle(self.unprepared(prepared, provider, c, plan));
                     continue;
                 }
             };
+            let (mut to_reach, mut before) = (Vec::new(), 0);
+            if let Some(dp) = &plan.devices {
+                let found = match devices::lookup(db, dp, c.recipient.as_deref()).await {
+                    Ok(found) => found,
+                    Err(prepared) => {
+                        settle(self.unprepared(prepared, provider, c, plan));
+                        continue;
+                    }
+                };
+                let done = earlier.get(&c.id);
+                for device in found {
+                    match done.and_then(|d| d.get(&device.hash()[..])) {
+                        Some(DeviceStatus::Sent) => before += 1,
+                        Some(DeviceStatus::Gone | DeviceStatus::Failed) => {}
+                        None => to_reach.push(device),
+                    }
+                }
+                if to_reach.is_empty() {
+                    // Every device settled on earlier attempts (the process
+                    // stopped between a call and its outcome): nothing to send.
+                    settle(match before {
+                        0 => Outcome::Failed {
+                            provider,
+                            error: "every device was gone or refused it on earlier attempts".into(),
+                        },
+                        _ => Outcome::Sent { provider, message_id: None },
+                    });
+                    continue;
+                }
+            }
             messages.push(OutboundMessage {
                 delivery_id: c.id,
                 idempotency_key: c.idempotency_key.clone(),
@@ -713,7 +777,9 @@ impl Dispatcher {
                     recipient: c.recipient.clone(),
                     time: c.committed_at,
                 }),
+                devices: to_reach,
             });
+            reached_before.push(before);
             sending.push(c);
         }
         if messages.is_empty() {
@@ -739,7 +805,10 @@ impl Dispatcher {
                 .collect();
         };
         let started = Instant::now();
-        let results = target.send_batch(&messages).await;
+        let results = match &plan.devices {
+            None => target.send_batch(&messages).await,
+            Some(dp) => self.send_to_devices(target, dp, &messages, &reached_before, db).await,
+        };
         drop(permit);
         let call_ms = started.elapsed().as_secs_f64() * 1000.0;
         let circuit = &self.circuits[provider];
@@ -774,6 +843,63 @@ impl Dispatcher {
             })
             .chain(settled)
             .collect()
+    }
+}
+
+impl Dispatcher {
+    /// Sends to each message's devices, keeps every device's settled answer
+    /// (`device_sends`), runs `on_invalid_token` for the gone ones, and
+    /// returns each message's one result.
+    ///
+    /// The answers are written right after the call, before the deliveries'
+    /// outcomes: if the process stops in between, the delivery is claimed
+    /// again and finds its devices already settled, instead of reaching them
+    /// twice. If that write fails (the database went away), a retry may
+    /// reach a device twice: the same window as any call whose outcome is
+    /// lost, counted the same way.
+    async fn send_to_devices(
+        &self,
+        target: &Provider,
+        plan: &DevicePlan,
+        messages: &[OutboundMessage],
+        reached_before: &[usize],
+        db: &Client,
+    ) -> Vec<Result<Accepted, ProviderError>> {
+        let answers = target.send_devices(messages).await;
+        let mut rows = Vec::new();
+        let mut gone: Vec<&Device> = Vec::new();
+        let mut results = Vec::with_capacity(messages.len());
+        for ((m, answers), before) in messages.iter().zip(answers).zip(reached_before) {
+            if answers.len() != m.devices.len() {
+                results.push(Err(ProviderError::Retryable {
+                    reason: format!("{} answered for {} of {} devices", target.name(), answers.len(), m.devices.len()),
+                    retry_after: None,
+                }));
+                continue;
+            }
+            let answers: Vec<_> = answers
+                .into_iter()
+                .zip(&m.devices)
+                .map(|(a, d)| crate::providers::devices::without_token(a, d))
+                .collect();
+            for (a, d) in answers.iter().zip(&m.devices) {
+                if let Some(status) = DeviceStatus::of(a) {
+                    rows.push((m.delivery_id, d.hash(), status));
+                }
+                if matches!(a, Err(DeviceError::Gone { .. })) {
+                    gone.push(d);
+                }
+            }
+            results.push(fold(*before, &answers, &m.devices));
+        }
+        if let Err(e) = devices::record(db, &self.schema, &rows).await {
+            warn!(provider = target.name(), error = %e,
+                "per-device outcomes not recorded: a retry of these deliveries may reach a device twice");
+        }
+        for device in gone {
+            devices::forget(db, plan, device).await;
+        }
+        results
     }
 }
 

@@ -56,6 +56,16 @@ pub async fn erase(client: &mut Client, schema: &str, recipient: &str) -> Result
             &[&recipient],
         )
         .await?;
+    // Which devices got which delivery: a pseudonymous trail of the person's
+    // devices, and no proof of delivery needs it (the ledger row is that).
+    tx.execute(
+        &format!(
+            "DELETE FROM {schema}.device_sends
+             WHERE delivery_id IN (SELECT id FROM {schema}.deliveries WHERE recipient = $1)"
+        ),
+        &[&recipient],
+    )
+    .await?;
     let anonymised = tx
         .execute(
             &format!(

@@ -48,6 +48,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (6, include_str!("../sql/migrations/006_change_keys.sql")),
     (7, include_str!("../sql/migrations/007_capture_rows.sql")),
     (8, include_str!("../sql/migrations/008_claims_and_vacuum.sql")),
+    (11, include_str!("../sql/migrations/011_device_sends.sql")),
 ];
 
 /// The migrations' SQL with the schema name filled in (it is a validated identifier).

@@ -15,6 +15,7 @@ pub mod config;
 pub mod contacts;
 pub mod db;
 pub mod demo;
+pub mod devices;
 pub mod dispatch;
 pub mod gap;
 pub mod gdpr;

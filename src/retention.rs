@@ -57,13 +57,18 @@ pub async fn prune(client: &Client, cfg: &Config, dry_run: bool) -> Result<u64, 
     }
     // Oldest first, by id (the primary key's order is roughly commit order):
     // the scan stops after a slice of matches instead of reading the table.
+    // A push delivery's per-device outcomes go with it, in the same statement.
     let sql = format!(
-        "DELETE FROM {schema}.deliveries WHERE id IN (
-             SELECT id FROM {schema}.deliveries WHERE {cond} ORDER BY id LIMIT {SLICE})"
+        "WITH pruned AS (
+             DELETE FROM {schema}.deliveries WHERE id IN (
+                 SELECT id FROM {schema}.deliveries WHERE {cond} ORDER BY id LIMIT {SLICE})
+             RETURNING id),
+         devices AS (DELETE FROM {schema}.device_sends WHERE delivery_id IN (SELECT id FROM pruned))
+         SELECT count(*) FROM pruned"
     );
     let mut total = 0u64;
     loop {
-        let n = client.execute(&sql, &[&days, slot]).await?;
+        let n = client.query_one(&sql, &[&days, slot]).await?.get::<_, i64>(0) as u64;
         total += n;
         if (n as i64) < SLICE {
             break;

@@ -137,6 +137,7 @@ fn message(key: &str, destination: &str, exchange: &str, payload: serde_json::Va
             recipient: Some("42".into()),
             time: Utc::now(),
         }),
+        devices: Vec::new(),
     }
 }
 

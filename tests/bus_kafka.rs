@@ -169,6 +169,7 @@ fn message(key: &str, topic: &str, payload: serde_json::Value) -> OutboundMessag
             recipient: Some("42".into()),
             time: Utc::now(),
         }),
+        devices: Vec::new(),
     }
 }
 

@@ -30,6 +30,7 @@ fn message(address: &str, template_id: Option<i64>, whatsapp: bool) -> OutboundM
             whatsapp,
         }),
         bus: None,
+        devices: Vec::new(),
     }
 }
 

@@ -31,6 +31,7 @@ fn mail() -> OutboundMessage {
             whatsapp: false,
         }),
         bus: None,
+        devices: Vec::new(),
     }
 }
 
@@ -142,6 +143,7 @@ async fn http_providers_trust_tls_ca_file() {
         payload: json!({"n": 1}),
         contact: None,
         bus: None,
+        devices: Vec::new(),
     };
 
     let refused = Pusher::new(&cfg, http_client()).send_batch(std::slice::from_ref(&msg)).await;

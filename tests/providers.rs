@@ -25,6 +25,7 @@ fn msg(seq: i64, channel: &str) -> OutboundMessage {
         payload: json!({"seq": seq, "text": format!("hello {seq}")}),
         contact: None,
         bus: None,
+        devices: Vec::new(),
     }
 }
 

@@ -16,6 +16,7 @@ pub mod ably;
 pub mod brevo;
 pub mod google_auth;
 pub mod bus;
+pub mod devices;
 mod http;
 pub mod log;
 pub mod pusher;
@@ -45,6 +46,9 @@ pub struct OutboundMessage {
     pub contact: Option<Contact>,
     /// Event-bus channels: the route and what the CloudEvents envelope says of the change.
     pub bus: Option<bus::BusMessage>,
+    /// Push channels ([`Reach::Devices`]): the recipient's devices not yet
+    /// reached by this delivery, looked up at send time. Empty otherwise.
+    pub devices: Vec<devices::Device>,
 }
 
 /// A message to a person's address, prepared by dispatch just before sending.
@@ -111,13 +115,15 @@ impl ProviderError {
         if bare.is_empty() {
             return self;
         }
-        let hide = |r: String| r.replace(bare, &template::mask_address(bare));
+        self.map_reason(|r| r.replace(bare, &template::mask_address(bare)))
+    }
+
+    /// The same error, its reason rewritten by `f` (to hide what it quotes).
+    pub fn map_reason(self, f: impl Fn(String) -> String) -> ProviderError {
         match self {
-            ProviderError::Retryable { reason, retry_after } => {
-                ProviderError::Retryable { reason: hide(reason), retry_after }
-            }
-            ProviderError::Permanent { reason } => ProviderError::Permanent { reason: hide(reason) },
-            ProviderError::Unauthorized { reason } => ProviderError::Unauthorized { reason: hide(reason) },
+            ProviderError::Retryable { reason, retry_after } => ProviderError::Retryable { reason: f(reason), retry_after },
+            ProviderError::Permanent { reason } => ProviderError::Permanent { reason: f(reason) },
+            ProviderError::Unauthorized { reason } => ProviderError::Unauthorized { reason: f(reason) },
         }
     }
 }
@@ -198,6 +204,10 @@ pub enum Reach {
     Address,
     /// A topic, queue or stream, set by the channel's `[channels.<name>.bus]`.
     Bus,
+    /// The recipient's devices (push subscriptions, FCM tokens), looked up at
+    /// send time by the channel's `tokens_query`; one call per device, and a
+    /// result per device (see [`devices`]).
+    Devices,
 }
 
 /// What dispatch needs to know of a provider before calling it; each
@@ -364,6 +374,11 @@ impl ProviderKind {
     pub fn is_bus(self) -> bool {
         self.profile().reach == Reach::Bus
     }
+
+    /// Push to devices: they need the channel's `tokens_query`.
+    pub fn needs_devices(self) -> bool {
+        self.profile().reach == Reach::Devices
+    }
 }
 
 impl Provider {
@@ -374,5 +389,22 @@ impl Provider {
 
     pub fn batch_size(&self) -> usize {
         self.kind().profile().batch_size
+    }
+
+    /// Delivers `messages` to their devices: one vector per message, one
+    /// result per device of `message.devices`, in order. Each
+    /// [`Reach::Devices`] provider has its arm here (its client's
+    /// `send_devices`); for any other provider each message counts as one
+    /// device, its `send_batch` result as that device's.
+    pub async fn send_devices(&self, messages: &[OutboundMessage]) -> Vec<Vec<devices::DeviceResult>> {
+        #[allow(clippy::match_single_binding)]
+        match self {
+            other => other
+                .send_batch(messages)
+                .await
+                .into_iter()
+                .map(|r| vec![r.map_err(devices::DeviceError::Provider)])
+                .collect(),
+        }
     }
 }

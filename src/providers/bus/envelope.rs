@@ -152,6 +152,7 @@ mod tests {
                 recipient: Some("42".into()),
                 time: Utc.with_ymd_and_hms(2026, 11, 26, 23, 36, 0).unwrap(),
             }),
+            devices: Vec::new(),
         }
     }
 

@@ -75,6 +75,7 @@ mod tests {
             payload: json!({"id": id, "text": "line\nbreak"}),
             contact: None,
             bus: None,
+            devices: Vec::new(),
         }
     }
 

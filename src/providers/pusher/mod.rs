@@ -255,6 +255,7 @@ mod tests {
             payload,
             contact: None,
             bus: None,
+            devices: Vec::new(),
         }
     }
 
