@@ -570,6 +570,14 @@ impl Config {
                     ch.provider.as_str()
                 ));
             }
+            // OneSignal reaches the user by External ID, which `channel_name`
+            // names; the in-app default (`private-user-{recipient}`) is never one.
+            let onesignal = std::iter::once(ch.provider).chain(ch.fallback).any(|k| k == ProviderKind::Onesignal);
+            if onesignal && ch.channel_name == default_channel_name() {
+                return bad(format!(
+                    "channels.{name}: OneSignal targets the user's External ID: set channel_name = \"{{recipient}}\" (or the pattern your app passes to OneSignal.login)"
+                ));
+            }
             let devices = ch.provider.needs_devices() || ch.fallback.is_some_and(ProviderKind::needs_devices);
             if devices && ch.tokens_query.is_none() {
                 return bad(format!(

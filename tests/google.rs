@@ -98,6 +98,7 @@ fn message(seq: i64, recipient: &str, route: &Arc<BusRoute>) -> OutboundMessage 
             recipient: Some(recipient.into()),
             time: Utc::now(),
         }),
+        devices: vec![],
     }
 }
 

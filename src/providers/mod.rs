@@ -17,8 +17,10 @@ pub mod brevo;
 pub mod google_auth;
 pub mod bus;
 pub mod devices;
+pub mod fcm;
 mod http;
 pub mod log;
+pub mod onesignal;
 pub mod pusher;
 pub mod smtp;
 pub mod template;
@@ -361,6 +363,8 @@ provider_table! {
     Redis "redis" redis: bus::redis => RedisStreams(RedisConfig);
     Nats "nats" nats: bus::nats => Nats(NatsConfig);
     Pubsub "pubsub" pubsub: bus::pubsub => PubSub(PubSubConfig);
+    Onesignal "onesignal" onesignal: onesignal => OneSignal(OneSignalConfig);
+    Fcm "fcm" fcm: fcm => Fcm(FcmConfig);
 }
 
 impl ProviderKind {
@@ -397,8 +401,8 @@ impl Provider {
     /// `send_devices`); for any other provider each message counts as one
     /// device, its `send_batch` result as that device's.
     pub async fn send_devices(&self, messages: &[OutboundMessage]) -> Vec<Vec<devices::DeviceResult>> {
-        #[allow(clippy::match_single_binding)]
         match self {
+            Provider::Fcm(p) => p.send_devices(messages).await,
             other => other
                 .send_batch(messages)
                 .await

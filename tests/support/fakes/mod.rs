@@ -4,8 +4,10 @@
 
 pub mod ably;
 pub mod brevo;
+pub mod fcm;
 pub mod google_auth;
 pub mod http;
+pub mod onesignal;
 pub mod pubsub;
 pub mod pusher;
 pub mod twilio;
