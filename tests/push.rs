@@ -99,6 +99,7 @@ table = "public.t"
 recipient_column = "user_id"
 event = "e"
 channels = ["push"]
+payload_columns = ["id"]
 [channels.push]
 provider = "onesignal"
 CHANNEL_NAME
