@@ -652,6 +652,14 @@ impl Config {
                     ch.provider.as_str()
                 ));
             }
+            // OneSignal reaches the user by External ID, which `channel_name`
+            // names; the in-app default (`private-user-{recipient}`) is never one.
+            let onesignal = std::iter::once(ch.provider).chain(ch.fallback).any(|k| k == ProviderKind::Onesignal);
+            if onesignal && ch.channel_name == default_channel_name() {
+                return bad(format!(
+                    "channels.{name}: OneSignal targets the user's External ID: set channel_name = \"{{recipient}}\" (or the pattern your app passes to OneSignal.login)"
+                ));
+            }
             let devices = ch.provider.needs_devices() || ch.fallback.is_some_and(ProviderKind::needs_devices);
             if devices && ch.tokens_query.is_none() {
                 return bad(format!(
@@ -684,7 +692,7 @@ impl Config {
                 }
                 (Some(_), _) if !ch.provider.can_bus() => {
                     return bad(format!(
-                        "channels.{name}.bus is only for bus providers (kafka, rabbitmq, redis, nats) and sns topics"
+                        "channels.{name}.bus is only for bus providers (kafka, rabbitmq, redis, nats, pubsub) and sns topics"
                     ))
                 }
                 (Some(route), _) => route.validate(&format!("channels.{name}")).map_err(ConfigError::Invalid)?,

@@ -131,6 +131,7 @@ fn message(key: &str, destination: &str, exchange: &str, payload: serde_json::Va
                 mode: EnvelopeMode::Structured,
                 source: None,
                 events: Default::default(),
+                ordering: false,
             }),
             source: "/app/public.orders".into(),
             recipient: Some("42".into()),

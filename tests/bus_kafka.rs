@@ -163,6 +163,7 @@ fn message(key: &str, topic: &str, payload: serde_json::Value) -> OutboundMessag
                 mode: EnvelopeMode::Structured,
                 source: None,
                 events: Default::default(),
+                ordering: false,
             }),
             source: "/app/public.orders".into(),
             recipient: Some("42".into()),

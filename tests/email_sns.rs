@@ -269,6 +269,7 @@ fn topic_message(key: &str, topic: &str, recipient: &str) -> OutboundMessage {
                 mode: EnvelopeMode::Structured,
                 source: None,
                 events: Default::default(),
+                ordering: false,
             }),
             source: "/app/public.orders".into(),
             recipient: Some(recipient.into()),

@@ -14,11 +14,14 @@
 
 pub mod ably;
 pub mod brevo;
+pub mod google_auth;
 pub mod bus;
 pub mod devices;
+pub mod fcm;
 mod http;
 pub mod log;
 pub mod mailgun;
+pub mod onesignal;
 pub mod pusher;
 pub mod sendgrid;
 pub mod smtp;
@@ -377,6 +380,9 @@ provider_table! {
     Redis "redis" redis: bus::redis => RedisStreams(RedisConfig);
     Nats "nats" nats: bus::nats => Nats(NatsConfig);
     Webpush "webpush" webpush: webpush => Webpush(WebpushConfig);
+    Pubsub "pubsub" pubsub: bus::pubsub => PubSub(PubSubConfig);
+    Onesignal "onesignal" onesignal: onesignal => OneSignal(OneSignalConfig);
+    Fcm "fcm" fcm: fcm => Fcm(FcmConfig);
 }
 
 impl ProviderKind {
@@ -441,6 +447,7 @@ impl Provider {
     pub async fn send_devices(&self, messages: &[OutboundMessage]) -> Vec<Vec<devices::DeviceResult>> {
         match self {
             Provider::Webpush(p) => p.send_devices(messages).await,
+            Provider::Fcm(p) => p.send_devices(messages).await,
             other => other
                 .send_batch(messages)
                 .await

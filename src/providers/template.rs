@@ -70,6 +70,20 @@ pub fn default_text(event: &str, payload: &Value) -> String {
     }
 }
 
+/// A push notification's title and body from the payload: the title as
+/// [`default_text`]; the body the first non-empty string among `body`,
+/// `message` and `text`, else the title again (a push without a body shows
+/// nothing on some platforms).
+pub fn push_text(event: &str, payload: &Value) -> (String, String) {
+    let title = default_text(event, payload);
+    let body = ["body", "message", "text"]
+        .iter()
+        .find_map(|k| payload.get(*k).and_then(Value::as_str).filter(|s| !s.trim().is_empty()))
+        .map(str::to_string)
+        .unwrap_or_else(|| title.clone());
+    (title, body)
+}
+
 /// `+33612345678` → `+336*****678`, `jane@example.com` → `j***@example.com`:
 /// enough to tell addresses apart in a log, not enough to contact anyone.
 pub fn mask_address(s: &str) -> String {
@@ -91,6 +105,14 @@ pub fn mask_address(s: &str) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn push_text_takes_title_and_body_from_the_payload() {
+        let (t, b) = push_text("order_shipped", &json!({"title": "Shipped", "message": "Order 7 left", "body": ""}));
+        assert_eq!((t.as_str(), b.as_str()), ("Shipped", "Order 7 left"));
+        let (t, b) = push_text("order_shipped", &json!({"id": 7}));
+        assert_eq!((t.as_str(), b.as_str()), ("order shipped", "order shipped"));
+    }
 
     #[test]
     fn fills_placeholders_with_payload_values() {

@@ -165,6 +165,7 @@ mod tests {
                     mode,
                     source: None,
                     events,
+                    ordering: false,
                 }),
                 source: "/app/public.orders".into(),
                 recipient: Some("42".into()),

@@ -15,6 +15,7 @@
 pub mod envelope;
 pub mod kafka;
 pub mod nats;
+pub mod pubsub;
 pub mod rabbitmq;
 pub mod redis;
 
@@ -54,6 +55,12 @@ pub struct BusRoute {
     /// Per event: a different destination, key, exchange or more headers.
     #[serde(default)]
     pub events: BTreeMap<String, EventRoute>,
+    /// Pub/Sub only: publish with `orderingKey` = the message key, so that a
+    /// subscription with message ordering gets one key's (one person's)
+    /// messages in order. Off by default: ordered publishing is slower and
+    /// needs ordering enabled on the subscription.
+    #[serde(default)]
+    pub ordering: bool,
 }
 
 fn default_key() -> String {

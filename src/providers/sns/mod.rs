@@ -305,6 +305,7 @@ mod tests {
                     mode: EnvelopeMode::Structured,
                     source: None,
                     events: Default::default(),
+                    ordering: false,
                 }),
                 source: "/app/public.orders".into(),
                 recipient: Some("42".into()),

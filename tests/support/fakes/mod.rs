@@ -4,9 +4,13 @@
 
 pub mod ably;
 pub mod brevo;
+pub mod fcm;
+pub mod google_auth;
 pub mod http;
 pub mod mailgun;
+pub mod onesignal;
 pub mod otlp;
+pub mod pubsub;
 pub mod pusher;
 pub mod sendgrid;
 pub mod sentry;
