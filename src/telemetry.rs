@@ -33,6 +33,7 @@ pub mod metric {
     pub const RETAINED_WAL: &str = "outbox_relay_slot_retained_wal_bytes";
     pub const WEBHOOKS: &str = "outbox_relay_webhooks_total";
     pub const SMTP_STARTTLS_MISSING: &str = "outbox_relay_smtp_starttls_missing_total";
+    pub const WEBHOOK_ENDPOINT_GONE: &str = "outbox_relay_webhook_endpoint_gone_total";
     /// 1 while this process holds the relay's lock and works, 0 as a standby.
     pub const ACTIVE: &str = "outbox_relay_active";
     pub const OLDEST_PENDING: &str = "outbox_relay_oldest_pending_age_seconds";
@@ -115,6 +116,10 @@ fn describe() {
     describe_counter!(
         metric::SMTP_STARTTLS_MISSING,
         "E-mails sent unencrypted because an SMTP server (tls=opportunistic) offered no STARTTLS."
+    );
+    describe_counter!(
+        metric::WEBHOOK_ENDPOINT_GONE,
+        "Signed-webhook deliveries refused because the endpoint answered 410 Gone (sending to it stopped)."
     );
     describe_counter!(metric::SOURCE_RECONNECTS, "Times the source connection was lost and re-established.");
     describe_gauge!(metric::BACKLOG, "Deliveries pending or in flight in the ledger.");

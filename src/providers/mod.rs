@@ -17,10 +17,12 @@ pub mod brevo;
 pub mod bus;
 mod http;
 pub mod log;
+pub mod pubnub;
 pub mod pusher;
 pub mod smtp;
 pub mod template;
 pub mod twilio;
+pub mod webhook;
 
 use std::time::Duration;
 
@@ -341,6 +343,8 @@ macro_rules! provider_table {
 provider_table! {
     Pusher "pusher" pusher: pusher => Pusher(PusherConfig);
     Ably "ably" ably: ably => Ably(AblyConfig);
+    Pubnub "pubnub" pubnub: pubnub => Pubnub(PubnubConfig);
+    Webhook "webhook" webhook: webhook => Webhook(WebhookConfig);
     Brevo "brevo" brevo: brevo => Brevo(BrevoConfig);
     Smtp "smtp" smtp: smtp => Smtp(SmtpConfig);
     Twilio "twilio" twilio: twilio => Twilio(TwilioConfig);
