@@ -4,9 +4,10 @@
 //! POST rather than GET: the message is not URL-encoded into the path, so
 //! the 32 KiB limit counts the JSON itself.
 //!
-//! The event name travels twice: in `meta` (`{"event": ...}`, which PubNub
-//! delivers with the message and subscribers can filter on) and, when it
-//! fits PubNub's rule for it, as `custom_message_type`.
+//! The event name travels twice: in `meta` (`{"event": ..., "key": ...}`,
+//! which PubNub delivers with the message and subscribers can filter on) and,
+//! when it fits PubNub's rule for it, as `custom_message_type`. `meta.key` is
+//! the delivery's idempotency key, for subscribers that drop a re-send.
 //!
 //! With a `secret_key`, each call carries `timestamp` and a v2 `signature`
 //! (see [`signature_v2`]). PubNub has no idempotency key: a re-send after a
@@ -94,7 +95,7 @@ impl Pubnub {
             encode(&m.channel_name)
         );
         let mut params: Vec<(&str, String)> = vec![
-            ("meta", serde_json::json!({ "event": m.event }).to_string()),
+            ("meta", serde_json::json!({ "event": m.event, "key": m.idempotency_key }).to_string()),
             ("pnsdk", PNSDK.to_string()),
             ("uuid", self.uuid.clone()),
         ];

@@ -5,5 +5,7 @@
 pub mod ably;
 pub mod brevo;
 pub mod http;
+pub mod pubnub;
 pub mod pusher;
 pub mod twilio;
+pub mod webhook;
