@@ -1,6 +1,7 @@
 //! PubNub and the Standard Webhooks signed webhook: their clients against
 //! wire-level fakes on 127.0.0.1 (the same fault cases as tests/providers.rs),
-//! the fakes' own checks, and one end-to-end relay run through both.
+//! the fakes' own checks, one end-to-end relay run through both, and PubNub
+//! as the fallback of a failing Pusher channel.
 
 mod support;
 
@@ -14,7 +15,7 @@ use outbox_relay::providers::{http_client, Accepted, OutboundMessage, ProviderEr
 use serde_json::json;
 use support::fakes::pubnub::FakePubnub;
 use support::fakes::webhook::FakeWebhook;
-use support::relay::{free_port, scrape_counter, Env, Mode};
+use support::relay::{free_port, insert_notifications, scrape_counter, Env, Mode};
 
 const PUB: &str = "pub-c-0f9faa0e";
 const SUB: &str = "sub-c-c10cec8f";
@@ -208,7 +209,10 @@ async fn webhook_wrong_secret_is_unauthorized() {
         base64::engine::general_purpose::STANDARD.encode([9u8; 32])
     ));
     let results = Webhook::new(&cfg, http_client()).unwrap().send_batch(&[msg(1, "c")]).await;
-    assert!(matches!(&results[0], Err(ProviderError::Unauthorized { reason }) if reason.contains("401")), "{results:?}");
+    assert!(
+        matches!(&results[0], Err(ProviderError::Unauthorized { reason }) if reason.contains("401")),
+        "{results:?}"
+    );
     assert_eq!(fake.rejections(), vec![(401, "no matching v1 signature".to_string())]);
     assert!(fake.processed().is_empty());
 }
@@ -222,7 +226,10 @@ async fn webhook_410_gone_stops_calls_to_that_url_only() {
     let first = client.send_batch(&[msg(1, "user-1")]).await;
     let later = client.send_batch(&[msg(2, "user-1"), msg(3, "user-2")]).await;
 
-    assert!(matches!(&first[0], Err(ProviderError::Permanent { reason }) if reason.contains("gone (410)")), "{first:?}");
+    assert!(
+        matches!(&first[0], Err(ProviderError::Permanent { reason }) if reason.contains("gone (410)")),
+        "{first:?}"
+    );
     assert!(matches!(&later[0], Err(ProviderError::Permanent { reason }) if reason.contains("not called again")));
     assert!(later[1].is_ok(), "another URL still works: {later:?}");
     assert_eq!(fake.requests(), 2, "the gone URL was called once");
@@ -275,10 +282,7 @@ async fn webhook_config_refuses_plain_http_bad_secrets_and_unknown_placeholders(
     cfg.allow_http = false;
     assert_eq!(Webhook::new(&cfg, http_client()).unwrap_err(), WebhookConfigError::Scheme);
     let mut cfg = fake.config("/hooks/{recipient}");
-    assert_eq!(
-        Webhook::new(&cfg, http_client()).unwrap_err(),
-        WebhookConfigError::Placeholder("recipient".into())
-    );
+    assert_eq!(Webhook::new(&cfg, http_client()).unwrap_err(), WebhookConfigError::Placeholder("recipient".into()));
     cfg = fake.config("/hooks");
     cfg.secret = outbox_relay::config::Secret::new("whsec_c2hvcnQ=");
     let err = Webhook::new(&cfg, http_client()).unwrap_err();
@@ -380,8 +384,7 @@ allow_http = true
     let mut on_hook: Vec<(String, i64)> =
         hook.processed().iter().map(|d| (d.target.clone(), d.body["data"]["order"].as_i64().unwrap())).collect();
     on_hook.sort();
-    let want: Vec<(String, i64)> =
-        (1..=6).filter(|o| *o != 3).map(|o| (format!("/hooks/{}", 10 + o), o)).collect();
+    let want: Vec<(String, i64)> = (1..=6).filter(|o| *o != 3).map(|o| (format!("/hooks/{}", 10 + o), o)).collect();
     assert_eq!(on_hook, want, "each row once, except recipient 13's gone endpoint");
     assert_eq!(hook.requests(), 6, "no retries: 410 is final");
 
@@ -401,11 +404,66 @@ allow_http = true
     assert!(error.contains("gone (410)"), "{error}");
     let sent_id = hook.processed().iter().find(|d| d.target == "/hooks/11").unwrap().id.clone();
     let key_11: String = client
-        .query_one("SELECT idempotency_key FROM outbox_relay.deliveries WHERE channel = 'hook' AND recipient = '11'", &[])
+        .query_one(
+            "SELECT idempotency_key FROM outbox_relay.deliveries WHERE channel = 'hook' AND recipient = '11'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
     assert_eq!(sent_id, key_11, "webhook-id is the ledger's idempotency key");
     assert_eq!(scrape_counter(port, "outbox_relay_webhook_endpoint_gone_total").await, Some(1.0));
+    relay.stop().await;
+}
+
+/// Pusher down, its circuit open: fresh deliveries go to PubNub as the
+/// channel's fallback, and none reaches both (the faults.rs pattern).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubnub_takes_fresh_deliveries_as_fallback_while_pusher_is_down() {
+    let pn = FakePubnub::start(PUB, SUB, Some(SEC));
+    let extra = format!(
+        "circuit_failures = 3\n\n[providers.pubnub]\npublish_key = \"{PUB}\"\nsubscribe_key = \"{SUB}\"\nsecret_key = \"{SEC}\"\nbase_url = \"{}\"\n",
+        pn.base_url()
+    );
+    let env = Env::with("pnfallback", "fallback = \"pubnub\"", &extra).await;
+    env.pusher.fail_next(10_000, 503, None);
+    let relay = env.start_in_process();
+    env.wait_streaming().await;
+    let client = env.db.client().await;
+
+    // A: tried on Pusher, which fails until the circuit opens.
+    let a = insert_notifications(&client, 10, 10).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let open: i64 = client
+            .query_one("SELECT count(*) FROM outbox_relay.deliveries WHERE last_error LIKE '%circuit open%'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if open > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the circuit never opened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // B: fresh while the circuit is open → PubNub.
+    let b = insert_notifications(&client, 10, 10).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while pn.published().len() < 10 {
+        assert!(tokio::time::Instant::now() < deadline, "fallback not used: {} on PubNub", pn.published().len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.pusher.recover();
+    env.wait_settled(20, Duration::from_secs(30)).await;
+
+    let on_pusher = env.pusher_counts();
+    let mut on_pubnub = std::collections::BTreeMap::<i64, usize>::new();
+    for p in pn.published() {
+        *on_pubnub.entry(p.message["id"].as_i64().unwrap()).or_default() += 1;
+    }
+    assert!(on_pusher.keys().all(|id| !on_pubnub.contains_key(id)), "no delivery reached both");
+    assert!(a.iter().all(|id| on_pusher.get(id) == Some(&1)), "A stayed with Pusher, once each");
+    assert!(b.iter().all(|id| on_pubnub.get(id) == Some(&1)), "B went to PubNub, once each: {on_pubnub:?}");
+    assert!(pn.published().iter().all(|p| p.channel.starts_with("private-user-") && p.signed));
     relay.stop().await;
 }

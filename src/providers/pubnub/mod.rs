@@ -225,7 +225,9 @@ fn classify(status: StatusCode, wait: Option<Duration>, body: &str) -> Result<Ac
         // 400 "Invalid Key" (publish or subscribe key unknown), 403 Access
         // Manager (signature or permissions): the same call keeps failing
         // until someone fixes the keys.
-        400 if description.to_ascii_lowercase().contains("invalid") && description.to_ascii_lowercase().contains("key") => {
+        400 if description.to_ascii_lowercase().contains("invalid")
+            && description.to_ascii_lowercase().contains("key") =>
+        {
             ProviderError::Unauthorized { reason }
         }
         401 | 403 => ProviderError::Unauthorized { reason },
@@ -331,8 +333,15 @@ mod tests {
             Err(ProviderError::Permanent { reason }) if reason == "pubnub answered 413: Message Too Large"
         ));
         assert_eq!(
-            classify(StatusCode::TOO_MANY_REQUESTS, wait, r#"{"status":429,"error":true,"message":"Too Many Requests"}"#),
-            Err(ProviderError::Retryable { reason: "pubnub answered 429: Too Many Requests".into(), retry_after: wait })
+            classify(
+                StatusCode::TOO_MANY_REQUESTS,
+                wait,
+                r#"{"status":429,"error":true,"message":"Too Many Requests"}"#
+            ),
+            Err(ProviderError::Retryable {
+                reason: "pubnub answered 429: Too Many Requests".into(),
+                retry_after: wait
+            })
         );
         assert!(matches!(classify(StatusCode::BAD_GATEWAY, None, ""), Err(ProviderError::Retryable { .. })));
     }

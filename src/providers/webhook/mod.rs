@@ -219,7 +219,10 @@ fn classify(status: StatusCode, wait: Option<Duration>, body: &str) -> Result<Ac
     let reason = format!("webhook endpoint answered {code}: {}", truncate(body, MAX_REASON_BODY));
     Err(match code {
         410 => ProviderError::Permanent {
-            reason: format!("webhook endpoint is gone (410): sending to it stopped until the relay restarts: {}", truncate(body, MAX_REASON_BODY)),
+            reason: format!(
+                "webhook endpoint is gone (410): sending to it stopped until the relay restarts: {}",
+                truncate(body, MAX_REASON_BODY)
+            ),
         },
         300..=399 => ProviderError::Permanent {
             reason: format!("webhook endpoint answered {code} (a redirect, not followed: set url to the new address)"),
@@ -257,26 +260,45 @@ mod tests {
     #[test]
     fn url_placeholders_are_checked_and_filled_encoded() {
         assert!(check_placeholders("https://h/x/{channel}/{event}").is_ok());
-        assert_eq!(check_placeholders("https://h/{recipient}"), Err(WebhookConfigError::Placeholder("recipient".into())));
-        assert_eq!(render_url("https://h/u/{channel}?e={event}", "user 42/x", "a.b").unwrap(), "https://h/u/user%2042%2Fx?e=a.b");
+        assert_eq!(
+            check_placeholders("https://h/{recipient}"),
+            Err(WebhookConfigError::Placeholder("recipient".into()))
+        );
+        assert_eq!(
+            render_url("https://h/u/{channel}?e={event}", "user 42/x", "a.b").unwrap(),
+            "https://h/u/user%2042%2Fx?e=a.b"
+        );
         assert!(render_url("https://h/u/{channel}", "..", "e").is_err());
         assert!(render_url("https://h/u/{channel}", "", "e").is_err());
-        assert_eq!(render_url("https://h/fixed", "", "").unwrap(), "https://h/fixed", "unused placeholders need no value");
+        assert_eq!(
+            render_url("https://h/fixed", "", "").unwrap(),
+            "https://h/fixed",
+            "unused placeholders need no value"
+        );
     }
 
     #[test]
     fn answers_follow_the_specs_status_handling() {
         let wait = Some(Duration::from_secs(3));
         assert!(classify(StatusCode::NO_CONTENT, None, "").is_ok());
-        assert!(matches!(classify(StatusCode::GONE, None, ""), Err(ProviderError::Permanent { reason }) if reason.contains("gone")));
-        assert!(matches!(classify(StatusCode::FOUND, None, ""), Err(ProviderError::Permanent { reason }) if reason.contains("redirect")));
+        assert!(
+            matches!(classify(StatusCode::GONE, None, ""), Err(ProviderError::Permanent { reason }) if reason.contains("gone"))
+        );
+        assert!(
+            matches!(classify(StatusCode::FOUND, None, ""), Err(ProviderError::Permanent { reason }) if reason.contains("redirect"))
+        );
         assert!(matches!(classify(StatusCode::UNAUTHORIZED, None, ""), Err(ProviderError::Unauthorized { .. })));
         assert!(matches!(classify(StatusCode::NOT_FOUND, None, ""), Err(ProviderError::Permanent { .. })));
         assert_eq!(
             classify(StatusCode::TOO_MANY_REQUESTS, wait, "slow"),
             Err(ProviderError::Retryable { reason: "webhook endpoint answered 429: slow".into(), retry_after: wait })
         );
-        for s in [StatusCode::BAD_GATEWAY, StatusCode::SERVICE_UNAVAILABLE, StatusCode::GATEWAY_TIMEOUT, StatusCode::REQUEST_TIMEOUT] {
+        for s in [
+            StatusCode::BAD_GATEWAY,
+            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::GATEWAY_TIMEOUT,
+            StatusCode::REQUEST_TIMEOUT,
+        ] {
             assert!(matches!(classify(s, None, ""), Err(ProviderError::Retryable { .. })), "{s}");
         }
     }

@@ -158,13 +158,15 @@ async fn publish(
 ) -> Response {
     shared.record.lock().unwrap().requests += 1;
     let injected = shared.faults.intercept(&conn, |status, retry_after| {
-        let body = Json(json!({"status": status.as_u16(), "error": true, "message": "injected failure"})).into_response();
+        let body =
+            Json(json!({"status": status.as_u16(), "error": true, "message": "injected failure"})).into_response();
         with_retry_after(status, retry_after, body)
     });
     if let Some(response) = injected.await {
         return response;
     }
-    let invalid = |why: &str| refuse(&shared, StatusCode::BAD_REQUEST, json!([0, "Invalid Arguments", timetoken()]), why);
+    let invalid =
+        |why: &str| refuse(&shared, StatusCode::BAD_REQUEST, json!([0, "Invalid Arguments", timetoken()]), why);
     if pub_key != shared.publish_key || sub_key != shared.subscribe_key {
         return refuse(&shared, StatusCode::BAD_REQUEST, json!([0, "Invalid Key", timetoken()]), "Invalid Key");
     }
@@ -205,9 +207,8 @@ async fn publish(
         let to_sign = format!("GET\n{}\n{}\n{}\n", shared.publish_key, uri.path(), canonical.join("&"));
         let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
         mac.update(to_sign.as_bytes());
-        let given = signature
-            .strip_prefix("v2.")
-            .and_then(|s| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok());
+        let given =
+            signature.strip_prefix("v2.").and_then(|s| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok());
         if given.is_none_or(|g| mac.verify_slice(&g).is_err()) {
             return forbidden("Signature does not match");
         }

@@ -164,9 +164,9 @@ async fn receive(
     body: Bytes,
 ) -> Response {
     shared.record.lock().unwrap().requests += 1;
-    let injected = shared
-        .faults
-        .intercept(&conn, |status, retry_after| with_retry_after(status, retry_after, "injected failure".into_response()));
+    let injected = shared.faults.intercept(&conn, |status, retry_after| {
+        with_retry_after(status, retry_after, "injected failure".into_response())
+    });
     if let Some(response) = injected.await {
         return response;
     }
