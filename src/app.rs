@@ -335,6 +335,9 @@ fn register_zeros(cfg: &Config) {
         if kind == crate::config::ProviderKind::Smtp {
             metrics::counter!(metric::SMTP_STARTTLS_MISSING).increment(0);
         }
+        if kind == crate::config::ProviderKind::Webhook {
+            metrics::counter!(metric::WEBHOOK_ENDPOINT_GONE).increment(0);
+        }
     }
     let p = &cfg.providers;
     let hooks = [

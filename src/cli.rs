@@ -511,17 +511,21 @@ fn vapid_keys(out: Option<&std::path::Path>) -> Result<(), Failure> {
         Some(path) => {
             use std::io::Write as _;
             use std::os::unix::fs::OpenOptionsExt as _;
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(|e| Failure::user(format!("{}: {e} (an existing key is never overwritten)", path.display())))?;
+            let mut file =
+                std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
+                    Failure::user(format!("{}: {e} (an existing key is never overwritten)", path.display()))
+                })?;
             file.write_all(pem.as_bytes()).map_err(Failure::other)?;
-            println!("# private key written to {} (mode 0600): private_key = \"file:{}\"", path.display(), path.display());
+            println!(
+                "# private key written to {} (mode 0600): private_key = \"file:{}\"",
+                path.display(),
+                path.display()
+            );
         }
         None => {
-            println!("# [providers.webpush] private_key (keep it secret; a file and private_key = \"file:/path\" is best):");
+            println!(
+                "# [providers.webpush] private_key (keep it secret; a file and private_key = \"file:/path\" is best):"
+            );
             print!("{pem}");
         }
     }

@@ -667,13 +667,17 @@ impl Config {
                     ch.provider.as_str()
                 ));
             }
-            for (key, set) in [("tokens_query", ch.tokens_query.is_some()), ("on_invalid_token", ch.on_invalid_token.is_some())] {
+            for (key, set) in
+                [("tokens_query", ch.tokens_query.is_some()), ("on_invalid_token", ch.on_invalid_token.is_some())]
+            {
                 if set && !devices {
                     return bad(format!("channels.{name}.{key} is only for push providers (webpush, fcm)"));
                 }
             }
             if ch.fallback.is_some_and(|f| f.needs_devices() != ch.provider.needs_devices()) {
-                return bad(format!("channels.{name}.fallback must push to devices too when the provider does, and not otherwise"));
+                return bad(format!(
+                    "channels.{name}.fallback must push to devices too when the provider does, and not otherwise"
+                ));
             }
             if ch.fallback.is_some_and(|f| (ch.reach_of(f) == Reach::Address) != (reach == Reach::Address)) {
                 return bad(format!(
@@ -1001,8 +1005,10 @@ mod tests {
     #[test]
     fn device_keys_are_only_for_push_channels() {
         for key in ["tokens_query = \"SELECT 1\"", "on_invalid_token = \"DELETE FROM t WHERE x = $1\""] {
-            let text = README_EXAMPLE
-                .replace("channel_name = \"private-user-{recipient}\"", &format!("channel_name = \"private-user-{{recipient}}\"\n{key}"));
+            let text = README_EXAMPLE.replace(
+                "channel_name = \"private-user-{recipient}\"",
+                &format!("channel_name = \"private-user-{{recipient}}\"\n{key}"),
+            );
             let err = Config::from_toml(&text).unwrap_err().to_string();
             assert!(err.contains("only for push providers"), "{err}");
         }

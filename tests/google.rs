@@ -59,10 +59,11 @@ async fn a_wrong_key_or_scope_is_unauthorized_and_outages_are_retryable() {
     let e = GoogleAuth::new(other, SCOPE, http_client(), Duration::from_secs(2)).token().await.unwrap_err();
     assert!(matches!(&e, ProviderError::Unauthorized { reason } if reason.contains("Invalid JWT Signature")), "{e:?}");
     let key = ServiceAccountKey::from_json(&fake.key_json()).unwrap();
-    let e = GoogleAuth::new(key, "https://www.googleapis.com/auth/cloud-platform", http_client(), Duration::from_secs(2))
-        .token()
-        .await
-        .unwrap_err();
+    let e =
+        GoogleAuth::new(key, "https://www.googleapis.com/auth/cloud-platform", http_client(), Duration::from_secs(2))
+            .token()
+            .await
+            .unwrap_err();
     assert!(matches!(e, ProviderError::Unauthorized { .. }), "{e:?}");
     fake.fail_next(1, 503, Some("4"));
     let e = auth(&fake).token().await.unwrap_err();

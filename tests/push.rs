@@ -66,7 +66,10 @@ async fn onesignal_targets_the_external_id_once_per_delivery_key() {
     assert_eq!(fake.rejections(), vec![]);
 
     let nobody = client.send(&message(2, "7", &[])).await.unwrap_err();
-    assert!(matches!(&nobody, ProviderError::Permanent { reason } if reason.contains("no push subscription")), "{nobody:?}");
+    assert!(
+        matches!(&nobody, ProviderError::Permanent { reason } if reason.contains("no push subscription")),
+        "{nobody:?}"
+    );
 }
 
 #[tokio::test]
@@ -79,10 +82,16 @@ async fn onesignal_faults_have_the_providers_error_classes() {
     assert!(client.send(&message(2, "42", &[])).await.unwrap_err().is_retryable());
     fake.faults().fail_next(1, 429, Some("11"));
     let limited = client.send(&message(3, "42", &[])).await.unwrap_err();
-    assert_eq!(limited, ProviderError::Retryable { reason: limited.to_string(), retry_after: Some(Duration::from_secs(11)) });
+    assert_eq!(
+        limited,
+        ProviderError::Retryable { reason: limited.to_string(), retry_after: Some(Duration::from_secs(11)) }
+    );
     fake.faults().set_delay(Duration::from_millis(1500));
     let slow = client.send(&message(4, "42", &[])).await.unwrap_err();
-    assert!(matches!(&slow, ProviderError::Retryable { reason, .. } if reason.contains("no answer within 300 ms")), "{slow:?}");
+    assert!(
+        matches!(&slow, ProviderError::Retryable { reason, .. } if reason.contains("no answer within 300 ms")),
+        "{slow:?}"
+    );
     fake.faults().clear();
     // The timed-out call may have reached OneSignal: its re-send carries the same key.
     client.send(&message(4, "42", &[])).await.unwrap();
@@ -137,9 +146,23 @@ async fn fcm_sends_one_call_per_device_and_answers_per_device() {
 
     assert_eq!(answers.len(), 2);
     assert_eq!(answers[0].len(), 3);
-    assert!(answers[0][0].as_ref().unwrap().provider_message_id.as_deref().unwrap().starts_with("projects/demo-project/messages/"));
-    assert!(matches!(&answers[0][1], Err(DeviceError::Gone { reason }) if reason.contains("UNREGISTERED")), "{:?}", answers[0][1]);
-    assert!(matches!(&answers[0][2], Err(DeviceError::Gone { reason }) if reason.contains("registration token")), "{:?}", answers[0][2]);
+    assert!(answers[0][0]
+        .as_ref()
+        .unwrap()
+        .provider_message_id
+        .as_deref()
+        .unwrap()
+        .starts_with("projects/demo-project/messages/"));
+    assert!(
+        matches!(&answers[0][1], Err(DeviceError::Gone { reason }) if reason.contains("UNREGISTERED")),
+        "{:?}",
+        answers[0][1]
+    );
+    assert!(
+        matches!(&answers[0][2], Err(DeviceError::Gone { reason }) if reason.contains("registration token")),
+        "{:?}",
+        answers[0][2]
+    );
     assert!(answers[1][0].is_ok());
     assert_eq!(tokens.minted(), 1, "one token for every call");
     let delivered = fake.delivered();

@@ -127,12 +127,16 @@ async fn push_reaches_each_live_device_once(mode: Mode) {
     assert_eq!(row(to_7).await.0, "sent");
     assert_eq!(count("live7"), 1, "{received:?}");
     assert_eq!(count("dead7"), 0);
-    let push: serde_json::Value = serde_json::from_str(&received.iter().find(|r| r.subscription == "live7").unwrap().plaintext).unwrap();
+    let push: serde_json::Value =
+        serde_json::from_str(&received.iter().find(|r| r.subscription == "live7").unwrap().plaintext).unwrap();
     assert_eq!(push["event"], "order_shipped");
     assert_eq!(push["data"]["order"], 1);
     assert!(push["key"].as_str().is_some_and(|k| !k.is_empty()), "{push}");
     let first = &received[0];
-    assert_eq!((first.ttl, first.urgency.as_deref(), first.sender.as_str()), (600, Some("high"), "mailto:ops@example.com"));
+    assert_eq!(
+        (first.ttl, first.urgency.as_deref(), first.sender.as_str()),
+        (600, Some("high"), "mailto:ops@example.com")
+    );
     let left: Vec<String> = client
         .query("SELECT endpoint FROM push_subscription ORDER BY id", &[])
         .await

@@ -228,9 +228,18 @@ pub async fn run() -> Result<(), DemoError> {
     }
 
     let pushes = push.received();
-    say(&format!("the local push service received {} push message(s); decrypted as the browser reads them:", pushes.len()));
+    say(&format!(
+        "the local push service received {} push message(s); decrypted as the browser reads them:",
+        pushes.len()
+    ));
     for p in &pushes {
-        println!("    → {} (TTL {} s, Urgency {}, from {})", p.subscription, p.ttl, p.urgency.as_deref().unwrap_or("-"), p.sender);
+        println!(
+            "    → {} (TTL {} s, Urgency {}, from {})",
+            p.subscription,
+            p.ttl,
+            p.urgency.as_deref().unwrap_or("-"),
+            p.sender
+        );
         println!("    | {}", p.plaintext);
     }
     for (browser, status, _) in push.refused() {

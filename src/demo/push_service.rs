@@ -78,8 +78,8 @@ impl Subscriber {
         let (salt, _rs, keyid) = ece::header(body).map_err(|e| e.to_string())?;
         let sender = p256::PublicKey::from_sec1_bytes(keyid).map_err(|_| "keyid is not a P-256 point".to_string())?;
         let shared = p256::ecdh::diffie_hellman(self.secret.to_nonzero_scalar(), sender.as_affine());
-        let keys = ece::derive(shared.raw_secret_bytes(), &self.auth, &self.public, keyid, salt)
-            .map_err(|e| e.to_string())?;
+        let keys =
+            ece::derive(shared.raw_secret_bytes(), &self.auth, &self.public, keyid, salt).map_err(|e| e.to_string())?;
         ece::open(&keys, body).map_err(|e| e.to_string())
     }
 }
@@ -248,8 +248,10 @@ fn take(inner: &Inner, id: &str, headers: &HeaderMap, body: &[u8]) -> Result<Rec
     if sub.server_key.as_ref().is_some_and(|k| *k != key) {
         return Err(refuse(StatusCode::FORBIDDEN, "VAPID key is not the subscription's applicationServerKey"));
     }
-    let plaintext = sub.keys.decrypt(body).map_err(|e| (StatusCode::BAD_REQUEST, format!("cannot decrypt: {e}"), None))?;
-    let plaintext = String::from_utf8(plaintext).map_err(|_| refuse(StatusCode::BAD_REQUEST, "plaintext is not UTF-8"))?;
+    let plaintext =
+        sub.keys.decrypt(body).map_err(|e| (StatusCode::BAD_REQUEST, format!("cannot decrypt: {e}"), None))?;
+    let plaintext =
+        String::from_utf8(plaintext).map_err(|_| refuse(StatusCode::BAD_REQUEST, "plaintext is not UTF-8"))?;
     Ok(Received { subscription: id.to_string(), ttl, urgency, sender, plaintext })
 }
 
@@ -311,7 +313,10 @@ mod tests {
         let at = SystemTime::now();
         let now = at.duration_since(UNIX_EPOCH).unwrap().as_secs();
         let auth = vapid.authorization("http://127.0.0.1:1", at, &rng).unwrap();
-        assert_eq!(check_vapid(&auth, "http://127.0.0.1:1", now), Ok((public.clone(), "mailto:ops@example.com".into())));
+        assert_eq!(
+            check_vapid(&auth, "http://127.0.0.1:1", now),
+            Ok((public.clone(), "mailto:ops@example.com".into()))
+        );
         assert!(check_vapid(&auth, "http://127.0.0.1:2", now).unwrap_err().contains("aud"));
         assert!(check_vapid(&auth, "http://127.0.0.1:1", now + 13 * 3600).unwrap_err().contains("expired"));
         assert!(check_vapid(&auth, "http://127.0.0.1:1", now - 13 * 3600).unwrap_err().contains("24 hours"));

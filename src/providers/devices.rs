@@ -205,7 +205,10 @@ mod tests {
     #[test]
     fn all_gone_is_a_permanent_failure_that_says_so() {
         let e = fold(0, &[gone(), gone()], &[]).unwrap_err();
-        assert!(matches!(&e, ProviderError::Permanent { reason } if reason.contains("all 2 device(s) are gone")), "{e:?}");
+        assert!(
+            matches!(&e, ProviderError::Permanent { reason } if reason.contains("all 2 device(s) are gone")),
+            "{e:?}"
+        );
         let e = fold(0, &[gone(), perm()], &[]).unwrap_err();
         assert_eq!(e, ProviderError::Permanent { reason: "413 too large".into() });
     }

@@ -101,8 +101,9 @@ impl ServiceAccountKey {
     /// Parses the JSON key Google's console downloads.
     pub fn from_json(json: &str) -> Result<ServiceAccountKey, ProviderError> {
         // serde's error quotes the input near the fault: keep only its position.
-        let file: KeyFile = serde_json::from_str(json)
-            .map_err(|e| bad_key(format!("not a service-account JSON key (line {}, column {})", e.line(), e.column())))?;
+        let file: KeyFile = serde_json::from_str(json).map_err(|e| {
+            bad_key(format!("not a service-account JSON key (line {}, column {})", e.line(), e.column()))
+        })?;
         if file.kind.as_deref().is_some_and(|k| k != "service_account") {
             return Err(bad_key(format!("type is {:?}, expected \"service_account\"", file.kind.unwrap_or_default())));
         }
@@ -130,11 +131,8 @@ impl ServiceAccountKey {
             "iat": now,
             "exp": now + ASSERTION_LIFETIME_S,
         });
-        let signing_input = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(header.to_string()),
-            URL_SAFE_NO_PAD.encode(claims.to_string())
-        );
+        let signing_input =
+            format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()));
         let mut signature = vec![0u8; self.key_pair.public().modulus_len()];
         self.key_pair
             .sign(&RSA_PKCS1_SHA256, &SystemRandom::new(), signing_input.as_bytes(), &mut signature)
@@ -275,8 +273,7 @@ fn token_error(status: u16, body: &str, email: &str, wait: Option<Duration>) -> 
         .ok()
         .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
         .unwrap_or_default();
-    let reason =
-        format!("google token endpoint answered {status} for {email}: {}", truncate(body, MAX_REASON_BODY));
+    let reason = format!("google token endpoint answered {status} for {email}: {}", truncate(body, MAX_REASON_BODY));
     match (status, error.as_str()) {
         (429 | 500..=599, _) => ProviderError::Retryable { reason, retry_after: wait },
         (400 | 401 | 403, "invalid_grant" | "invalid_client" | "unauthorized_client" | "access_denied") => {
@@ -331,8 +328,10 @@ mod tests {
     fn bad_keys_are_refused_without_quoting_them() {
         let e = ServiceAccountKey::from_json("{\"private_key\": \"-----BEGIN PRIVATE KEY-----\\nAAAA\\n-----END PRIVATE KEY-----\", \"client_email\": \"x\"}").unwrap_err();
         assert!(matches!(&e, ProviderError::Permanent { reason } if reason.contains("private_key")), "{e:?}");
-        let e = ServiceAccountKey::from_json("{\"type\": \"authorized_user\", \"private_key\": \"\", \"client_email\": \"x\"}")
-            .unwrap_err();
+        let e = ServiceAccountKey::from_json(
+            "{\"type\": \"authorized_user\", \"private_key\": \"\", \"client_email\": \"x\"}",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("authorized_user"), "{e}");
         let e = ServiceAccountKey::from_json("{\"private_key\": \"s3cr3t-material\" ").unwrap_err();
         assert!(!e.to_string().contains("s3cr3t"), "{e}");
@@ -345,7 +344,10 @@ mod tests {
     #[test]
     fn token_endpoint_refusals_are_classed() {
         let e = |status, body: &str| token_error(status, body, "a@b", None);
-        assert!(matches!(e(400, r#"{"error":"invalid_grant","error_description":"Invalid JWT Signature."}"#), ProviderError::Unauthorized { .. }));
+        assert!(matches!(
+            e(400, r#"{"error":"invalid_grant","error_description":"Invalid JWT Signature."}"#),
+            ProviderError::Unauthorized { .. }
+        ));
         assert!(matches!(e(401, r#"{"error":"invalid_client"}"#), ProviderError::Unauthorized { .. }));
         assert!(matches!(e(400, r#"{"error":"invalid_scope"}"#), ProviderError::Permanent { .. }));
         assert!(e(503, "").is_retryable());

@@ -63,6 +63,21 @@ pub(crate) fn by_status(status: u16, reason: String, retry_after: Option<Duratio
     }
 }
 
+/// Percent-encodes everything but `0-9 a-z A-Z - _ .`, with uppercase escapes
+/// and `%20` for space. PubNub's signature rules prescribe exactly this (and
+/// the query is sent as signed); for a URL path segment it is merely strict.
+pub(crate) fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Cuts `s` to at most `max` bytes on a character boundary.
 pub(crate) fn truncate(s: &str, max: usize) -> String {
     let s = s.trim();

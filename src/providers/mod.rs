@@ -14,20 +14,22 @@
 
 pub mod ably;
 pub mod brevo;
-pub mod google_auth;
 pub mod bus;
 pub mod devices;
 pub mod fcm;
+pub mod google_auth;
 mod http;
 pub mod log;
 pub mod mailgun;
 pub mod onesignal;
+pub mod pubnub;
 pub mod pusher;
 pub mod sendgrid;
 pub mod smtp;
 pub mod sns;
 pub mod template;
 pub mod twilio;
+pub mod webhook;
 pub mod webpush;
 
 use std::time::Duration;
@@ -134,7 +136,9 @@ impl ProviderError {
     /// The same error, its reason rewritten by `f` (to hide what it quotes).
     pub fn map_reason(self, f: impl Fn(String) -> String) -> ProviderError {
         match self {
-            ProviderError::Retryable { reason, retry_after } => ProviderError::Retryable { reason: f(reason), retry_after },
+            ProviderError::Retryable { reason, retry_after } => {
+                ProviderError::Retryable { reason: f(reason), retry_after }
+            }
             ProviderError::Permanent { reason } => ProviderError::Permanent { reason: f(reason) },
             ProviderError::Unauthorized { reason } => ProviderError::Unauthorized { reason: f(reason) },
         }
@@ -368,6 +372,8 @@ macro_rules! provider_table {
 provider_table! {
     Pusher "pusher" pusher: pusher => Pusher(PusherConfig);
     Ably "ably" ably: ably => Ably(AblyConfig);
+    Pubnub "pubnub" pubnub: pubnub => Pubnub(PubnubConfig);
+    Webhook "webhook" webhook: webhook => Webhook(WebhookConfig);
     Brevo "brevo" brevo: brevo => Brevo(BrevoConfig);
     Smtp "smtp" smtp: smtp => Smtp(SmtpConfig);
     Twilio "twilio" twilio: twilio => Twilio(TwilioConfig);

@@ -39,6 +39,7 @@ pub mod metric {
     pub const RETAINED_WAL: &str = "outbox_relay_slot_retained_wal_bytes";
     pub const WEBHOOKS: &str = "outbox_relay_webhooks_total";
     pub const SMTP_STARTTLS_MISSING: &str = "outbox_relay_smtp_starttls_missing_total";
+    pub const WEBHOOK_ENDPOINT_GONE: &str = "outbox_relay_webhook_endpoint_gone_total";
     /// 1 while this process holds the relay's lock and works, 0 as a standby.
     pub const ACTIVE: &str = "outbox_relay_active";
     pub const OLDEST_PENDING: &str = "outbox_relay_oldest_pending_age_seconds";
@@ -141,6 +142,10 @@ fn describe() {
     describe_counter!(
         metric::SENTRY_DROPPED,
         "Sentry reports not sent: over 60 a minute, rate limited, queue full, or Sentry did not answer."
+    );
+    describe_counter!(
+        metric::WEBHOOK_ENDPOINT_GONE,
+        "Signed-webhook deliveries refused because the endpoint answered 410 Gone (sending to it stopped)."
     );
     describe_counter!(metric::SOURCE_RECONNECTS, "Times the source connection was lost and re-established.");
     describe_gauge!(metric::BACKLOG, "Deliveries pending or in flight in the ledger, paused channels left out.");

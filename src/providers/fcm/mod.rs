@@ -139,9 +139,7 @@ fn content(m: &OutboundMessage) -> Result<Value, ProviderError> {
     }
     data.insert("outbox_event".into(), m.event.clone());
     data.insert("outbox_key".into(), m.idempotency_key.clone());
-    let size = title.len()
-        + body.len()
-        + data.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+    let size = title.len() + body.len() + data.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
     if size > MAX_PAYLOAD_BYTES {
         return Err(ProviderError::Permanent {
             reason: format!("fcm: notification and data of {size} bytes exceed FCM's {MAX_PAYLOAD_BYTES}"),
@@ -166,9 +164,8 @@ fn fcm_error_code(body: &str) -> Option<String> {
 fn token_is_invalid(body: &str) -> bool {
     let Ok(v) = serde_json::from_str::<Value>(body) else { return false };
     let on_token = v["error"]["details"].as_array().is_some_and(|ds| {
-        ds.iter().any(|d| {
-            d["fieldViolations"].as_array().is_some_and(|fs| fs.iter().any(|f| f["field"] == "message.token"))
-        })
+        ds.iter()
+            .any(|d| d["fieldViolations"].as_array().is_some_and(|fs| fs.iter().any(|f| f["field"] == "message.token")))
     });
     on_token || v["error"]["message"].as_str().is_some_and(|m| m.contains("registration token"))
 }
@@ -213,12 +210,23 @@ mod tests {
         assert_eq!(ok.provider_message_id.as_deref(), Some("projects/p/messages/0:15004%31bd"));
         let gone = classify(404, &err(404, "NOT_FOUND", Some("UNREGISTERED"), "Requested entity was not found."), None);
         assert!(matches!(gone, Err(DeviceError::Gone { .. })));
-        let bad_token = err(400, "INVALID_ARGUMENT", Some("INVALID_ARGUMENT"), "The registration token is not a valid FCM registration token");
+        let bad_token = err(
+            400,
+            "INVALID_ARGUMENT",
+            Some("INVALID_ARGUMENT"),
+            "The registration token is not a valid FCM registration token",
+        );
         assert!(matches!(classify(400, &bad_token, None), Err(DeviceError::Gone { .. })));
         let bad_data = err(400, "INVALID_ARGUMENT", None, "Invalid value at 'message.data[0].value' (TYPE_STRING), 12");
         assert!(matches!(classify(400, &bad_data, None), Err(DeviceError::Provider(ProviderError::Permanent { .. }))));
-        let quota = classify(429, &err(429, "RESOURCE_EXHAUSTED", Some("QUOTA_EXCEEDED"), "quota"), Some(Duration::from_secs(9)));
-        assert!(matches!(quota, Err(DeviceError::Provider(ProviderError::Retryable { retry_after: Some(d), .. })) if d == Duration::from_secs(9)));
+        let quota = classify(
+            429,
+            &err(429, "RESOURCE_EXHAUSTED", Some("QUOTA_EXCEEDED"), "quota"),
+            Some(Duration::from_secs(9)),
+        );
+        assert!(
+            matches!(quota, Err(DeviceError::Provider(ProviderError::Retryable { retry_after: Some(d), .. })) if d == Duration::from_secs(9))
+        );
         assert!(matches!(classify(503, "", None), Err(DeviceError::Provider(ProviderError::Retryable { .. }))));
         let mismatch = classify(403, &err(403, "PERMISSION_DENIED", Some("SENDER_ID_MISMATCH"), "x"), None);
         assert!(matches!(mismatch, Err(DeviceError::Provider(ProviderError::Permanent { .. }))), "never forgotten");
@@ -241,7 +249,10 @@ mod tests {
         };
         let c = content(&m(json!({"title": "Shipped", "id": 7, "gone": null}))).unwrap();
         assert_eq!(c["notification"], json!({"title": "Shipped", "body": "Shipped"}));
-        assert_eq!(c["data"], json!({"title": "Shipped", "id": "7", "outbox_event": "order_shipped", "outbox_key": "k"}));
+        assert_eq!(
+            c["data"],
+            json!({"title": "Shipped", "id": "7", "outbox_event": "order_shipped", "outbox_key": "k"})
+        );
         assert!(content(&m(json!({"google.x": 1}))).unwrap_err().to_string().contains("reserved"));
         assert!(content(&m(json!({"from": "me"}))).is_err());
         assert!(content(&m(json!({"blob": "x".repeat(4100)}))).unwrap_err().to_string().contains("4096"));

@@ -127,10 +127,16 @@ mod tests {
         assert_eq!(ok.unwrap().provider_message_id.as_deref(), Some("b98881cc-1e94-4366-bbd9-db8f3429292b"));
         let nobody = classify(200, r#"{"id":"","errors":{"invalid_aliases":{"external_id":["42"]}}}"#, None);
         assert!(matches!(nobody, Err(ProviderError::Permanent { reason }) if reason.contains("no push subscription")));
-        assert!(matches!(classify(400, r#"{"errors":["app_id not found"]}"#, None), Err(ProviderError::Permanent { .. })));
+        assert!(matches!(
+            classify(400, r#"{"errors":["app_id not found"]}"#, None),
+            Err(ProviderError::Permanent { .. })
+        ));
         assert!(matches!(classify(403, "", None), Err(ProviderError::Unauthorized { .. })));
         let limited = classify(429, "", Some(Duration::from_secs(5))).unwrap_err();
-        assert_eq!(limited, ProviderError::Retryable { reason: limited.to_string(), retry_after: Some(Duration::from_secs(5)) });
+        assert_eq!(
+            limited,
+            ProviderError::Retryable { reason: limited.to_string(), retry_after: Some(Duration::from_secs(5)) }
+        );
         assert!(classify(503, "", None).unwrap_err().is_retryable());
     }
 }

@@ -40,7 +40,9 @@ pub enum EceError {
     #[error("subscription keys: {0}")]
     BadKeys(&'static str),
     /// Over [`MAX_PLAINTEXT`]: no push service has to take it. Permanent.
-    #[error("payload of {0} bytes is over the {MAX_PLAINTEXT} a Web Push message can carry (RFC 8291 §4: 4096 encrypted)")]
+    #[error(
+        "payload of {0} bytes is over the {MAX_PLAINTEXT} a Web Push message can carry (RFC 8291 §4: 4096 encrypted)"
+    )]
     TooLarge(usize),
     /// The system's random source or the cipher failed: not the message's fault.
     #[error("encryption failed: {0}")]
@@ -62,9 +64,7 @@ impl hkdf::KeyType for Len {
 }
 
 fn expand(prk: &hkdf::Prk, info: &[&[u8]], out: &mut [u8]) -> Result<(), EceError> {
-    prk.expand(info, Len(out.len()))
-        .and_then(|okm| okm.fill(out))
-        .map_err(|_| EceError::Crypto("HKDF expand"))
+    prk.expand(info, Len(out.len())).and_then(|okm| okm.fill(out)).map_err(|_| EceError::Crypto("HKDF expand"))
 }
 
 /// From the ECDH shared secret: `IKM = HKDF(auth, ecdh, "WebPush: info" ‖ 0 ‖

@@ -94,19 +94,25 @@ impl Webpush {
             Err(reason) => return permanent(reason),
         };
         let (Some(p256dh), Some(auth)) = (&device.p256dh, &device.auth) else {
-            return permanent("subscription without keys: tokens_query must return columns named p256dh and auth".into());
+            return permanent(
+                "subscription without keys: tokens_query must return columns named p256dh and auth".into(),
+            );
         };
         let (Ok(p256dh), Ok(auth)) = (vapid::decode(p256dh), vapid::decode(auth)) else {
             return permanent("subscription keys p256dh/auth are not base64url".into());
         };
-        let plaintext = match serde_json::to_vec(&Payload { event: &m.event, data: &m.payload, key: &m.idempotency_key }) {
-            Ok(p) => p,
-            Err(e) => return permanent(format!("payload: {e}")),
-        };
+        let plaintext =
+            match serde_json::to_vec(&Payload { event: &m.event, data: &m.payload, key: &m.idempotency_key }) {
+                Ok(p) => p,
+                Err(e) => return permanent(format!("payload: {e}")),
+            };
         let body = match ece::encrypt(&plaintext, &p256dh, &auth, &self.rng) {
             Ok(body) => body,
             Err(e @ ece::EceError::Crypto(_)) => {
-                return Err(DeviceError::Provider(ProviderError::Retryable { reason: e.to_string(), retry_after: None }))
+                return Err(DeviceError::Provider(ProviderError::Retryable {
+                    reason: e.to_string(),
+                    retry_after: None,
+                }))
             }
             Err(e) => return permanent(e.to_string()),
         };

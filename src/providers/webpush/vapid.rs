@@ -48,7 +48,12 @@ impl Vapid {
     /// `outbox-relay vapid-keys` and `openssl genpkey` write), or the raw
     /// 32-byte scalar in base64url (what `web-push generate-vapid-keys`
     /// prints), which needs `public_key` beside it.
-    pub fn new(private_key: &str, public_key: Option<&str>, subject: &str, rng: &SystemRandom) -> Result<Vapid, VapidError> {
+    pub fn new(
+        private_key: &str,
+        public_key: Option<&str>,
+        subject: &str,
+        rng: &SystemRandom,
+    ) -> Result<Vapid, VapidError> {
         let subject = subject.trim();
         let contact = subject.strip_prefix("mailto:").or_else(|| subject.strip_prefix("https://"));
         if contact.is_none_or(|rest| rest.trim().is_empty()) {
@@ -104,10 +109,10 @@ pub fn generate() -> Result<(String, String), VapidError> {
     let rng = SystemRandom::new();
     let alg = &ECDSA_P256_SHA256_FIXED_SIGNING;
     let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &rng).map_err(|_| VapidError::Key("generation failed".into()))?;
-    let key = EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).map_err(|_| VapidError::Key("generated key".into()))?;
+    let key =
+        EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).map_err(|_| VapidError::Key("generated key".into()))?;
     let b64 = STANDARD.encode(pkcs8.as_ref());
-    let lines: Vec<&str> =
-        b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap_or_default()).collect();
+    let lines: Vec<&str> = b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap_or_default()).collect();
     let pem = format!("-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n", lines.join("\n"));
     Ok((pem, URL_SAFE_NO_PAD.encode(key.public_key().as_ref())))
 }

@@ -122,13 +122,25 @@ async fn send(
         return response;
     }
     if !shared.tokens.accepts(&headers) {
-        return fcm_error(&shared, StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", None, "Request had invalid authentication credentials.");
+        return fcm_error(
+            &shared,
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHENTICATED",
+            None,
+            "Request had invalid authentication credentials.",
+        );
     }
     if method != "messages:send" {
         return fcm_error(&shared, StatusCode::NOT_FOUND, "NOT_FOUND", None, "unknown method");
     }
     if project != shared.project {
-        return fcm_error(&shared, StatusCode::FORBIDDEN, "PERMISSION_DENIED", None, "Permission denied for this project.");
+        return fcm_error(
+            &shared,
+            StatusCode::FORBIDDEN,
+            "PERMISSION_DENIED",
+            None,
+            "Permission denied for this project.",
+        );
     }
     let Ok(request) = serde_json::from_slice::<Value>(&body) else {
         return invalid(&shared, "Invalid JSON payload received.");
@@ -143,7 +155,10 @@ async fn send(
         let Some(v) = v.as_str() else {
             return invalid(&shared, &format!("Invalid value at 'message.data[{k}].value' (TYPE_STRING)"));
         };
-        if ["from", "notification", "message_type"].contains(&k.as_str()) || k.starts_with("google") || k.starts_with("gcm") {
+        if ["from", "notification", "message_type"].contains(&k.as_str())
+            || k.starts_with("google")
+            || k.starts_with("gcm")
+        {
             return invalid(&shared, &format!("Invalid data payload key: {k}"));
         }
         size += k.len() + v.len();
@@ -156,7 +171,13 @@ async fn send(
     }
     let token = message["token"].as_str().unwrap_or("").to_string();
     if shared.unregistered.contains(&token) {
-        return fcm_error(&shared, StatusCode::NOT_FOUND, "NOT_FOUND", Some("UNREGISTERED"), "Requested entity was not found.");
+        return fcm_error(
+            &shared,
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            Some("UNREGISTERED"),
+            "Requested entity was not found.",
+        );
     }
     if !shared.registered.lock().unwrap().contains(&token) {
         return invalid(&shared, "The registration token is not a valid FCM registration token");

@@ -177,7 +177,12 @@ async fn token(
         return oauth_error(&state, StatusCode::BAD_REQUEST, "unsupported_grant_type", "Invalid grant_type");
     }
     let Some(assertion) = form.get("assertion") else {
-        return oauth_error(&state, StatusCode::BAD_REQUEST, "invalid_request", "Missing required parameter: assertion");
+        return oauth_error(
+            &state,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "Missing required parameter: assertion",
+        );
     };
     if let Err(why) = check_jwt(&state, assertion) {
         return oauth_error(&state, StatusCode::BAD_REQUEST, "invalid_grant", &why);

@@ -105,13 +105,21 @@ async fn create(
     }
     let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
     if auth != format!("Key {}", shared.api_key) {
-        return refuse(&shared, StatusCode::FORBIDDEN, "Access denied.  Please include an 'Authorization: Key ...' header with a valid API key.");
+        return refuse(
+            &shared,
+            StatusCode::FORBIDDEN,
+            "Access denied.  Please include an 'Authorization: Key ...' header with a valid API key.",
+        );
     }
     let Ok(n) = serde_json::from_slice::<Value>(&body) else {
         return refuse(&shared, StatusCode::BAD_REQUEST, "body is not JSON");
     };
     if n["app_id"] != shared.app_id.as_str() {
-        return refuse(&shared, StatusCode::BAD_REQUEST, "app_id not found. You may be missing a Content-Type: application/json header.");
+        return refuse(
+            &shared,
+            StatusCode::BAD_REQUEST,
+            "app_id not found. You may be missing a Content-Type: application/json header.",
+        );
     }
     if n["target_channel"] != "push" {
         return refuse(&shared, StatusCode::BAD_REQUEST, "target_channel must be push, email or sms");
@@ -121,7 +129,11 @@ async fn create(
         .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
         .unwrap_or_default();
     if ids.is_empty() {
-        return refuse(&shared, StatusCode::BAD_REQUEST, "You must include which players, segments, or tags you wish to send this notification to.");
+        return refuse(
+            &shared,
+            StatusCode::BAD_REQUEST,
+            "You must include which players, segments, or tags you wish to send this notification to.",
+        );
     }
     if !n["contents"]["en"].is_string() {
         return refuse(&shared, StatusCode::BAD_REQUEST, "Notification contents must not be null for any languages.");

@@ -149,7 +149,12 @@ async fn publish(
         return google_error(&shared, StatusCode::NOT_FOUND, "NOT_FOUND", "unknown method");
     };
     if project != shared.project || !shared.topics.lock().unwrap().contains(topic) {
-        return google_error(&shared, StatusCode::NOT_FOUND, "NOT_FOUND", &format!("Resource not found (resource={topic})."));
+        return google_error(
+            &shared,
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            &format!("Resource not found (resource={topic})."),
+        );
     }
     if body.len() > 10_000_000 {
         return invalid(&shared, "Request payload size exceeds the limit: 10485760 bytes.");

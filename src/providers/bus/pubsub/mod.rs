@@ -76,9 +76,10 @@ impl PubSub {
     }
 
     pub fn new(cfg: &PubSubConfig, key: ServiceAccountKey, http: reqwest::Client) -> Result<PubSub, ProviderError> {
-        let project = cfg.project.clone().or_else(|| key.project_id.clone()).ok_or_else(|| {
-            ProviderError::Permanent { reason: "providers.pubsub.project is not set and the key has no project_id".into() }
-        })?;
+        let project =
+            cfg.project.clone().or_else(|| key.project_id.clone()).ok_or_else(|| ProviderError::Permanent {
+                reason: "providers.pubsub.project is not set and the key has no project_id".into(),
+            })?;
         let base = cfg.base_url.as_deref().unwrap_or("https://pubsub.googleapis.com").trim_end_matches('/');
         let timeout = Duration::from_millis(cfg.timeout_ms);
         Ok(PubSub {
@@ -109,7 +110,9 @@ impl PubSub {
                 Err(e) => results[i] = Some(Err(e)),
             }
         }
-        let calls = groups.into_iter().flat_map(|((topic, _), items)| chunk(items).into_iter().map(move |c| (topic.clone(), c)));
+        let calls = groups
+            .into_iter()
+            .flat_map(|((topic, _), items)| chunk(items).into_iter().map(move |c| (topic.clone(), c)));
         let answers = join_all(calls.map(|(topic, items)| async move {
             let (indexes, batch): (Vec<usize>, Vec<Message>) = items.into_iter().unzip();
             let outcome = self.publish(&topic, &batch).await;
@@ -244,7 +247,8 @@ fn chunk<T>(items: Vec<(usize, T, usize)>) -> Vec<Vec<(usize, T)>> {
     let mut bytes = 0usize;
     for (i, item, size) in items {
         // 16: the `{"messages":[...]}` wrapper and a comma, generously.
-        let full = calls.last().is_none_or(|c| c.len() >= MAX_MESSAGES_PER_CALL || bytes + size + 16 > MAX_REQUEST_BYTES);
+        let full =
+            calls.last().is_none_or(|c| c.len() >= MAX_MESSAGES_PER_CALL || bytes + size + 16 > MAX_REQUEST_BYTES);
         if full {
             calls.push(Vec::new());
             bytes = 16;
