@@ -157,3 +157,26 @@ fn every_provider_is_a_folder_with_its_section_and_client() {
         assert!(config.contains("pub const PROFILE: Profile"), "{module}/config.rs defines its PROFILE");
     }
 }
+
+/// README's `[limits]` rows name every provider with its default, as the
+/// provider's `PROFILE` sets it.
+#[test]
+fn the_readme_states_every_providers_default_limits() {
+    use outbox_relay::providers::ProviderKind;
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let row = |key: &str| -> BTreeMap<String, String> {
+        let line = readme.lines().find(|l| l.starts_with(&format!("| `limits.<provider>.{key}` |"))).unwrap();
+        let cell = line.split('|').nth(2).unwrap();
+        cell.split(',').filter_map(|p| p.trim().split_once(' ')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    };
+    let (concurrency, per_second) = (row("concurrency"), row("per_second"));
+    for kind in ProviderKind::ALL {
+        let limits = kind.profile().limits;
+        let name = kind.as_str();
+        assert_eq!(concurrency.get(name), Some(&limits.concurrency.to_string()), "README concurrency of {name}");
+        match per_second.get(name) {
+            Some(rate) => assert_eq!(rate, &format!("{}", limits.per_second), "README per_second of {name}"),
+            None => assert_eq!(limits.per_second, 0.0, "README per_second of {name}: listed under `others`"),
+        }
+    }
+}
