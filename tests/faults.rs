@@ -116,19 +116,7 @@ async fn an_open_circuit_sends_fresh_deliveries_to_the_fallback_and_never_to_bot
 
     // A: tried on Pusher, which fails until the circuit opens.
     let a = insert_notifications(&client, 10, 10).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let open: i64 = client
-            .query_one("SELECT count(*) FROM outbox_relay.deliveries WHERE last_error LIKE '%circuit open%'", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if open > 0 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the circuit never opened");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    env.wait_circuit_open(Duration::from_secs(20)).await;
     // B: fresh while the circuit is open → Ably.
     let b = insert_notifications(&client, 10, 10).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

@@ -438,19 +438,7 @@ async fn pubnub_takes_fresh_deliveries_as_fallback_while_pusher_is_down() {
 
     // A: tried on Pusher, which fails until the circuit opens.
     let a = insert_notifications(&client, 10, 10).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let open: i64 = client
-            .query_one("SELECT count(*) FROM outbox_relay.deliveries WHERE last_error LIKE '%circuit open%'", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if open > 0 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the circuit never opened");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    env.wait_circuit_open(Duration::from_secs(20)).await;
     // B: fresh while the circuit is open → PubNub.
     let b = insert_notifications(&client, 10, 10).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

@@ -63,13 +63,24 @@ pub(crate) fn by_status(status: u16, reason: String, retry_after: Option<Duratio
     }
 }
 
-/// Percent-encodes everything but `0-9 a-z A-Z - _ .`, with uppercase escapes
-/// and `%20` for space. PubNub's signature rules prescribe exactly this (and
-/// the query is sent as signed); for a URL path segment it is merely strict.
+/// Percent-encodes everything but RFC 3986's unreserved characters
+/// (`0-9 a-z A-Z - _ . ~`), escapes in upper case: a URL path segment that
+/// stays one segment whatever the name holds (':', '/', '?', spaces), and
+/// SigV4's `UriEncode`.
+pub(crate) fn uri_encode(s: &str) -> String {
+    encode_except(s, b"-_.~")
+}
+
+/// As [`uri_encode`], but `~` escaped too, and `%20` for space: PubNub's
+/// signature rules prescribe exactly this (and the query is sent as signed).
 pub(crate) fn percent_encode(s: &str) -> String {
+    encode_except(s, b"-_.")
+}
+
+fn encode_except(s: &str, keep: &[u8]) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
+        if b.is_ascii_alphanumeric() || keep.contains(&b) {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));

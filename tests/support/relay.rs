@@ -292,6 +292,25 @@ circuit_open_ms = 500
         rows.iter().map(|r| (r.get(0), r.get(1))).collect()
     }
 
+    /// Waits until some delivery was held back by an open circuit (its
+    /// `last_error` says so): from then on, fresh deliveries go to the fallback.
+    pub async fn wait_circuit_open(&self, timeout: Duration) {
+        let client = self.db.client().await;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let open: i64 = client
+                .query_one("SELECT count(*) FROM outbox_relay.deliveries WHERE last_error LIKE '%circuit open%'", &[])
+                .await
+                .unwrap()
+                .get(0);
+            if open > 0 {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the circuit never opened");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until `n` ledger rows are settled (sent or later, failed, dead or skipped).
     pub async fn wait_settled(&self, n: i64, timeout: Duration) -> BTreeMap<String, i64> {
         let deadline = tokio::time::Instant::now() + timeout;

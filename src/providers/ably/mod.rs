@@ -20,7 +20,7 @@ use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::StatusCode;
 use serde::Serialize;
 
-use super::http::{by_status, retry_after, transport_error, truncate, MAX_REASON_BODY};
+use super::http::{by_status, retry_after, transport_error, truncate, uri_encode, MAX_REASON_BODY};
 use super::{Accepted, OutboundMessage, ProviderError};
 pub mod config;
 
@@ -118,7 +118,7 @@ impl Ably {
             return Err(permanent(format!("payload of {size} bytes exceeds Ably's 64 KiB message limit")));
         }
 
-        let url = format!("{}/channels/{}/messages", self.endpoint, encode_path_segment(&m.channel_name));
+        let url = format!("{}/channels/{}/messages", self.endpoint, uri_encode(&m.channel_name));
         let response = self
             .http
             .post(url)
@@ -180,20 +180,6 @@ fn invalid_channel(name: &str) -> Option<&'static str> {
     }
 }
 
-/// Percent-encodes everything but RFC 3986 unreserved characters, so names
-/// with ':' (namespaces), '/', '?', '#' or spaces stay one path segment.
-fn encode_path_segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 fn classify(status: StatusCode, wait: Option<Duration>, body: &str) -> Result<Accepted, ProviderError> {
     if status.is_success() {
         // 201 with `{"channel", "messageId"}`; keep the id when there is one.
@@ -230,8 +216,8 @@ mod tests {
 
     #[test]
     fn channel_names_become_one_path_segment() {
-        assert_eq!(encode_path_segment("private:user-42"), "private%3Auser-42");
-        assert_eq!(encode_path_segment("a b/c?d#é"), "a%20b%2Fc%3Fd%23%C3%A9");
+        assert_eq!(uri_encode("private:user-42"), "private%3Auser-42");
+        assert_eq!(uri_encode("a b/c?d#é"), "a%20b%2Fc%3Fd%23%C3%A9");
     }
 
     #[test]

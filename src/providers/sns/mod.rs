@@ -202,7 +202,7 @@ pub fn deduplication_id(key: &str) -> String {
 pub fn form_encode(params: &[(String, String)]) -> String {
     params
         .iter()
-        .map(|(k, v)| format!("{}={}", sigv4::uri_encode(k), sigv4::uri_encode(v)))
+        .map(|(k, v)| format!("{}={}", super::http::uri_encode(k), super::http::uri_encode(v)))
         .collect::<Vec<_>>()
         .join("&")
 }

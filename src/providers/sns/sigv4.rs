@@ -11,6 +11,8 @@ use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
+use crate::providers::http::uri_encode;
+
 pub const ALGORITHM: &str = "AWS4-HMAC-SHA256";
 
 /// Who signs. The secret and session token are secrets: this type never prints them.
@@ -50,19 +52,6 @@ pub struct Signed {
     /// `X-Amz-Date`: `20150830T123600Z`.
     pub amz_date: String,
     pub security_token: Option<String>,
-}
-
-/// RFC 3986 encoding as SigV4 wants it: unreserved characters kept, every
-/// other byte `%XX` in upper case.
-pub fn uri_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
 }
 
 fn hex_sha256(data: &[u8]) -> String {
