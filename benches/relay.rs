@@ -557,6 +557,7 @@ async fn drain(
     );
     println!("| ledger before the drain | {} |", if size_before.is_empty() { "empty" } else { &size_before });
     println!("| ledger after | {size_after} |");
+    println!("| {} |", written_once(client).await);
     println!("\n{split}");
     eprintln!(
         "drain: {n} rows, {:.0} deliveries/s, ingestion {:.0}/s, pg_recvlogical {:.0}/s",
@@ -565,6 +566,20 @@ async fn drain(
         n as f64 / recv_secs
     );
     drop(relay);
+}
+
+/// How many deliveries were written once — inserted with their outcome
+/// (handed over unwritten) — rather than inserted, then given an outcome.
+async fn written_once(client: &tokio_postgres::Client) -> String {
+    let r = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE updated_at = created_at), count(*) FROM outbox_relay.deliveries",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (once, all): (i64, i64) = (r.get(0), r.get(1));
+    format!("deliveries written once (with their outcome) | {once} of {all}")
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -709,6 +724,7 @@ async fn main() {
     println!("| commit → accepted max | {max:.1} ms |");
     println!("| relay peak RSS (VmHWM) | {rss_mib:.1} MiB |");
     println!("| events accepted by the fake Pusher | {accepted} |");
+    println!("| {} |", written_once(&client).await);
     drop(client);
     drop(pg);
 }

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures_util::stream::{self, StreamExt};
-use futures_util::FutureExt;
 use rand::Rng;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_postgres::Client;
@@ -28,10 +27,15 @@ use crate::providers::bus::{BusMessage, BusRoute};
 use crate::providers::devices::{fold, Device, DeviceError};
 use crate::providers::{Accepted, BuildContext, OutboundMessage, Provider, ProviderError};
 use crate::telemetry::otlp::{DeliveryTrace, Span};
+use crate::routing::NewDelivery;
 use crate::telemetry::{metric, Health, Telemetry};
+use crate::unwritten::Unwritten;
 
 /// Outcomes by claim (ledger id and the attempt count it was claimed with).
 type Outcomes = Vec<(ClaimRef, Outcome)>;
+
+/// A write of outcomes, and how it went.
+type Written = (Outcomes, Result<(), LedgerError>);
 
 /// A channel as dispatch sees it: who carries it and how its provider channel is named.
 #[derive(Clone, Debug)]
@@ -86,13 +90,17 @@ struct Held {
 }
 
 impl Held {
+    /// Deliveries handed over unwritten are not rows yet: nothing to hold.
     fn add(&self, claims: &[Claimed]) {
-        self.ids.lock().unwrap_or_else(|p| p.into_inner()).extend(claims.iter().map(|c| (c.id, c.send_by)));
+        let held = claims.iter().filter(|c| c.unwritten.is_none()).map(|c| (c.id, c.send_by));
+        self.ids.lock().unwrap_or_else(|p| p.into_inner()).extend(held);
     }
     fn remove(&self, outcomes: &Outcomes) {
         let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
-        for ((id, _), _) in outcomes {
-            ids.remove(id);
+        for (claim, _) in outcomes {
+            if let ClaimRef::Row(id, _) = claim {
+                ids.remove(id);
+            }
         }
     }
     fn snapshot(&self) -> Vec<i64> {
@@ -188,24 +196,48 @@ fn hold_back_paused(batch: Vec<Claimed>, paused: &std::collections::HashSet<Stri
     (outcomes, send)
 }
 
-/// Batches ingestion may hand over in memory at once. Small: rows waiting here
-/// are `sending` in the ledger, so a crash counts them as possible re-sends.
+/// What is left in the hand-over, as untried outcomes.
+fn untried(rx: &mut mpsc::Receiver<Vec<Claimed>>) -> Outcomes {
+    let mut untried: Outcomes = Vec::new();
+    while let Ok(batch) = rx.try_recv() {
+        let error = "handed over at shutdown, not tried".to_string();
+        untried.extend(batch.iter().map(|c| (c.claim_ref(), Outcome::Defer { error: error.clone(), delay: Duration::ZERO })));
+    }
+    untried
+}
+
+/// Room in the hand-over: one permit per part.
+pub type Room<'a> = mpsc::PermitIterator<'a, Vec<Claimed>>;
+
+/// Batches ingestion may hand over in memory at once. Small: a crash counts
+/// what waits here (`sending` in the ledger, or not written yet) as possible
+/// re-sends, and it is memory.
 const FRESH_BATCHES: usize = 2;
 
-/// Ingestion's side of the fast path: when dispatch has room, fresh rows are
-/// written already claimed and passed here, one ledger write fewer per
-/// delivery; otherwise they are written `pending` and `wake` rings.
+/// Ingestion's side of the fast path (docs/design.md): when dispatch has
+/// room, fresh deliveries are passed here in memory — unwritten while calls
+/// keep returning (written once, with their outcome), else written already
+/// claimed; otherwise they are written `pending` and `wake` rings.
 pub struct Intake {
     fresh: mpsc::Sender<Vec<Claimed>>,
+    /// The other end, to give back at shutdown what no worker took.
+    untaken: Arc<tokio::sync::Mutex<mpsc::Receiver<Vec<Claimed>>>>,
     held: Arc<Held>,
+    /// Deliveries handed over before they are written (see `unwritten`).
+    unwritten: Arc<Unwritten>,
+    /// Channels whose deliveries may be handed over unwritten: all but push
+    /// channels, whose per-device outcomes (`device_sends`) refer to the row.
+    unwritable: Arc<std::collections::HashSet<String>>,
     wake: Arc<Notify>,
     lease: Duration,
-    /// When a worker last finished a handed-over batch, shared with the
-    /// dispatcher (see [`Intake::room_soon`]).
+    /// Rows per hand-over part (`relay.dispatch_batch`).
+    part: usize,
+    /// When a provider call last returned, shared with the dispatcher (see
+    /// [`Intake::room_soon`], [`Intake::keeps_up`]).
     finished: Arc<Finished>,
 }
 
-/// When a worker last finished a handed-over batch (every outcome recorded).
+/// When a provider call last returned: the sign that dispatch is moving.
 #[derive(Debug)]
 struct Finished {
     base: Instant,
@@ -225,7 +257,7 @@ impl Finished {
         self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// A batch was finished less than `within` ago.
+    /// A call returned less than `within` ago.
     fn recently(&self, within: Duration) -> bool {
         let last = self.last_ms.load(std::sync::atomic::Ordering::Relaxed);
         last > 0 && (self.base.elapsed().as_millis() as u64 + 1).saturating_sub(last) <= within.as_millis() as u64
@@ -233,54 +265,127 @@ impl Finished {
 }
 
 /// How long ingestion waits for room in the hand-over, and how recently a
-/// worker must have finished a batch for waiting to be worth it. Draining,
-/// four workers finish a batch about every 100 ms; a slow provider (seconds
-/// per call) finishes none that recently, and the stream does not wait.
+/// provider call must have returned for waiting — or handing deliveries over
+/// unwritten — to be worth it. Draining, calls return every few
+/// milliseconds; a slow provider (seconds per call) returns none that
+/// recently, and the stream does not wait on it.
 const HANDOVER_WAIT: Duration = Duration::from_millis(100);
+
+/// How many [`HANDOVER_WAIT`]s ingestion waits for room while calls keep
+/// returning. Waiting costs nothing the slot does not hold anyway;
+/// giving up writes the batch to the queue — three writes per delivery
+/// instead of one.
+const HANDOVER_PATIENCE: u32 = 10;
 
 impl Intake {
     /// Room for one batch in memory, if dispatch keeps up; hold it across the
     /// ledger write and pass it to [`Intake::committed`].
-    pub fn room(&self) -> Option<mpsc::Permit<'_, Vec<Claimed>>> {
-        self.fresh.try_reserve().ok()
+    pub fn room(&self, rows: usize) -> Option<Room<'_>> {
+        self.fresh.try_reserve_many(self.parts(rows)).ok()
+    }
+
+    /// Hand-over parts for `rows` deliveries: workers take a part at a time
+    /// (`relay.dispatch_batch` rows), so a worker waiting on the provider's
+    /// pace holds that many in memory, not a whole ingestion batch.
+    fn parts(&self, rows: usize) -> usize {
+        rows.div_ceil(self.part).max(1)
     }
 
     /// [`Intake::room`], waiting for it while dispatch is busy but moving.
     /// When dispatch is the slower stage (a backlog being drained) every row
-    /// then takes the fast path — inserted claimed, then its outcome: two
-    /// writes — instead of queueing in the ledger — inserted, claimed,
-    /// outcome: three, and a claim query. The rows not yet read wait in the
-    /// slot's WAL, which holds them anyway. Waiting only while workers keep
-    /// finishing batches (one done in the last [`HANDOVER_WAIT`]) means a
-    /// slow or failing provider never holds the stream: the batch goes to
-    /// the ledger's queue at once, as before.
-    pub async fn room_soon(&self) -> Option<mpsc::Permit<'_, Vec<Claimed>>> {
-        if let Ok(permit) = self.fresh.try_reserve() {
+    /// then takes the fast path — handed over unwritten and written once
+    /// with its outcome, or inserted claimed and then given its outcome —
+    /// instead of queueing in the ledger: inserted, claimed, outcome, and a
+    /// claim query. The rows not yet read wait in the slot's WAL, which
+    /// holds them anyway. Waiting only while workers keep finishing batches
+    /// (one done in the last [`HANDOVER_WAIT`]) means a slow or failing
+    /// provider never holds the stream: the batch goes to the ledger's queue
+    /// at once, as before.
+    pub async fn room_soon(&self, rows: usize) -> Option<Room<'_>> {
+        let parts = self.parts(rows);
+        if let Ok(permit) = self.fresh.try_reserve_many(parts) {
             return Some(permit);
         }
-        if !self.finished.recently(HANDOVER_WAIT) {
+        if parts > self.fresh.max_capacity() {
+            // More than the hand-over holds (many channels per row): the queue.
             return None;
         }
-        tokio::time::timeout(HANDOVER_WAIT, self.fresh.reserve()).await.ok()?.ok()
+        for _ in 0..HANDOVER_PATIENCE {
+            if !self.finished.recently(HANDOVER_WAIT) {
+                return None;
+            }
+            if let Ok(Ok(permit)) = tokio::time::timeout(HANDOVER_WAIT, self.fresh.reserve_many(parts)).await {
+                return Some(permit);
+            }
+        }
+        None
     }
 
     /// The lease to insert fresh rows under, when there is room for them.
-    pub fn claim(&self, room: &Option<mpsc::Permit<'_, Vec<Claimed>>>) -> Option<Duration> {
+    pub fn claim(&self, room: &Option<Room<'_>>) -> Option<Duration> {
         room.as_ref().map(|_| self.lease)
     }
 
-    /// After the ledger commit: hands the claimed rows over, and wakes the
-    /// workers for rows that wait in the ledger.
-    pub fn committed(&self, room: Option<mpsc::Permit<'_, Vec<Claimed>>>, inserted: Inserted) {
+    /// Whether fresh deliveries may skip their first write now, handed over
+    /// unwritten: only while provider calls keep returning, so that what
+    /// waits on their outcomes — the stored offset — waits for moments. Not
+    /// before the first call has returned (a provider may be slow from the
+    /// start: `a_slow_provider_never_stalls_the_stream`), and never without
+    /// workers. A provider that turns slow mid-stream holds the offset back
+    /// for the calls already under way (at most its timeout); the batches
+    /// after them are written as before.
+    pub fn keeps_up(&self) -> bool {
+        self.finished.recently(HANDOVER_WAIT)
+    }
+
+    /// A delivery that may be handed over unwritten: sendable, and not for
+    /// a push channel.
+    pub fn may_skip_write(&self, d: &NewDelivery) -> bool {
+        matches!(d.disposition, crate::routing::Disposition::Pending) && self.unwritable.contains(&d.channel)
+    }
+
+    /// How long a claim holds (`relay.claim_lease_ms`).
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    pub fn unwritten(&self) -> &Arc<Unwritten> {
+        &self.unwritten
+    }
+
+    /// After the ledger commit: hands the claimed rows — and the deliveries
+    /// handed over unwritten, which only come with room — over, and wakes
+    /// the workers for rows that wait in the ledger.
+    pub fn committed(&self, room: Option<Room<'_>>, inserted: Inserted, unwritten: Vec<Claimed>) {
         let waiting = inserted.count > inserted.claimed.len() as u64;
-        if let Some(room) = room.filter(|_| !inserted.claimed.is_empty()) {
-            self.held.add(&inserted.claimed);
-            room.send(inserted.claimed);
-            self.wake.notify_one();
+        let mut batch = inserted.claimed;
+        batch.extend(unwritten);
+        if let Some(mut room) = room.filter(|_| !batch.is_empty()) {
+            self.held.add(&batch);
+            while !batch.is_empty() {
+                let rest = batch.split_off(batch.len().min(self.part));
+                room.next().expect("room reserved for every part").send(std::mem::replace(&mut batch, rest));
+                // One worker per part: waking them all would send the rest
+                // to claim from the ledger's queue for nothing.
+                self.wake.notify_one();
+            }
+        } else {
+            assert!(batch.is_empty(), "claimed rows are only written with room for them");
         }
         if waiting {
             self.wake.notify_waiters();
         }
+    }
+
+    /// Batches handed over that no worker took, back to the queue untried
+    /// (written `pending`, their attempt not counted). Ingestion calls it
+    /// when it stops, before it waits for the deliveries it handed over
+    /// unwritten: workers stopping take no new batch.
+    pub async fn give_back_untaken(&self, ledger: &Ledger) -> Result<u64, LedgerError> {
+        let untried = untried(&mut *self.untaken.lock().await);
+        ledger.finish(&untried).await?;
+        self.held.remove(&untried);
+        Ok(untried.len() as u64)
     }
 
     /// At the start of a source session (after a lost connection, typically):
@@ -315,8 +420,11 @@ pub struct Dispatcher {
     pub wake: Arc<Notify>,
     /// Fresh batches from ingestion, already claimed (see [`Intake`]).
     fresh_tx: mpsc::Sender<Vec<Claimed>>,
-    fresh_rx: tokio::sync::Mutex<mpsc::Receiver<Vec<Claimed>>>,
+    fresh_rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Vec<Claimed>>>>,
     held: Arc<Held>,
+    /// See [`Intake::unwritten`].
+    unwritten: Arc<Unwritten>,
+    unwritable: Arc<std::collections::HashSet<String>>,
     /// `None` in the slot's relay; a dispatch-only process's name, written
     /// with each of its claims (see [`Dispatcher::dispatch_only`]).
     claimer: Option<String>,
@@ -396,7 +504,9 @@ impl Dispatcher {
                 (p.name(), Pacer::new(l.concurrency, l.per_second))
             })
             .collect();
-        let (fresh_tx, fresh_rx) = mpsc::channel(FRESH_BATCHES);
+        // In parts (see `Intake::parts`): as many rows as before, two ingestion batches.
+        let parts = cfg.relay.ingest_batch_rows.div_ceil(cfg.relay.dispatch_batch.max(1)).max(1);
+        let (fresh_tx, fresh_rx) = mpsc::channel(FRESH_BATCHES * parts);
         Ok(Dispatcher {
             health,
             paused: Default::default(),
@@ -407,7 +517,11 @@ impl Dispatcher {
             finished: Arc::default(),
             claimer: None,
             fresh_tx,
-            fresh_rx: tokio::sync::Mutex::new(fresh_rx),
+            fresh_rx: Arc::new(tokio::sync::Mutex::new(fresh_rx)),
+            unwritten: Arc::default(),
+            unwritable: Arc::new(
+                cfg.channels.iter().filter(|(_, ch)| DevicePlan::from_config(ch).is_none()).map(|(n, _)| n.clone()).collect(),
+            ),
             channels,
             circuits,
             pacers,
@@ -434,9 +548,13 @@ impl Dispatcher {
     pub fn intake(&self) -> Intake {
         Intake {
             fresh: self.fresh_tx.clone(),
+            untaken: self.fresh_rx.clone(),
             held: self.held.clone(),
+            unwritten: self.unwritten.clone(),
+            unwritable: self.unwritable.clone(),
             wake: self.wake.clone(),
             lease: self.lease,
+            part: self.batch,
             finished: self.finished.clone(),
         }
     }
@@ -450,13 +568,7 @@ impl Dispatcher {
     /// tried; give them back to the queue so the next start does not count
     /// them as possible re-sends.
     pub async fn release_fresh(&self, db_url: &str, schema: &str) -> Result<u64, LedgerError> {
-        let mut untried: Outcomes = Vec::new();
-        while let Some(batch) = self.take_fresh() {
-            let error = "handed over at shutdown, not tried".to_string();
-            untried.extend(
-                batch.iter().map(|c| (c.claim_ref(), Outcome::Defer { error: error.clone(), delay: Duration::ZERO })),
-            );
-        }
+        let untried = untried(&mut *self.fresh_rx.lock().await);
         if !untried.is_empty() {
             Ledger::new(crate::ledger::connect(db_url).await?, schema).finish(&untried).await?;
         }
@@ -547,10 +659,8 @@ impl Dispatcher {
             let notified = self.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let mut handed_over = false;
             let batch = match self.take_fresh() {
                 Some(fresh) => {
-                    handed_over = true;
                     // Claimed at insert: a pause may have landed since.
                     let (held_back, send) = hold_back_paused(fresh, &self.paused_channels(ledger).await);
                     unrecorded.extend(held_back);
@@ -596,20 +706,41 @@ impl Dispatcher {
             // what a provider may have accepted, and the rows would wait out
             // their lease and be sent again.
             let mut calls = stream::iter(calls).buffer_unordered(self.concurrency);
+            let mut calls_done = false;
             let mut lost: Option<LedgerError> = None;
-            while let Some(outcomes) = calls.next().await {
-                unrecorded.extend(outcomes);
-                // Calls that finished meanwhile go into the same statement.
-                while let Some(Some(more)) = calls.next().now_or_never() {
-                    unrecorded.extend(more);
+            // One write at a time, and calls go on during it: what finishes
+            // meanwhile goes into the next write. Under load that makes
+            // fewer, larger statements; it never holds an outcome back
+            // longer than the write before it takes.
+            let mut writing: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Written> + Send + '_>>> = None;
+            loop {
+                if writing.is_none() && lost.is_none() && !unrecorded.is_empty() {
+                    let batch = std::mem::take(unrecorded);
+                    writing = Some(Box::pin(async move {
+                        let result = ledger.finish(&batch).await;
+                        (batch, result)
+                    }));
                 }
-                if lost.is_none() {
-                    match ledger.finish(unrecorded).await {
-                        Ok(()) => {
-                            self.held.remove(unrecorded);
-                            unrecorded.clear();
+                if calls_done && writing.is_none() {
+                    break;
+                }
+                tokio::select! {
+                    outcomes = calls.next(), if !calls_done => match outcomes {
+                        Some(outcomes) => {
+                            unrecorded.extend(outcomes);
+                            self.finished.now();
                         }
-                        Err(e) => lost = Some(e),
+                        None => calls_done = true,
+                    },
+                    (batch, result) = async { writing.as_mut().expect("guarded").await }, if writing.is_some() => {
+                        writing = None;
+                        match result {
+                            Ok(()) => self.held.remove(&batch),
+                            Err(e) => {
+                                unrecorded.extend(batch);
+                                lost = Some(e);
+                            }
+                        }
                     }
                 }
             }
@@ -620,9 +751,6 @@ impl Dispatcher {
                 ledger.finish(unrecorded).await?;
                 self.held.remove(unrecorded);
                 unrecorded.clear();
-            }
-            if handed_over {
-                self.finished.now();
             }
             if full {
                 // More is probably waiting: let the other workers know.
@@ -1204,11 +1332,16 @@ mod tests {
 
     fn intake(capacity: usize) -> (Intake, mpsc::Receiver<Vec<Claimed>>) {
         let (fresh, rx) = mpsc::channel(capacity);
+        let (_, untaken) = mpsc::channel(1);
         let intake = Intake {
             fresh,
+            untaken: Arc::new(tokio::sync::Mutex::new(untaken)),
+            unwritten: Arc::default(),
+            unwritable: Arc::default(),
             held: Arc::default(),
             wake: Arc::default(),
             lease: Duration::from_secs(60),
+            part: 500,
             finished: Arc::default(),
         };
         (intake, rx)
@@ -1217,18 +1350,19 @@ mod tests {
     #[tokio::test]
     async fn ingestion_waits_for_a_moving_dispatch_and_not_for_a_slow_one() {
         let (intake, mut rx) = intake(1);
-        intake.room().unwrap().send(vec![]);
-        // No batch finished yet (a provider taking seconds per call looks like
+        intake.room(1).unwrap().next().unwrap().send(vec![]);
+        // No call returned yet (a provider taking seconds per call looks like
         // this): the hand-over is full, the batch goes to the queue at once.
-        assert!(intake.room_soon().await.is_none());
-        // Workers finish batches: ingestion waits, and gets the room a worker frees.
+        assert!(intake.room_soon(1).await.is_none());
+        assert!(!intake.keeps_up(), "nothing is handed over unwritten to a provider not yet heard from");
+        // Calls return: ingestion waits, and gets the room a worker frees.
         intake.finished.now();
         let worker = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(10)).await;
             rx.recv().await.unwrap();
             rx
         });
-        assert!(intake.room_soon().await.is_some(), "room once the worker took its batch");
+        assert!(intake.room_soon(1).await.is_some(), "room once the worker took its batch");
         drop(worker.await.unwrap());
     }
 
@@ -1248,6 +1382,7 @@ mod tests {
             lease_expired: false,
             send_by: Instant::now(),
             correlation: None,
+            unwritten: None,
         }
     }
 
@@ -1261,7 +1396,8 @@ mod tests {
         let paused: std::collections::HashSet<String> = ["email".to_string()].into();
         let (held, send) = hold_back_paused(batch, &paused);
         assert_eq!(send.iter().map(|c| c.id).collect::<Vec<_>>(), [2]);
-        assert_eq!(held.iter().map(|(r, _)| *r).collect::<Vec<_>>(), [(1, 1), (3, 1)], "by claim, attempt given back");
+        let refs: Vec<ClaimRef> = held.iter().map(|(r, _)| r.clone()).collect();
+        assert_eq!(refs, [ClaimRef::Row(1, 1), ClaimRef::Row(3, 1)], "by claim, attempt given back");
         for (_, outcome) in &held {
             assert!(
                 matches!(outcome, Outcome::Defer { delay, error } if delay.is_zero() && error.contains("paused")),

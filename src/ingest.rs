@@ -9,6 +9,12 @@
 //! Transactions are batched: one ledger write covers every transaction that
 //! arrived within `ingest_flush_ms` (or `ingest_batch_rows` rows), which is what
 //! makes high insert rates cheap.
+//!
+//! While dispatch keeps up, sendable deliveries are not written here at all:
+//! they are handed over in memory and written once, with their outcome
+//! (`unwritten`). The offset then moves only over batches whose deliveries
+//! are all written — a crash before that replays them, and the ledger skips
+//! what it has.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,15 +22,16 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::change::Lsn;
 use crate::config::Config;
 use crate::dispatch::Intake;
-use crate::ledger::{self, Ledger, LedgerError};
+use crate::ledger::{self, Claimed, Ledger, LedgerError};
 use crate::routing::{NewDelivery, Router};
 use crate::source::replication::{ReplicationError, ReplicationEvent, ReplicationStream};
 use crate::telemetry::{metric, Health, Telemetry};
+use crate::unwritten::Prefix;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -108,7 +115,14 @@ impl Ingest {
     ) -> Result<(), IngestError> {
         let src = &self.cfg.source;
         let ledger = Ledger::new(ledger::connect(&src.database_url).await?, &self.cfg.relay.schema);
-        let stored = ledger.load_offset(&src.slot).await?;
+        // What the last session handed over unwritten is written first (by
+        // workers, once the ledger is back): the replay must find it there.
+        self.intake.unwritten().all_written().await;
+        let progress = ledger.load_progress(&src.slot).await?;
+        let stored = progress.map(|p| p.0);
+        // Changes up to here may have been handed over unwritten, and sent,
+        // before the last stop: see `Self::write`.
+        let replay = progress.and_then(|(confirmed, unwritten)| unwritten.filter(|u| *u >= confirmed));
         // Checked on every (re)connection: a slot recreated while the relay was
         // cut off would otherwise skip what was committed in between.
         crate::gap::check_slot(ledger.client(), &src.slot, stored).await?;
@@ -129,7 +143,7 @@ impl Ingest {
         let (handoff, batches) = mpsc::channel::<Handoff>(1);
         let (written_tx, written) = mpsc::unbounded_channel::<Lsn>();
         let reader = self.read(&router, stream, start, handoff, written, shutdown);
-        let writer = self.write(ledger, batches, written_tx);
+        let writer = self.write(ledger, batches, written_tx, start, replay);
         match tokio::join!(reader, writer) {
             (_, Err(e)) | (Err(e), _) => Err(e),
             _ => Ok(()),
@@ -233,38 +247,104 @@ impl Ingest {
         }
     }
 
-    /// Writes each batch with its offset in one ledger transaction, wakes
-    /// dispatch, and reports the offset back to the reader. Ends when the
-    /// reader drops its sender (or on the first error).
+    /// Writes each batch with its offset in one ledger transaction, hands
+    /// fresh deliveries to dispatch, and reports back to the reader each
+    /// offset that is durable — the end of the batches whose deliveries are
+    /// all in the ledger. Ends when the reader drops its sender (or on the
+    /// first error).
+    ///
+    /// `replay`: the highest commit position the last session handed over
+    /// unwritten. Changes up to it are written the ordinary way — the ledger
+    /// skips those it has — and what is new among them may have been sent
+    /// before the stop: counted as possible re-sends, as a row left `sending`
+    /// would be.
     async fn write(
         &self,
         mut ledger: Ledger,
         mut batches: mpsc::Receiver<Handoff>,
         written: mpsc::UnboundedSender<Lsn>,
+        mut saved: Lsn,
+        mut replay: Option<Lsn>,
     ) -> Result<(), IngestError> {
-        while let Some(h) = batches.recv().await {
-            // Dispatch has room (or will in a moment): write the fresh rows
-            // already claimed and hand them over in memory. If not, they wait
-            // in the ledger's queue.
-            let room = self.intake.room_soon().await;
+        let slot = &self.cfg.source.slot;
+        let unwritten = self.intake.unwritten().clone();
+        let mut prefix = Prefix::default();
+        loop {
+            let h = tokio::select! {
+                h = batches.recv() => match h {
+                    Some(h) => h,
+                    None => break,
+                },
+                _ = unwritten.some_written(), if prefix.waiting() => {
+                    if let Some(end) = prefix.advance().filter(|e| *e > saved) {
+                        ledger.save_offset(slot, end).await?;
+                        saved = end;
+                        let _ = written.send(end);
+                    }
+                    continue;
+                }
+            };
+            // Dispatch has room (or will in a moment): hand fresh deliveries
+            // over — unwritten while it keeps up, else written already
+            // claimed. If not, they wait in the ledger's queue.
+            let room = self.intake.room_soon(h.deliveries.len()).await;
             let claim = self.intake.claim(&room);
+            let replaying = replay.is_some_and(|r| h.deliveries.iter().any(|d| d.commit_lsn <= r));
+            let skip_write = room.is_some() && !replaying && self.intake.keeps_up();
+            let (handed, recorded): (Vec<NewDelivery>, Vec<NewDelivery>) = match skip_write {
+                true => h.deliveries.into_iter().partition(|d| self.intake.may_skip_write(d)),
+                false => (Vec::new(), h.deliveries),
+            };
+            let batch = (!handed.is_empty()).then(|| unwritten.batch(handed.len()));
+            prefix.push(h.end, batch.clone());
+            let save = prefix.advance().unwrap_or(saved).max(saved);
+            let high = handed.iter().map(|d| d.commit_lsn).max();
             let started = std::time::Instant::now();
             let write_start = std::time::SystemTime::now();
-            let inserted = ledger.record(&h.deliveries, &self.cfg.source.slot, h.end, claim).await?;
+            let inserted = ledger.record(&recorded, slot, save, claim, high).await?;
             metrics::histogram!(metric::LEDGER_FLUSH).record(started.elapsed().as_secs_f64());
-            crate::routing::count_recorded(inserted.fresh.iter().map(|&i| &h.deliveries[i]), &self.cfg);
-            let fresh = inserted.fresh.iter().map(|&i| &h.deliveries[i]);
-            crate::routing::trace_recorded(
-                self.telemetry.tracer.as_ref(),
-                fresh,
-                write_start,
-                std::time::SystemTime::now(),
-            );
-            let (count, handed) = (inserted.count, inserted.claimed.len());
-            debug!(deliveries = h.deliveries.len(), inserted = count, handed, offset = %h.end, "ledger batch committed");
-            self.intake.committed(room, inserted);
-            // The reader may be gone (shutting down after an error): nothing to confirm then.
-            let _ = written.send(h.end);
+            if let Some(r) = replay {
+                let sendable = |d: &NewDelivery| matches!(d.disposition, crate::routing::Disposition::Pending);
+                let again = inserted.fresh.iter().filter(|&&i| recorded[i].commit_lsn <= r && sendable(&recorded[i])).count();
+                if again > 0 {
+                    metrics::counter!(metric::RESENDS_AFTER_RESTART).increment(again as u64);
+                    warn!(deliveries = again, "deliveries handed over before the last stop may have been sent; sending them again");
+                }
+            }
+            let fresh = inserted.fresh.iter().map(|&i| &recorded[i]).chain(&handed);
+            crate::routing::count_recorded(fresh.clone(), &self.cfg);
+            crate::routing::trace_recorded(self.telemetry.tracer.as_ref(), fresh, write_start, std::time::SystemTime::now());
+            let (count, claimed) = (inserted.count, inserted.claimed.len());
+            debug!(recorded = recorded.len(), inserted = count, claimed, unwritten = handed.len(), offset = %h.end,
+                "ledger batch committed");
+            let send_by = std::time::Instant::now() + self.intake.lease().mul_f64(0.8);
+            let handed = match batch {
+                Some(b) => handed.into_iter().map(|d| Claimed::unwritten(b.row(d), send_by)).collect(),
+                None => Vec::new(),
+            };
+            self.intake.committed(room, inserted, handed);
+            // Past the replayed region: every change up to it has been read.
+            if replay.is_some_and(|r| h.end > r) {
+                replay = None;
+            }
+            if save > saved {
+                saved = save;
+                // The reader may be gone (shutting down after an error): nothing to confirm then.
+                let _ = written.send(save);
+            }
+        }
+        // Stopping: what no worker took goes back to the queue untried; what
+        // workers hold, they finish and write. Then the offset covers it all.
+        self.intake.give_back_untaken(&ledger).await?;
+        while prefix.waiting() {
+            if let Some(end) = prefix.advance().filter(|e| *e > saved) {
+                ledger.save_offset(slot, end).await?;
+                saved = end;
+                let _ = written.send(end);
+            }
+            if prefix.waiting() {
+                unwritten.some_written().await;
+            }
         }
         Ok(())
     }

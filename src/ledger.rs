@@ -8,6 +8,7 @@
 //! `pending` and is counted as a possible re-send.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -18,6 +19,7 @@ use tracing::{info, warn};
 use crate::change::Lsn;
 use crate::db::db_error_is_retryable;
 use crate::routing::NewDelivery;
+use crate::unwritten;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -51,6 +53,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (9, include_str!("../sql/migrations/009_paused_channels.sql")),
     (10, include_str!("../sql/migrations/010_correlation.sql")),
     (11, include_str!("../sql/migrations/011_device_sends.sql")),
+    (12, include_str!("../sql/migrations/012_unwritten.sql")),
 ];
 
 /// SQL for "this channel is not paused" (migration 009): evaluated once per
@@ -180,16 +183,62 @@ pub struct Claimed {
     /// The row's correlation value (migration 010), for logs, provider
     /// metadata and the delivery's trace.
     pub correlation: Option<String>,
+    /// Handed over before it was written (`id` is then 0): the outcome's
+    /// write inserts the row (see `unwritten`).
+    pub unwritten: Option<Arc<unwritten::Row>>,
 }
 
-/// A claim as the ledger knows it: the row and its attempt count when claimed.
-/// An outcome is recorded only if the row still carries this claim, so a worker
-/// that lost its lease cannot overwrite the worker that took the row over.
-pub type ClaimRef = (i64, i32);
+/// A claim as the ledger knows it.
+#[derive(Clone, Debug)]
+pub enum ClaimRef {
+    /// The row and its attempt count when claimed. An outcome is recorded only
+    /// if the row still carries this claim, so a worker that lost its lease
+    /// cannot overwrite the worker that took the row over.
+    Row(i64, i32),
+    /// Not in the ledger yet: the outcome is the row's first write.
+    Unwritten(Arc<unwritten::Row>),
+}
+
+impl PartialEq for ClaimRef {
+    fn eq(&self, other: &ClaimRef) -> bool {
+        match (self, other) {
+            (ClaimRef::Row(a, x), ClaimRef::Row(b, y)) => a == b && x == y,
+            (ClaimRef::Unwritten(a), ClaimRef::Unwritten(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
 
 impl Claimed {
     pub fn claim_ref(&self) -> ClaimRef {
-        (self.id, self.attempts)
+        match &self.unwritten {
+            Some(row) => ClaimRef::Unwritten(row.clone()),
+            None => ClaimRef::Row(self.id, self.attempts),
+        }
+    }
+
+    /// A delivery handed to dispatch unwritten, as a first attempt. The
+    /// payload moves here; the row keeps it as text, for its write.
+    pub fn unwritten(mut row: unwritten::Row, send_by: std::time::Instant) -> Claimed {
+        let payload = std::mem::take(&mut row.delivery.payload);
+        let d = &row.delivery;
+        Claimed {
+            id: 0,
+            idempotency_key: d.idempotency_key.clone(),
+            source_table: d.source_table.clone(),
+            source_pk: d.source_pk.clone(),
+            channel: d.channel.clone(),
+            event: d.event.clone(),
+            recipient: d.recipient.clone(),
+            payload,
+            attempts: 1,
+            committed_at: d.committed_at,
+            provider: None,
+            lease_expired: false,
+            send_by,
+            correlation: d.correlation.clone(),
+            unwritten: Some(Arc::new(row)),
+        }
     }
 }
 
@@ -274,34 +323,49 @@ impl Ledger {
 
     /// The offset stored for `slot`, if any.
     pub async fn load_offset(&self, slot: &str) -> Result<Option<Lsn>, LedgerError> {
+        Ok(self.load_progress(slot).await?.map(|p| p.0))
+    }
+
+    /// The offset stored for `slot` and the highest commit position handed
+    /// over unwritten (see `unwritten`), if any.
+    pub async fn load_progress(&self, slot: &str) -> Result<Option<(Lsn, Option<Lsn>)>, LedgerError> {
         let row = self
             .client
-            .query_opt(&format!("SELECT confirmed_lsn::text FROM {}.progress WHERE slot = $1", self.schema), &[&slot])
+            .query_opt(
+                &format!("SELECT confirmed_lsn::text, unwritten_lsn::text FROM {}.progress WHERE slot = $1", self.schema),
+                &[&slot],
+            )
             .await?;
-        Ok(row.and_then(|r| r.get::<_, String>(0).parse().ok()))
+        Ok(row.and_then(|r| {
+            let confirmed = r.get::<_, String>(0).parse().ok()?;
+            Some((confirmed, r.get::<_, Option<String>>(1).and_then(|u| u.parse().ok())))
+        }))
     }
 
     /// Records `deliveries` and moves the stored offset to `end_lsn`, atomically.
     /// Replayed rows (same idempotency key) are ignored, so replaying a
     /// transaction after a crash is harmless. `claim`: see [`insert_deliveries`].
+    /// `unwritten`: the highest commit position about to be handed over
+    /// unwritten, stored before any of it can reach a provider.
     pub async fn record(
         &mut self,
         deliveries: &[NewDelivery],
         slot: &str,
         end_lsn: Lsn,
         claim: Option<Duration>,
+        unwritten: Option<Lsn>,
     ) -> Result<Inserted, LedgerError> {
         let insert = self.statement("insert", insert_sql).await?;
         let tx = self.client.transaction().await?;
         let inserted = insert_with(&tx, &insert, deliveries, claim).await?;
-        save_offset(&tx, &self.schema, slot, end_lsn).await?;
+        save_offset(&tx, &self.schema, slot, end_lsn, unwritten).await?;
         tx.commit().await?;
         Ok(inserted)
     }
 
     /// Moves the offset with no deliveries (idle stream, unrouted changes).
     pub async fn save_offset(&self, slot: &str, lsn: Lsn) -> Result<(), LedgerError> {
-        save_offset(&self.client, &self.schema, slot, lsn).await
+        save_offset(&self.client, &self.schema, slot, lsn, None).await
     }
 
     /// After a crash: rows left `sending` go back to `pending`. Their earlier
@@ -398,6 +462,7 @@ impl Ledger {
                     provider: r.get(11),
                     send_by,
                     correlation: r.get(13),
+                    unwritten: None,
                 }
             })
             .collect();
@@ -406,50 +471,63 @@ impl Ledger {
         Ok((claimed, first_due))
     }
 
-    /// Records outcomes for claimed deliveries, in one statement.
+    /// Records outcomes: one `UPDATE` for claimed rows, one `INSERT` for
+    /// deliveries handed over unwritten (each is written here for the first
+    /// time, already in its outcome's state). Safe to call again with the
+    /// same outcomes after an error: the update holds only under its claim,
+    /// the insert skips keys the ledger has.
     pub async fn finish(&self, outcomes: &[(ClaimRef, Outcome)]) -> Result<(), LedgerError> {
-        if outcomes.is_empty() {
-            return Ok(());
-        }
-        let n = outcomes.len();
-        let (mut ids, mut attempts, mut statuses, mut providers) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        let (mut msg_ids, mut errors, mut delays) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        for ((id, claimed_attempts), o) in outcomes {
-            ids.push(*id);
-            attempts.push(*claimed_attempts);
-            let (status, provider, msg, err, delay): (&str, Option<&str>, Option<&str>, Option<&str>, f64) = match o {
-                Outcome::Sent { provider, message_id } => ("sent", Some(provider), message_id.as_deref(), None, 0.0),
-                Outcome::Retry { provider, error, delay } => {
-                    ("pending", Some(provider), None, Some(error), delay.as_secs_f64())
+        let mut rows = Rows::default();
+        let mut fresh = Rows::default();
+        let mut unwritten: Vec<&unwritten::Row> = Vec::new();
+        for (claim, o) in outcomes {
+            match claim {
+                ClaimRef::Row(id, attempts) => {
+                    rows.ids.push(*id);
+                    rows.attempts.push(*attempts);
+                    rows.push(o);
                 }
-                Outcome::Failed { provider, error } => ("failed", Some(provider), None, Some(error), 0.0),
-                Outcome::Dead { provider, error } => ("dead", Some(provider), None, Some(error), 0.0),
-                Outcome::Defer { error, delay } => ("deferred", None, None, Some(error), delay.as_secs_f64()),
-                Outcome::Skipped { provider, reason } => ("skipped", Some(provider), None, Some(reason), 0.0),
-            };
-            statuses.push(status);
-            providers.push(provider);
-            msg_ids.push(msg.map(storable_text));
-            errors.push(err.map(|e| storable_text(e)));
-            delays.push(delay.clamp(0.0, MAX_DELAY.as_secs_f64()));
+                ClaimRef::Unwritten(row) => {
+                    unwritten.push(row);
+                    fresh.push(o);
+                }
+            }
         }
-        let finish = self.statement("finish", finish_sql).await?;
-        self.client
-            .execute(
-                &finish,
-                &[
-                    &ids,
-                    &statuses,
-                    &providers,
-                    &msg_ids.iter().map(|m| m.as_deref()).collect::<Vec<_>>(),
-                    &errors.iter().map(|e| e.as_deref()).collect::<Vec<_>>(),
-                    &delays,
-                    &attempts,
-                ],
-            )
-            .await?;
+        if !rows.ids.is_empty() {
+            let finish = self.statement("finish", finish_sql).await?;
+            let msg_ids: Vec<Option<&str>> = rows.msg_ids.iter().map(|m| m.as_deref()).collect();
+            let errors: Vec<Option<&str>> = rows.errors.iter().map(|e| e.as_deref()).collect();
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] =
+                [&rows.ids, &rows.statuses, &rows.providers, &msg_ids, &errors, &rows.delays, &rows.attempts];
+            self.client.execute(&finish, &params).await?;
+        }
+        if !unwritten.is_empty() {
+            let write = self.statement("write", write_sql).await?;
+            let cols = NewRows::of(unwritten.iter().map(|r| (&r.delivery, Some(r.payload.as_str()))));
+            // Routing fails what jsonb cannot hold before a delivery is handed
+            // over; should one slip through, it is written `failed`, never
+            // left to fail this statement on every retry.
+            for (i, bad) in cols.unstorable.iter().enumerate() {
+                if *bad {
+                    fresh.statuses[i] = "failed";
+                    fresh.errors[i] = Some(UNSTORABLE.into());
+                }
+            }
+            let msg_ids: Vec<Option<&str>> = fresh.msg_ids.iter().map(|m| m.as_deref()).collect();
+            let errors: Vec<Option<&str>> = fresh.errors.iter().map(|e| e.as_deref()).collect();
+            let mut params = cols.params();
+            params.extend([
+                &fresh.statuses as &(dyn tokio_postgres::types::ToSql + Sync),
+                &fresh.providers,
+                &msg_ids,
+                &errors,
+                &fresh.delays,
+            ]);
+            self.client.execute(&write, &params).await?;
+            for row in unwritten {
+                row.written();
+            }
+        }
         Ok(())
     }
 
@@ -736,8 +814,8 @@ pub struct Inserted {
 const CHUNK: usize = 5000;
 
 /// Inserts deliveries, ignoring replays (same idempotency key), inside the
-/// caller's transaction. The one way rows enter the ledger, for both source
-/// modes. With `claim = Some(lease)`, new sendable rows are written as
+/// caller's transaction. The one way rows enter the ledger ahead of their
+/// outcome, for both source modes. With `claim = Some(lease)`, new sendable rows are written as
 /// `sending` under that lease and returned as [`Ledger::claim`] would return
 /// them, so dispatch can take them without a second write.
 pub async fn insert_deliveries(
@@ -748,6 +826,119 @@ pub async fn insert_deliveries(
 ) -> Result<Inserted, LedgerError> {
     let insert = client.prepare(&insert_sql(schema)).await?;
     insert_with(client, &insert, deliveries, claim).await
+}
+
+/// Why a payload was stored as `{}` and its delivery `failed`.
+const UNSTORABLE: &str = "the payload holds a U+0000 (NUL) character, which jsonb cannot store";
+
+/// A delivery's own columns, as statement parameters (`$1`–`$12` of
+/// [`insert_sql`] and [`write_sql`]).
+struct NewRows<'a> {
+    text: [Vec<&'a str>; 6],
+    recipients: Vec<Option<&'a str>>,
+    payloads: Vec<String>,
+    lsns: Vec<String>,
+    times: Vec<DateTime<Utc>>,
+    changes: Vec<String>,
+    correlations: Vec<Option<&'a str>>,
+    /// Routing already fails payloads jsonb cannot hold; this is the last
+    /// line, so that one bad value can never wedge a whole statement (and
+    /// every replay of it). Such a row's payload is written as `{}`.
+    unstorable: Vec<bool>,
+}
+
+impl<'a> NewRows<'a> {
+    /// Each delivery with its payload as JSON text, if already serialized.
+    fn of(deliveries: impl ExactSizeIterator<Item = (&'a NewDelivery, Option<&'a str>)>) -> NewRows<'a> {
+        let n = deliveries.len();
+        let mut r = NewRows {
+            text: Default::default(),
+            recipients: Vec::with_capacity(n),
+            payloads: Vec::with_capacity(n),
+            lsns: Vec::with_capacity(n),
+            times: Vec::with_capacity(n),
+            changes: Vec::with_capacity(n),
+            correlations: Vec::with_capacity(n),
+            unstorable: Vec::with_capacity(n),
+        };
+        for (d, text) in deliveries {
+            let payload = text.map_or_else(|| d.payload.to_string(), str::to_string);
+            // serde_json writes U+0000 as this escape.
+            let bad = payload.contains("\\u0000");
+            r.unstorable.push(bad);
+            r.payloads.push(if bad { "{}".into() } else { payload });
+            for (col, v) in r.text.iter_mut().zip([
+                d.source_table.as_str(),
+                &d.source_pk,
+                &d.channel,
+                &d.idempotency_key,
+                &d.event,
+                d.operation.as_str(),
+            ]) {
+                col.push(v);
+            }
+            r.changes.push(d.change.to_string());
+            r.recipients.push(d.recipient.as_deref());
+            r.lsns.push(d.commit_lsn.to_string());
+            r.times.push(d.committed_at);
+            r.correlations.push(d.correlation.as_deref());
+        }
+        r
+    }
+
+    fn params(&self) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
+        let [t, pk, ch, k, ev, op] = &self.text;
+        vec![
+            t,
+            pk,
+            ch,
+            k,
+            ev,
+            &self.recipients,
+            &self.payloads,
+            &self.lsns,
+            &self.times,
+            op,
+            &self.changes,
+            &self.correlations,
+        ]
+    }
+}
+
+/// [`NewRows::params`] as `unnest` arguments, and the names the statements give them.
+const NEW_ROWS: &str = "$1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+     $7::text[], $8::text[], $9::timestamptz[], $10::text[], $11::text[], $12::text[]";
+const NEW_NAMES: &str = "t, pk, ch, k, ev, r, p, l, c, op, cr, co";
+
+/// Outcomes as statement parameters (`finish`: `$2`–`$6`; `write`: `$13`–`$17`).
+#[derive(Default)]
+struct Rows<'a> {
+    ids: Vec<i64>,
+    attempts: Vec<i32>,
+    statuses: Vec<&'static str>,
+    providers: Vec<Option<&'static str>>,
+    msg_ids: Vec<Option<std::borrow::Cow<'a, str>>>,
+    errors: Vec<Option<std::borrow::Cow<'a, str>>>,
+    delays: Vec<f64>,
+}
+
+impl<'a> Rows<'a> {
+    fn push(&mut self, o: &'a Outcome) {
+        let (status, provider, msg, err, delay): (&str, Option<&'static str>, Option<&str>, Option<&str>, f64) = match o
+        {
+            Outcome::Sent { provider, message_id } => ("sent", Some(provider), message_id.as_deref(), None, 0.0),
+            Outcome::Retry { provider, error, delay } => ("pending", Some(provider), None, Some(error), delay.as_secs_f64()),
+            Outcome::Failed { provider, error } => ("failed", Some(provider), None, Some(error), 0.0),
+            Outcome::Dead { provider, error } => ("dead", Some(provider), None, Some(error), 0.0),
+            Outcome::Defer { error, delay } => ("deferred", None, None, Some(error), delay.as_secs_f64()),
+            Outcome::Skipped { provider, reason } => ("skipped", Some(provider), None, Some(reason), 0.0),
+        };
+        self.statuses.push(status);
+        self.providers.push(provider);
+        self.msg_ids.push(msg.map(storable_text));
+        self.errors.push(err.map(storable_text));
+        self.delays.push(delay.clamp(0.0, MAX_DELAY.as_secs_f64()));
+    }
 }
 
 /// [`insert_deliveries`] with the statement already prepared (by
@@ -764,63 +955,15 @@ async fn insert_with(
     let send_by = claim.map(|l| std::time::Instant::now() + l.mul_f64(0.8));
     for (n, chunk) in deliveries.chunks(CHUNK).enumerate() {
         let offset = n * CHUNK;
-        let mut cols: [Vec<&str>; 7] = Default::default();
-        let mut changes: Vec<String> = Vec::with_capacity(chunk.len());
-        let mut unstorable: Vec<&str> = Vec::new();
-        let mut recipients: Vec<Option<&str>> = Vec::with_capacity(chunk.len());
+        let cols = NewRows::of(chunk.iter().map(|d| (d, None)));
+        let mut statuses: Vec<&str> = Vec::with_capacity(chunk.len());
         let mut errors: Vec<Option<&str>> = Vec::with_capacity(chunk.len());
-        let mut payloads: Vec<String> = Vec::with_capacity(chunk.len());
-        let mut lsns: Vec<String> = Vec::with_capacity(chunk.len());
-        let mut times: Vec<DateTime<Utc>> = Vec::with_capacity(chunk.len());
-        let mut correlations: Vec<Option<&str>> = Vec::with_capacity(chunk.len());
-        for d in chunk {
-            let payload = d.payload.to_string();
-            // Routing already fails payloads jsonb cannot hold; this is the last
-            // line, so that one bad value can never wedge a whole batch (and
-            // every replay of it). serde_json writes U+0000 as this escape.
-            if payload.contains("\\u0000") {
-                unstorable.push(d.idempotency_key.as_str());
-            }
-            cols[0].push(&d.source_table);
-            cols[1].push(&d.source_pk);
-            cols[2].push(&d.channel);
-            cols[3].push(&d.idempotency_key);
-            cols[4].push(&d.event);
-            cols[5].push(d.disposition.status());
-            cols[6].push(d.operation.as_str());
-            changes.push(d.change.to_string());
-            recipients.push(d.recipient.as_deref());
-            errors.push(d.disposition.reason());
-            payloads.push(payload);
-            lsns.push(d.commit_lsn.to_string());
-            times.push(d.committed_at);
-            correlations.push(d.correlation.as_deref());
+        for (d, bad) in chunk.iter().zip(&cols.unstorable) {
+            statuses.push(if *bad { "failed" } else { d.disposition.status() });
+            errors.push(if *bad { Some(UNSTORABLE) } else { d.disposition.reason() });
         }
-
-        for (i, d) in chunk.iter().enumerate() {
-            if unstorable.contains(&d.idempotency_key.as_str()) {
-                cols[5][i] = "failed";
-                errors[i] = Some("the payload holds a U+0000 (NUL) character, which jsonb cannot store");
-                payloads[i] = "{}".into();
-            }
-        }
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 15] = [
-            &cols[0],
-            &cols[1],
-            &cols[2],
-            &cols[3],
-            &cols[4],
-            &cols[5],
-            &recipients,
-            &errors,
-            &payloads,
-            &lsns,
-            &times,
-            &lease,
-            &cols[6],
-            &changes,
-            &correlations,
-        ];
+        let mut params = cols.params();
+        params.extend([&statuses as &(dyn tokio_postgres::types::ToSql + Sync), &errors, &lease]);
         let rows = client.query(insert, &params).await?;
         out.count += rows.len() as u64;
         // The first of several deliveries sharing a key is the one ON CONFLICT
@@ -849,6 +992,7 @@ async fn insert_with(
                 lease_expired: false,
                 send_by,
                 correlation: d.correlation.clone(),
+                unwritten: None,
             });
         }
     }
@@ -856,9 +1000,10 @@ async fn insert_with(
     Ok(out)
 }
 
-/// The one INSERT of deliveries: replays (same key) ignored, sendable rows
-/// written already claimed when `$12` (the lease) is given — except rows of a
-/// paused channel, written `pending` so that they wait in the ledger.
+/// The one INSERT of deliveries ahead of their outcome: replays (same key)
+/// ignored, sendable rows written already claimed when `$15` (the lease) is
+/// given — except rows of a paused channel, written `pending` so that they
+/// wait in the ledger.
 pub fn insert_sql(schema: &str) -> String {
     format!(
         "INSERT INTO {schema}.deliveries
@@ -867,16 +1012,35 @@ pub fn insert_sql(schema: &str) -> String {
             operation, change_ref, correlation)
          SELECT t, pk, ch, k, ev, CASE WHEN x.claim THEN 'sending' ELSE st END,
                 r, e, p::jsonb, l::pg_lsn, c, CASE WHEN x.claim THEN 1 ELSE 0 END,
-                CASE WHEN x.claim THEN now() + $12::float8 * interval '1 second' ELSE now() END,
+                CASE WHEN x.claim THEN now() + $15::float8 * interval '1 second' ELSE now() END,
                 op, cr, co
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[],
-                     $13::text[], $14::text[], $15::text[])
-              AS u(t, pk, ch, k, ev, st, r, e, p, l, c, op, cr, co),
-              LATERAL (SELECT u.st = 'pending' AND $12::float8 IS NOT NULL AND {paused} AS claim) x
+         FROM unnest({NEW_ROWS}, $13::text[], $14::text[]) AS u({NEW_NAMES}, st, e),
+              LATERAL (SELECT u.st = 'pending' AND $15::float8 IS NOT NULL AND {paused} AS claim) x
          ON CONFLICT (idempotency_key) DO NOTHING
          RETURNING id, idempotency_key, status = 'sending'",
         paused = not_paused(schema, "u.ch")
+    )
+}
+
+/// A delivery handed over unwritten, written once with its first outcome:
+/// `sent`, `pending` again after a delay (a retry, or `deferred`: untried,
+/// its attempt not counted), `failed`, `dead` or `skipped`. A key the ledger
+/// has (a replay that raced a crash) is left alone.
+fn write_sql(schema: &str) -> String {
+    format!(
+        "INSERT INTO {schema}.deliveries
+           (source_table, source_pk, channel, idempotency_key, event, recipient, payload, commit_lsn,
+            committed_at, operation, change_ref, correlation,
+            status, attempts, provider, provider_message_id, last_error, next_attempt_at, sent_at)
+         SELECT t, pk, ch, k, ev, r, p::jsonb, l::pg_lsn, c, op, cr, co,
+                CASE WHEN st = 'deferred' THEN 'pending' ELSE st END,
+                CASE WHEN st = 'deferred' THEN 0 ELSE 1 END,
+                pr, mid, CASE WHEN st = 'sent' THEN NULL ELSE err END,
+                now() + delay * interval '1 second',
+                CASE WHEN st = 'sent' THEN now() END
+         FROM unnest({NEW_ROWS}, $13::text[], $14::text[], $15::text[], $16::text[], $17::float8[])
+              AS u({NEW_NAMES}, st, pr, mid, err, delay)
+         ON CONFLICT (idempotency_key) DO NOTHING"
     )
 }
 
@@ -885,16 +1049,19 @@ async fn save_offset(
     schema: &str,
     slot: &str,
     lsn: Lsn,
+    unwritten: Option<Lsn>,
 ) -> Result<(), LedgerError> {
-    // GREATEST: a late or replayed write can never move the offset backwards.
+    // GREATEST: a late or replayed write can never move either position backwards.
     client
         .execute(
             &format!(
-                "INSERT INTO {schema}.progress AS p (slot, confirmed_lsn) VALUES ($1, $2::text::pg_lsn)
+                "INSERT INTO {schema}.progress AS p (slot, confirmed_lsn, unwritten_lsn)
+                 VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn)
                  ON CONFLICT (slot) DO UPDATE
-                 SET confirmed_lsn = GREATEST(p.confirmed_lsn, EXCLUDED.confirmed_lsn), updated_at = now()"
+                 SET confirmed_lsn = GREATEST(p.confirmed_lsn, EXCLUDED.confirmed_lsn),
+                     unwritten_lsn = GREATEST(p.unwritten_lsn, EXCLUDED.unwritten_lsn), updated_at = now()"
             ),
-            &[&slot, &lsn.to_string()],
+            &[&slot, &lsn.to_string(), &unwritten.map(|u| u.to_string())],
         )
         .await?;
     Ok(())

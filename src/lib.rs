@@ -33,6 +33,7 @@ pub mod setup;
 pub mod source;
 pub mod status;
 pub mod telemetry;
+pub mod unwritten;
 pub mod webhooks;
 
 /// Resolves once a shutdown flag turns true (or its sender is gone). The

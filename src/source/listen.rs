@@ -339,7 +339,7 @@ impl ListenSource {
         let mut deliveries = Vec::new();
         self.route(&tx, &changes, &mut deliveries).await?;
         // As in logical mode: fresh rows go to dispatch in memory when it has room.
-        let room = self.intake.room_soon().await;
+        let room = self.intake.room_soon(deliveries.len()).await;
         let write_start = std::time::SystemTime::now();
         let inserted = ledger::insert_deliveries(&tx, schema, &deliveries, self.intake.claim(&room)).await?;
         crate::routing::count_recorded(inserted.fresh.iter().map(|&i| &deliveries[i]), &self.cfg);
@@ -369,7 +369,7 @@ impl ListenSource {
             debug!(read, deliveries = deliveries.len(), inserted = inserted.count, watermark, cursor = ?next_cursor,
                 "change log read");
         }
-        self.intake.committed(room, inserted);
+        self.intake.committed(room, inserted, Vec::new());
         Ok((read, horizon))
     }
 
