@@ -572,10 +572,7 @@ async fn drain(
 /// (handed over unwritten) — rather than inserted, then given an outcome.
 async fn written_once(client: &tokio_postgres::Client) -> String {
     let r = client
-        .query_one(
-            "SELECT count(*) FILTER (WHERE updated_at = created_at), count(*) FROM outbox_relay.deliveries",
-            &[],
-        )
+        .query_one("SELECT count(*) FILTER (WHERE updated_at = created_at), count(*) FROM outbox_relay.deliveries", &[])
         .await
         .unwrap();
     let (once, all): (i64, i64) = (r.get(0), r.get(1));

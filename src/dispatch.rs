@@ -26,8 +26,8 @@ use crate::limits::Pacer;
 use crate::providers::bus::{BusMessage, BusRoute};
 use crate::providers::devices::{fold, Device, DeviceError};
 use crate::providers::{Accepted, BuildContext, OutboundMessage, Provider, ProviderError};
-use crate::telemetry::otlp::{DeliveryTrace, Span};
 use crate::routing::NewDelivery;
+use crate::telemetry::otlp::{DeliveryTrace, Span};
 use crate::telemetry::{metric, Health, Telemetry};
 use crate::unwritten::Unwritten;
 
@@ -201,7 +201,9 @@ fn untried(rx: &mut mpsc::Receiver<Vec<Claimed>>) -> Outcomes {
     let mut untried: Outcomes = Vec::new();
     while let Ok(batch) = rx.try_recv() {
         let error = "handed over at shutdown, not tried".to_string();
-        untried.extend(batch.iter().map(|c| (c.claim_ref(), Outcome::Defer { error: error.clone(), delay: Duration::ZERO })));
+        untried.extend(
+            batch.iter().map(|c| (c.claim_ref(), Outcome::Defer { error: error.clone(), delay: Duration::ZERO })),
+        );
     }
     untried
 }
@@ -520,7 +522,11 @@ impl Dispatcher {
             fresh_rx: Arc::new(tokio::sync::Mutex::new(fresh_rx)),
             unwritten: Arc::default(),
             unwritable: Arc::new(
-                cfg.channels.iter().filter(|(_, ch)| DevicePlan::from_config(ch).is_none()).map(|(n, _)| n.clone()).collect(),
+                cfg.channels
+                    .iter()
+                    .filter(|(_, ch)| DevicePlan::from_config(ch).is_none())
+                    .map(|(n, _)| n.clone())
+                    .collect(),
             ),
             channels,
             circuits,

@@ -305,15 +305,24 @@ impl Ingest {
             metrics::histogram!(metric::LEDGER_FLUSH).record(started.elapsed().as_secs_f64());
             if let Some(r) = replay {
                 let sendable = |d: &NewDelivery| matches!(d.disposition, crate::routing::Disposition::Pending);
-                let again = inserted.fresh.iter().filter(|&&i| recorded[i].commit_lsn <= r && sendable(&recorded[i])).count();
+                let again =
+                    inserted.fresh.iter().filter(|&&i| recorded[i].commit_lsn <= r && sendable(&recorded[i])).count();
                 if again > 0 {
                     metrics::counter!(metric::RESENDS_AFTER_RESTART).increment(again as u64);
-                    warn!(deliveries = again, "deliveries handed over before the last stop may have been sent; sending them again");
+                    warn!(
+                        deliveries = again,
+                        "deliveries handed over before the last stop may have been sent; sending them again"
+                    );
                 }
             }
             let fresh = inserted.fresh.iter().map(|&i| &recorded[i]).chain(&handed);
             crate::routing::count_recorded(fresh.clone(), &self.cfg);
-            crate::routing::trace_recorded(self.telemetry.tracer.as_ref(), fresh, write_start, std::time::SystemTime::now());
+            crate::routing::trace_recorded(
+                self.telemetry.tracer.as_ref(),
+                fresh,
+                write_start,
+                std::time::SystemTime::now(),
+            );
             let (count, claimed) = (inserted.count, inserted.claimed.len());
             debug!(recorded = recorded.len(), inserted = count, claimed, unwritten = handed.len(), offset = %h.end,
                 "ledger batch committed");

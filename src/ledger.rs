@@ -332,7 +332,10 @@ impl Ledger {
         let row = self
             .client
             .query_opt(
-                &format!("SELECT confirmed_lsn::text, unwritten_lsn::text FROM {}.progress WHERE slot = $1", self.schema),
+                &format!(
+                    "SELECT confirmed_lsn::text, unwritten_lsn::text FROM {}.progress WHERE slot = $1",
+                    self.schema
+                ),
                 &[&slot],
             )
             .await?;
@@ -927,7 +930,9 @@ impl<'a> Rows<'a> {
         let (status, provider, msg, err, delay): (&str, Option<&'static str>, Option<&str>, Option<&str>, f64) = match o
         {
             Outcome::Sent { provider, message_id } => ("sent", Some(provider), message_id.as_deref(), None, 0.0),
-            Outcome::Retry { provider, error, delay } => ("pending", Some(provider), None, Some(error), delay.as_secs_f64()),
+            Outcome::Retry { provider, error, delay } => {
+                ("pending", Some(provider), None, Some(error), delay.as_secs_f64())
+            }
             Outcome::Failed { provider, error } => ("failed", Some(provider), None, Some(error), 0.0),
             Outcome::Dead { provider, error } => ("dead", Some(provider), None, Some(error), 0.0),
             Outcome::Defer { error, delay } => ("deferred", None, None, Some(error), delay.as_secs_f64()),
