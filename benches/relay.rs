@@ -20,6 +20,9 @@
 //! runs the same on the LISTEN/NOTIFY source; BENCH_RELAY="k = v; k = v" sets
 //! `[relay]` keys.
 //!
+//! BENCH_APP=10 measures the application's insert rate (8 connections, 10 s)
+//! with the relay stopped and then streaming and delivering beside it.
+//!
 //! BENCH_WRITERS=8 measures instead what listen mode costs the application:
 //! that many connections insert notifications as Django does (single-row
 //! autocommit transactions, then 100-row `bulk_create` statements) for
@@ -290,6 +293,29 @@ async fn writer_costs(url: &str, pusher: &str, metrics: u16, writers: usize, sec
                 println!("| {fsync} | {label} | {variant} | {rate:.0} | {:.2}x |", base / rate);
             }
         }
+    }
+}
+
+/// BENCH_APP: 8 connections insert notification rows (single-row
+/// transactions, then 100-row statements) for `seconds` with the relay
+/// stopped, then as long again with it streaming and delivering — the rows
+/// of the first run included, so it is busy throughout. Logical mode.
+async fn app_rate(client: &tokio_postgres::Client, url: &str, spawn: impl Fn() -> Relay, seconds: u64) {
+    println!("\n| statement | rows/s, relay stopped | rows/s, relay delivering | with / without |\n|---|---|---|---|");
+    for (label, per_statement) in [("1 row per transaction", 1), ("100-row bulk_create", 100)] {
+        client.batch_execute("CHECKPOINT").await.unwrap();
+        let without = insert_rate(url, 8, seconds, per_statement).await;
+        let relay = spawn();
+        loop {
+            let active = "SELECT active FROM pg_replication_slots WHERE slot_name = 'outbox_relay'";
+            if client.query_opt(active, &[]).await.ok().flatten().is_some_and(|r| r.get::<_, bool>(0)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let with = insert_rate(url, 8, seconds, per_statement).await;
+        drop(relay);
+        println!("| {label} | {without:.0} | {with:.0} | {:.2} |", with / without);
     }
 }
 
@@ -625,6 +651,13 @@ async fn main() {
     let drain_rows = env_or("BENCH_DRAIN", 0) as i64;
     if drain_rows > 0 {
         drain(&pg, &url, &client, &pusher, spawn, drain_rows).await;
+        return;
+    }
+    // BENCH_APP=seconds: the application's insert rate with the relay
+    // running beside it, against the same without it.
+    let app_seconds = env_or("BENCH_APP", 0);
+    if app_seconds > 0 && mode == "logical" {
+        app_rate(&client, &url, spawn, app_seconds).await;
         return;
     }
     let mut relay = spawn();

@@ -717,10 +717,14 @@ impl Dispatcher {
             // One write at a time, and calls go on during it: what finishes
             // meanwhile goes into the next write. Under load that makes
             // fewer, larger statements; it never holds an outcome back
-            // longer than the write before it takes.
+            // longer than the write before it takes. At most `concurrency`
+            // calls' outcomes wait for the next write: that, and the calls
+            // in flight, is what a crash can leave sent but not recorded.
             let mut writing: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Written> + Send + '_>>> = None;
+            let mut waiting_calls = 0;
             loop {
                 if writing.is_none() && lost.is_none() && !unrecorded.is_empty() {
+                    waiting_calls = 0;
                     let batch = std::mem::take(unrecorded);
                     writing = Some(Box::pin(async move {
                         let result = ledger.finish(&batch).await;
@@ -731,8 +735,9 @@ impl Dispatcher {
                     break;
                 }
                 tokio::select! {
-                    outcomes = calls.next(), if !calls_done => match outcomes {
+                    outcomes = calls.next(), if !calls_done && (waiting_calls < self.concurrency || lost.is_some()) => match outcomes {
                         Some(outcomes) => {
+                            waiting_calls += 1;
                             unrecorded.extend(outcomes);
                             self.finished.now();
                         }

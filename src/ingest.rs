@@ -276,18 +276,17 @@ impl Ingest {
                     None => break,
                 },
                 _ = unwritten.some_written(), if prefix.waiting() => {
-                    if let Some(end) = prefix.advance().filter(|e| *e > saved) {
-                        ledger.save_offset(slot, end).await?;
-                        saved = end;
-                        let _ = written.send(end);
-                    }
+                    saved = save_written(&mut prefix, &ledger, slot, saved, &written).await?;
                     continue;
                 }
             };
             // Dispatch has room (or will in a moment): hand fresh deliveries
             // over — unwritten while it keeps up, else written already
             // claimed. If not, they wait in the ledger's queue.
-            let room = self.intake.room_soon(h.deliveries.len()).await;
+            let room = match h.deliveries.is_empty() {
+                true => None,
+                false => self.intake.room_soon(h.deliveries.len()).await,
+            };
             let claim = self.intake.claim(&room);
             let replaying = replay.is_some_and(|r| h.deliveries.iter().any(|d| d.commit_lsn <= r));
             let skip_write = room.is_some() && !replaying && self.intake.keeps_up();
@@ -346,17 +345,29 @@ impl Ingest {
         // workers hold, they finish and write. Then the offset covers it all.
         self.intake.give_back_untaken(&ledger).await?;
         while prefix.waiting() {
-            if let Some(end) = prefix.advance().filter(|e| *e > saved) {
-                ledger.save_offset(slot, end).await?;
-                saved = end;
-                let _ = written.send(end);
-            }
+            saved = save_written(&mut prefix, &ledger, slot, saved, &written).await?;
             if prefix.waiting() {
                 unwritten.some_written().await;
             }
         }
         Ok(())
     }
+}
+
+/// After deliveries handed over unwritten were written: stores the offset
+/// the written prefix reaches, if past `saved`, and reports it to the reader.
+async fn save_written(
+    prefix: &mut Prefix,
+    ledger: &Ledger,
+    slot: &str,
+    saved: Lsn,
+    written: &mpsc::UnboundedSender<Lsn>,
+) -> Result<Lsn, IngestError> {
+    let Some(end) = prefix.advance().filter(|e| *e > saved) else { return Ok(saved) };
+    ledger.save_offset(slot, end).await?;
+    // The reader may be gone (shutting down after an error): nothing to confirm then.
+    let _ = written.send(end);
+    Ok(end)
 }
 
 /// A batch on its way to the ledger: deliveries and the offset just past them.

@@ -221,9 +221,15 @@ impl Claimed {
     /// payload moves here; the row keeps it as text, for its write.
     pub fn unwritten(mut row: unwritten::Row, send_by: std::time::Instant) -> Claimed {
         let payload = std::mem::take(&mut row.delivery.payload);
-        let d = &row.delivery;
+        let mut claimed = Claimed::first(&row.delivery, 0, payload, send_by);
+        claimed.unwritten = Some(Arc::new(row));
+        claimed
+    }
+
+    /// A fresh delivery's first attempt, as row `id` (0: not written yet).
+    fn first(d: &NewDelivery, id: i64, payload: Json, send_by: std::time::Instant) -> Claimed {
         Claimed {
-            id: 0,
+            id,
             idempotency_key: d.idempotency_key.clone(),
             source_table: d.source_table.clone(),
             source_pk: d.source_pk.clone(),
@@ -237,7 +243,7 @@ impl Claimed {
             lease_expired: false,
             send_by,
             correlation: d.correlation.clone(),
-            unwritten: Some(Arc::new(row)),
+            unwritten: None,
         }
     }
 }
@@ -982,23 +988,7 @@ async fn insert_with(
             out.fresh.push(offset + i);
             let Some(send_by) = send_by.filter(|_| r.get::<_, bool>(2)) else { continue };
             let d = &chunk[i];
-            out.claimed.push(Claimed {
-                id: r.get(0),
-                idempotency_key: d.idempotency_key.clone(),
-                source_table: d.source_table.clone(),
-                source_pk: d.source_pk.clone(),
-                channel: d.channel.clone(),
-                event: d.event.clone(),
-                recipient: d.recipient.clone(),
-                payload: d.payload.clone(),
-                attempts: 1,
-                committed_at: d.committed_at,
-                provider: None,
-                lease_expired: false,
-                send_by,
-                correlation: d.correlation.clone(),
-                unwritten: None,
-            });
+            out.claimed.push(Claimed::first(d, r.get(0), d.payload.clone(), send_by));
         }
     }
     out.claimed.sort_unstable_by_key(|c| c.id);
