@@ -229,7 +229,7 @@ pub struct Intake {
     unwritten: Arc<Unwritten>,
     /// Channels whose deliveries may be handed over unwritten: all but push
     /// channels, whose per-device outcomes (`device_sends`) refer to the row.
-    unwritable: Arc<std::collections::HashSet<String>>,
+    skip_write_channels: Arc<std::collections::HashSet<String>>,
     wake: Arc<Notify>,
     lease: Duration,
     /// Rows per hand-over part (`relay.dispatch_batch`).
@@ -299,10 +299,9 @@ impl Intake {
     /// with its outcome, or inserted claimed and then given its outcome —
     /// instead of queueing in the ledger: inserted, claimed, outcome, and a
     /// claim query. The rows not yet read wait in the slot's WAL, which
-    /// holds them anyway. Waiting only while workers keep finishing batches
-    /// (one done in the last [`HANDOVER_WAIT`]) means a slow or failing
-    /// provider never holds the stream: the batch goes to the ledger's queue
-    /// at once, as before.
+    /// holds them anyway. Waiting only while provider calls keep returning
+    /// (one in the last [`HANDOVER_WAIT`]) means a slow provider never holds
+    /// the stream: the batch goes to the ledger's queue at once, as before.
     pub async fn room_soon(&self, rows: usize) -> Option<Room<'_>> {
         let parts = self.parts(rows);
         if let Ok(permit) = self.fresh.try_reserve_many(parts) {
@@ -343,7 +342,7 @@ impl Intake {
     /// A delivery that may be handed over unwritten: sendable, and not for
     /// a push channel.
     pub fn may_skip_write(&self, d: &NewDelivery) -> bool {
-        matches!(d.disposition, crate::routing::Disposition::Pending) && self.unwritable.contains(&d.channel)
+        matches!(d.disposition, crate::routing::Disposition::Pending) && self.skip_write_channels.contains(&d.channel)
     }
 
     /// How long a claim holds (`relay.claim_lease_ms`).
@@ -426,7 +425,7 @@ pub struct Dispatcher {
     held: Arc<Held>,
     /// See [`Intake::unwritten`].
     unwritten: Arc<Unwritten>,
-    unwritable: Arc<std::collections::HashSet<String>>,
+    skip_write_channels: Arc<std::collections::HashSet<String>>,
     /// `None` in the slot's relay; a dispatch-only process's name, written
     /// with each of its claims (see [`Dispatcher::dispatch_only`]).
     claimer: Option<String>,
@@ -521,7 +520,7 @@ impl Dispatcher {
             fresh_tx,
             fresh_rx: Arc::new(tokio::sync::Mutex::new(fresh_rx)),
             unwritten: Arc::default(),
-            unwritable: Arc::new(
+            skip_write_channels: Arc::new(
                 cfg.channels
                     .iter()
                     .filter(|(_, ch)| DevicePlan::from_config(ch).is_none())
@@ -557,7 +556,7 @@ impl Dispatcher {
             untaken: self.fresh_rx.clone(),
             held: self.held.clone(),
             unwritten: self.unwritten.clone(),
-            unwritable: self.unwritable.clone(),
+            skip_write_channels: self.skip_write_channels.clone(),
             wake: self.wake.clone(),
             lease: self.lease,
             part: self.batch,
@@ -1348,7 +1347,7 @@ mod tests {
             fresh,
             untaken: Arc::new(tokio::sync::Mutex::new(untaken)),
             unwritten: Arc::default(),
-            unwritable: Arc::default(),
+            skip_write_channels: Arc::default(),
             held: Arc::default(),
             wake: Arc::default(),
             lease: Duration::from_secs(60),
