@@ -31,6 +31,8 @@ use crate::routing::NewDelivery;
 /// Shared by ingestion (which waits on it) and dispatch (which writes).
 #[derive(Debug, Default)]
 pub struct Unwritten {
+    /// Handed over and not yet written, over every batch and session: what
+    /// a new session waits for before it replays.
     outstanding: AtomicUsize,
     /// Rung whenever a batch's last delivery is written. One waiter at a time
     /// (the ingestion writer, or a new source session before it starts), and
@@ -41,6 +43,7 @@ pub struct Unwritten {
 /// One handed-over batch: its deliveries not yet written.
 #[derive(Debug)]
 pub struct Batch {
+    /// Its deliveries not yet written: the offset may pass the batch at 0.
     remaining: AtomicUsize,
     shared: Arc<Unwritten>,
 }
@@ -78,6 +81,20 @@ impl Unwritten {
     /// before the first): the caller then looks again at what it waits for.
     pub async fn some_written(&self) {
         self.written.notified().await
+    }
+}
+
+impl Drop for Row {
+    /// Every path through dispatch ends in an outcome, written; a row dropped
+    /// without one (a task aborted) is not in the ledger. Its batch then
+    /// never counts as written — the offset does not pass it, and the next
+    /// session replays it — but a new session must not wait for it forever.
+    fn drop(&mut self) {
+        if !self.done.swap(true, Ordering::AcqRel) {
+            tracing::warn!(key = %self.delivery.idempotency_key, "a delivery handed over was dropped unwritten; it is replayed from the slot");
+            self.batch.shared.outstanding.fetch_sub(1, Ordering::AcqRel);
+            self.batch.shared.written.notify_one();
+        }
     }
 }
 
@@ -178,6 +195,17 @@ mod tests {
         r2.written();
         assert_eq!(prefix.advance(), Some(Lsn(30)), "then past it and what followed");
         assert!(!prefix.waiting());
+    }
+
+    #[tokio::test]
+    async fn a_row_dropped_unwritten_holds_the_offset_but_not_the_next_session() {
+        let shared = Arc::new(Unwritten::default());
+        let mut prefix = Prefix::default();
+        let b = shared.batch(1);
+        prefix.push(Lsn(10), Some(b.clone()));
+        drop(b.row(delivery("a")));
+        assert_eq!(prefix.advance(), None, "not in the ledger: the slot must replay it");
+        tokio::time::timeout(std::time::Duration::from_secs(5), shared.all_written()).await.unwrap();
     }
 
     #[tokio::test]
